@@ -1,0 +1,732 @@
+"""The session engine: one interview's policy as pure code, with no I/O, clock or asyncio.
+
+A host feeds :meth:`Session.handle` one event at a time together with the current time and
+carries out the effects it returns, in order. Timers are absolute times computed from the session
+record; the host asks :meth:`Session.next_timer` when to call ``handle(Tick(), now)``. Any event
+also fires timers that are due, so a late tick cannot stretch a deadline.
+
+Times are epoch seconds (``time.time()`` in production, anything monotonic in tests).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from voicefsm import effects as fx
+from voicefsm import events as ev
+from voicefsm.machine import FATAL_CLOSE_CODES, MACHINE, RUNNING, UPSTREAM_UP, close_is_resumable
+from voicefsm.model import (
+    EndReason,
+    PendingItem,
+    SessionConfig,
+    SessionRecord,
+    SessionStats,
+    State,
+    TranscriptLine,
+)
+from voicefsm.protocol import (
+    ErrorMessage,
+    Ping,
+    SessionEnded,
+    SessionStateMessage,
+    SessionWarning,
+    TranscriptMessage,
+    TurnStatus,
+)
+
+_LIVE = State.LIVE
+_WARNING = State.WARNING
+_ENDED = State.ENDED
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*s\s*$")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in a protobuf-JSON duration such as ``"50s"`` or ``"1.5s"``; ``None`` if unreadable."""
+    if text is None:
+        return None
+    match = _DURATION.match(text)
+    return float(match.group(1)) if match else None
+
+
+class SessionError(RuntimeError):
+    """The host used a :class:`Session` the wrong way (the message says how)."""
+
+
+class Session:
+    """One interview: a state machine over classified events and time.
+
+    Create it, call :meth:`start` once, then :meth:`handle` for every event. ``state`` and
+    ``end_reason`` tell where it stands; :meth:`snapshot` gives the record a store persists and
+    :meth:`restore` rebuilds a session from one (on another worker, after a restart).
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_buffered_bytes",
+        "_client_connected",
+        "_connect_deadline",
+        "_connection_id",
+        "_conversation_started",
+        "_end_detail",
+        "_ended_at",
+        "_failures",
+        "_grace_until",
+        "_handle",
+        "_handle_at",
+        "_last_client_seen",
+        "_model_turn_open",
+        "_next_attempt_at",
+        "_next_ping_at",
+        "_out",
+        "_overflow_reported",
+        "_ping_seq",
+        "_rng",
+        "_rotate_by",
+        "_seed",
+        "_timer_due",
+        "_transcript_count",
+        "_upstream_open",
+        "config",
+        "deadline",
+        "end_reason",
+        "session_id",
+        "started_at",
+        "state",
+        "stats",
+        "warning_given",
+    )
+
+    _HANDLERS: ClassVar[dict[type, Callable[[Session, Any, float], None]]]
+
+    def __init__(
+        self,
+        config: SessionConfig | None = None,
+        *,
+        session_id: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config if config is not None else _DEFAULT_CONFIG
+        self.session_id = session_id if session_id is not None else uuid.uuid4().hex
+        self.state = State.CONNECTING
+        self.end_reason: EndReason | None = None
+        self.started_at: float | None = None
+        self.deadline = 0.0
+        self.warning_given = False
+        self.stats = SessionStats()
+        self._seed = seed
+        self._rng: random.Random | None = None
+        self._end_detail: str | None = None
+        self._ended_at: float | None = None
+        self._out: list[fx.Effect] = []
+        self._timer_due = float("inf")
+        # upstream
+        self._connection_id = 0
+        self._upstream_open = False
+        self._connect_deadline: float | None = None
+        self._next_attempt_at: float | None = None
+        self._failures = 0
+        self._rotate_by: float | None = None
+        self._handle: str | None = None
+        self._handle_at: float | None = None
+        self._conversation_started = False
+        self._model_turn_open = False
+        self._buffer: deque[bytes | str] = deque()
+        self._buffered_bytes = 0
+        self._overflow_reported = False
+        self._transcript_count = 0
+        # client
+        self._client_connected = True
+        self._last_client_seen = 0.0
+        self._next_ping_at = 0.0
+        self._ping_seq = 0
+        self._grace_until: float | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def end_detail(self) -> str | None:
+        """Why the session ended, in words (``None`` while running)."""
+        return self._end_detail
+
+    @property
+    def resumption_handle(self) -> str | None:
+        """The latest resumable handle the upstream gave, whatever its age."""
+        return self._handle
+
+    @property
+    def client_connected(self) -> bool:
+        """Whether a client is attached (not within a grace window)."""
+        return self._client_connected
+
+    def start(self, now: float) -> list[fx.Effect]:
+        """Begin: open the first upstream (or, for a restored session, resume it)."""
+        if self.state is _ENDED:
+            raise SessionError(f"session {self.session_id} has ended; start() cannot revive it")
+        if self.started_at is None:
+            self.started_at = now
+            self.deadline = now + self.config.time_limit_s
+            self._last_client_seen = now
+            self._next_ping_at = now + self.config.heartbeat_interval_s
+            self._open_upstream(now)
+            self._persist()
+        elif self._upstream_open or self._next_attempt_at is not None:
+            raise SessionError(f"session {self.session_id} was already started")
+        elif now >= self.deadline:
+            self._end(now, EndReason.TIME_LIMIT, "the deadline passed while the session was stored")
+        else:
+            self._begin_resume(now, "restored from its record")
+        return self._flush(now)
+
+    def handle(self, event: ev.Event, now: float) -> list[fx.Effect]:
+        """Apply one event at time ``now``; return the effects to carry out, in order."""
+        if self.started_at is None:
+            raise SessionError(f"session {self.session_id}: call start(now) before handle()")
+        event_type = type(event)
+        state = self.state
+        # The two per-chunk events take a short path: no trigger, no timer recomputation.
+        if now < self._timer_due:
+            if event_type is ev.ClientAudio:
+                self._last_client_seen = now
+                if state is _LIVE or state is _WARNING:
+                    return [fx.SendAudioUpstream(event.data)]  # type: ignore[union-attr]
+                if state is not _ENDED:
+                    self._hold(event.data, now)  # type: ignore[union-attr]
+                return self._take()
+            if event_type is ev.ModelAudio:
+                if state is _ENDED:
+                    return []
+                self._model_turn_open = True
+                self._conversation_started = True
+                if self._client_connected:
+                    return [fx.SendAudioToClient(event.data)]  # type: ignore[union-attr]
+                return []
+        handler = self._HANDLERS.get(event_type)
+        if handler is None:
+            raise TypeError(
+                f"{event_type.__name__} is not a voicefsm event; "
+                "pass one of the classes in voicefsm.events"
+            )
+        self._fire_timers(now)
+        if self.state is not _ENDED:
+            handler(self, event, now)
+        return self._flush(now)
+
+    def next_timer(self) -> float | None:
+        """When the host must next call ``handle(Tick(), now)``; ``None`` once ended."""
+        if self.state is _ENDED or self.started_at is None:
+            return None
+        return self._compute_timer()
+
+    def snapshot(self) -> SessionRecord:
+        """The record a store persists: enough to :meth:`restore` the session elsewhere."""
+        if self.started_at is None:
+            raise SessionError(f"session {self.session_id}: nothing to snapshot before start()")
+        return SessionRecord(
+            session_id=self.session_id,
+            config=self.config,
+            state=self.state,
+            started_at=self.started_at,
+            deadline=self.deadline,
+            end_reason=self.end_reason,
+            end_detail=self._end_detail,
+            ended_at=self._ended_at,
+            warning_given=self.warning_given,
+            resumption_handle=self._handle,
+            handle_received_at=self._handle_at,
+            conversation_started=self._conversation_started,
+            client_connected=self._client_connected,
+            transcript_count=self._transcript_count,
+            pending=[
+                PendingItem(audio=item) if isinstance(item, bytes) else PendingItem(text=item)
+                for item in self._buffer
+            ],
+            stats=self.stats.model_copy(),
+        )
+
+    @classmethod
+    def restore(cls, record: SessionRecord, now: float, *, seed: int | None = None) -> Session:
+        """Rebuild a session from its record at time ``now``.
+
+        The upstream connection did not survive, so a running session comes back ``resuming``
+        with no client attached (the client's grace window starts at ``now``); call
+        :meth:`start` to reconnect with the stored handle, and ``handle(ClientBack(), now)``
+        when the client attaches. The original deadline holds: if it has passed, ``start``
+        ends the session with ``time_limit``. An ended session comes back ended.
+        """
+        session = cls(record.config, session_id=record.session_id, seed=seed)
+        session.started_at = record.started_at
+        session.deadline = record.deadline
+        session.warning_given = record.warning_given
+        session.stats = record.stats.model_copy()
+        session._handle = record.resumption_handle
+        session._handle_at = record.handle_received_at
+        session._conversation_started = record.conversation_started
+        session._transcript_count = record.transcript_count
+        for item in record.pending:
+            if item.audio is not None:
+                session._buffer.append(item.audio)
+                session._buffered_bytes += len(item.audio)
+            elif item.text is not None:
+                session._buffer.append(item.text)
+        if record.state is _ENDED:
+            session.state = _ENDED
+            session.end_reason = record.end_reason
+            session._end_detail = record.end_detail
+            session._ended_at = record.ended_at
+            return session
+        session.state = State.RESUMING
+        session._client_connected = False
+        session._grace_until = now + session.config.client_grace_s
+        session._last_client_seen = now
+        session._next_ping_at = now + session.config.heartbeat_interval_s
+        return session
+
+    # ------------------------------------------------------------------ effects plumbing
+
+    def _take(self) -> list[fx.Effect]:
+        out = self._out
+        self._out = []
+        return out
+
+    def _flush(self, now: float) -> list[fx.Effect]:
+        self._timer_due = self._compute_timer() if self.state is not _ENDED else float("inf")
+        return self._take()
+
+    def _persist(self) -> None:
+        self._out.append(fx.PersistRecord(self.snapshot()))
+
+    def _tell_client(self, message: Any) -> None:
+        self._out.append(fx.SendToClient(message))
+
+    def _remaining(self, now: float) -> float:
+        return max(0.0, self.deadline - now)
+
+    # ------------------------------------------------------------------ timers
+
+    def _compute_timer(self) -> float:
+        due = self.deadline
+        if not self.warning_given:
+            due = min(due, self.deadline - self.config.warning_before_s)
+        if self._connect_deadline is not None:
+            due = min(due, self._connect_deadline)
+        if self._next_attempt_at is not None:
+            due = min(due, self._next_attempt_at)
+        if self._rotate_by is not None:
+            due = min(due, self._rotate_by)
+        if self._client_connected:
+            due = min(
+                due,
+                self._next_ping_at,
+                self._last_client_seen + self.config.heartbeat_timeout_s,
+            )
+        elif self._grace_until is not None:
+            due = min(due, self._grace_until)
+        return due
+
+    def _fire_timers(self, now: float) -> None:
+        # Each pass clears at least the timer that fired; the bound is a guard, not a budget.
+        for _ in range(16):
+            if self.state is _ENDED or now < self._compute_timer():
+                return
+            self._fire_one_timer(now)
+        raise SessionError(f"session {self.session_id}: timers did not settle at {now}")
+
+    def _fire_one_timer(self, now: float) -> None:
+        config = self.config
+        if now >= self.deadline:
+            self._end(now, EndReason.TIME_LIMIT, f"the {config.time_limit_s:g} s limit was reached")
+            return
+        if not self.warning_given and now >= self.deadline - config.warning_before_s:
+            self._give_warning(now)
+            return
+        if self._client_connected:
+            if now >= self._last_client_seen + config.heartbeat_timeout_s:
+                self._client_lost(now)
+                silence = f"no message from the client for {config.heartbeat_timeout_s:g} s"
+                self._out.append(fx.CloseClient(4408, f"heartbeat timeout: {silence}"))
+                return
+            if now >= self._next_ping_at:
+                self._ping_seq += 1
+                self._tell_client(Ping(seq=self._ping_seq))
+                while self._next_ping_at <= now:
+                    self._next_ping_at += config.heartbeat_interval_s
+                return
+        elif self._grace_until is not None and now >= self._grace_until:
+            self._end(
+                now,
+                EndReason.DISCONNECTED,
+                f"the client did not come back within {config.client_grace_s:g} s",
+            )
+            return
+        if self._connect_deadline is not None and now >= self._connect_deadline:
+            self._connect_deadline = None
+            why = f"upstream not ready within {config.connect_timeout_s:g} s"
+            self._out.append(fx.CloseUpstream(self._connection_id, why))
+            self._upstream_open = False
+            self._attempt_failed(now, why, code=None)
+            return
+        if self._next_attempt_at is not None and now >= self._next_attempt_at:
+            self._next_attempt_at = None
+            self._retry(now)
+            return
+        if self._rotate_by is not None and now >= self._rotate_by:
+            self._rotate(now, "GoAway time is running out and no turn boundary came")
+            return
+
+    # ------------------------------------------------------------------ transitions
+
+    def _trigger(self, trigger: str, now: float, why: str) -> None:
+        MACHINE.events[trigger].trigger(self, now=now, why=why, previous=self.state)
+
+    def _after_state_change(self, event_data: Any) -> None:
+        now: float = event_data.kwargs["now"]
+        previous: State = event_data.kwargs["previous"]
+        self._out.append(fx.StateChanged(previous, self.state, event_data.kwargs["why"], now))
+        if self.state is _ENDED:
+            self._on_enter_ended(now)
+            return
+        if self._client_connected:
+            self._tell_client(SessionStateMessage(state=self.state, remaining_s=self._remaining(now)))
+        self._persist()
+
+    def _on_enter_ended(self, now: float) -> None:
+        assert self.end_reason is not None and self._end_detail is not None
+        self._connect_deadline = self._next_attempt_at = self._rotate_by = None
+        self._grace_until = None
+        if self._buffer:
+            self.stats.chunks_unsent_at_end += sum(1 for i in self._buffer if isinstance(i, bytes))
+            self._buffer.clear()
+            self._buffered_bytes = 0
+        self._tell_client(
+            SessionEnded(reason=self.end_reason, detail=self._end_detail, timestamp=now)
+        )
+        if self._upstream_open:
+            self._out.append(fx.CloseUpstream(self._connection_id, f"session ended: {self.end_reason}"))
+            self._upstream_open = False
+        self._out.append(fx.CloseClient(1000, f"session ended: {self.end_reason}"))
+        self._persist()
+
+    def _end(self, now: float, reason: EndReason, detail: str) -> None:
+        if self.state is _ENDED:
+            return
+        self.end_reason = reason
+        self._end_detail = detail
+        self._ended_at = now
+        self._trigger("end", now, f"{reason}: {detail}")
+
+    # ------------------------------------------------------------------ upstream policy
+
+    def _open_upstream(self, now: float, handle: str | None = None) -> None:
+        self._connection_id += 1
+        self._upstream_open = True
+        self._connect_deadline = now + self.config.connect_timeout_s
+        self.stats.connect_attempts += 1
+        self._out.append(fx.OpenUpstream(self._connection_id, handle, self._failures + 1))
+
+    def _usable_handle(self, now: float) -> tuple[str | None, str]:
+        """The handle to resume with, or ``None`` and why there is none."""
+        if self._handle is None or self._handle_at is None:
+            return None, "no resumable handle was ever received"
+        age = now - self._handle_at
+        if age > self.config.handle_ttl_s:
+            return None, f"the resumption handle is {age:.0f} s old (ttl {self.config.handle_ttl_s:g} s)"
+        return self._handle, ""
+
+    def _can_reconnect(self, now: float) -> tuple[bool, str | None]:
+        """Decide whether (and with which handle) to connect again; ends the session if not."""
+        remaining = self.deadline - now
+        if remaining < self.config.min_remaining_to_resume_s:
+            self._end(
+                now,
+                EndReason.UPSTREAM_LOST,
+                f"only {remaining:.1f} s of interview left, under the "
+                f"{self.config.min_remaining_to_resume_s:g} s worth resuming for",
+            )
+            return False, None
+        handle, why_not = self._usable_handle(now)
+        if handle is None and self._conversation_started:
+            self._end(now, EndReason.UPSTREAM_LOST, f"cannot resume the conversation: {why_not}")
+            return False, None
+        return True, handle
+
+    def _begin_resume(self, now: float, why: str) -> None:
+        """The upstream is gone (or going): move to ``resuming`` and connect again at once."""
+        self._rotate_by = None
+        self._model_turn_open = False
+        self._overflow_reported = False
+        self._failures = 0
+        ok, handle = self._can_reconnect(now)
+        if not ok:
+            return
+        if self.state is not State.RESUMING:
+            self._trigger("lose_upstream", now, why)
+        self._open_upstream(now, handle)
+
+    def _attempt_failed(self, now: float, why: str, code: int | None) -> None:
+        if code is not None and not close_is_resumable(code):
+            detail = FATAL_CLOSE_CODES.get(code, f"the upstream closed with code {code}")
+            self._end(now, EndReason.ERROR, f"{detail}: {why}" if why else detail)
+            return
+        self._failures += 1
+        config = self.config
+        if self._failures >= config.resume_max_attempts:
+            self._end(
+                now,
+                EndReason.UPSTREAM_LOST,
+                f"gave up after {self._failures} failed connection attempts (last: {why})",
+            )
+            return
+        if self.state is State.CONNECTING:
+            self._trigger("lose_upstream", now, f"first connection failed: {why}")
+        delay = min(config.resume_backoff_cap_s, config.resume_backoff_base_s * 2 ** (self._failures - 1))
+        if config.resume_backoff_jitter:
+            if self._rng is None:
+                self._rng = random.Random(self._seed if self._seed is not None else self.session_id)
+            delay *= 1 + config.resume_backoff_jitter * (2 * self._rng.random() - 1)
+        latest = self.deadline - config.min_remaining_to_resume_s
+        self._next_attempt_at = min(now + delay, max(now, latest))
+
+    def _retry(self, now: float) -> None:
+        ok, handle = self._can_reconnect(now)
+        if ok:
+            self._open_upstream(now, handle)
+
+    def _rotate(self, now: float, why: str) -> None:
+        self._out.append(fx.CloseUpstream(self._connection_id, why))
+        self._upstream_open = False
+        self._begin_resume(now, why)
+
+    def _is_stale(self, connection_id: int | None) -> bool:
+        return connection_id is not None and connection_id != self._connection_id
+
+    # ------------------------------------------------------------------ client input buffering
+
+    def _hold(self, item: bytes | str, now: float) -> None:
+        if isinstance(item, str):
+            self._buffer.append(item)
+            return
+        size = len(item)
+        if self._buffered_bytes + size > self.config.resume_buffer_max_bytes:
+            self.stats.chunks_overflowed += 1
+            self.stats.bytes_overflowed += size
+            if not self._overflow_reported:
+                self._overflow_reported = True
+                self._tell_client(
+                    ErrorMessage(
+                        code="audio_overflow",
+                        message=(
+                            "The interviewer connection is being restored and the audio buffer "
+                            f"({self.config.resume_buffer_max_bytes} bytes) is full; audio from "
+                            "now until it is restored is not heard. It is counted in the "
+                            "session's stats."
+                        ),
+                    )
+                )
+            return
+        self._buffer.append(item)
+        self._buffered_bytes += size
+        self.stats.chunks_buffered += 1
+
+    def _release_buffer(self) -> None:
+        flushed = 0
+        out = self._out
+        for item in self._buffer:
+            if isinstance(item, bytes):
+                out.append(fx.SendAudioUpstream(item))
+                flushed += 1
+            else:
+                out.append(fx.SendTextUpstream(item))
+        self._buffer.clear()
+        self._buffered_bytes = 0
+        self.stats.chunks_flushed += flushed
+
+    # ------------------------------------------------------------------ warning, client presence
+
+    def _give_warning(self, now: float) -> None:
+        self.warning_given = True
+        remaining = self._remaining(now)
+        self._tell_client(SessionWarning(remaining_s=remaining))
+        prompt = self.config.wrap_up_prompt.replace("{minutes}", f"{remaining / 60:.0f}")
+        if self.state is _LIVE:
+            self._out.append(fx.SendTextUpstream(prompt))
+            self._trigger("warn", now, f"{remaining:.0f} s left")
+        else:
+            # Not connected right now: the prompt waits with the buffered input, and `ready`
+            # lands in `warning` because `warning_given` is set.
+            self._buffer.append(prompt)
+            self._persist()
+
+    def _client_lost(self, now: float) -> None:
+        self._client_connected = False
+        self._grace_until = now + self.config.client_grace_s
+
+    # ------------------------------------------------------------------ event handlers
+
+    def _on_upstream_ready(self, event: ev.UpstreamReady, now: float) -> None:
+        if self._is_stale(event.connection_id) or self.state not in (
+            State.CONNECTING,
+            State.RESUMING,
+        ):
+            return
+        if not self._upstream_open:
+            return  # the attempt it answers was already abandoned
+        was_resuming = self.state is State.RESUMING
+        self._connect_deadline = None
+        self._failures = 0
+        if was_resuming:
+            self.stats.resumes += 1
+        self._release_buffer()
+        self._trigger("ready", now, "upstream ready" + (" (resumed)" if was_resuming else ""))
+
+    def _on_client_audio(self, event: ev.ClientAudio, now: float) -> None:
+        self._last_client_seen = now
+        if self.state in UPSTREAM_UP:
+            self._out.append(fx.SendAudioUpstream(event.data))
+        else:
+            self._hold(event.data, now)
+
+    def _on_model_audio(self, event: ev.ModelAudio, now: float) -> None:
+        self._model_turn_open = True
+        self._conversation_started = True
+        if self._client_connected:
+            self._out.append(fx.SendAudioToClient(event.data))
+
+    def _record(self, role: Any, text: str, now: float) -> None:
+        self._conversation_started = True
+        line = TranscriptLine(seq=self._transcript_count, role=role, text=text, at=now)
+        self._transcript_count += 1
+        self.stats.transcript_lines += 1
+        self._out.append(fx.RecordTranscript(line))
+        if self.config.forward_transcripts and self._client_connected:
+            self._tell_client(TranscriptMessage(role=role, text=text))
+
+    def _on_input_transcript(self, event: ev.InputTranscript, now: float) -> None:
+        if event.finished and event.text.strip():
+            self._record("user", event.text, now)
+
+    def _on_output_transcript(self, event: ev.OutputTranscript, now: float) -> None:
+        self._model_turn_open = True
+        if event.finished and event.text.strip():
+            self._record("interviewer", event.text, now)
+
+    def _on_turn_complete(self, event: ev.TurnComplete, now: float) -> None:
+        self._model_turn_open = False
+        if self._client_connected:
+            self._tell_client(TurnStatus(status="turn_complete"))
+        if self._rotate_by is not None and self.state in UPSTREAM_UP:
+            self._rotate(now, "rotating at a turn boundary after GoAway")
+
+    def _on_interrupted(self, event: ev.Interrupted, now: float) -> None:
+        self._model_turn_open = False
+        if self._client_connected:
+            self._tell_client(TurnStatus(status="interrupted"))
+
+    def _on_resumption_update(self, event: ev.ResumptionUpdate, now: float) -> None:
+        if event.resumable and event.handle:
+            self._handle = event.handle
+            self._handle_at = now
+            self._persist()
+        else:
+            self.stats.ignored_resumption_updates += 1
+
+    def _on_go_away(self, event: ev.GoAway, now: float) -> None:
+        if self._is_stale(event.connection_id) or self.state not in UPSTREAM_UP:
+            return
+        self.stats.goaways += 1
+        time_left = parse_duration(event.time_left)
+        budget = max(0.0, (time_left or 0.0) - self.config.goaway_margin_s)
+        self._rotate_by = now + budget
+        if not self._model_turn_open or budget == 0.0:
+            self._rotate(now, f"GoAway (time_left={event.time_left}) between turns")
+
+    def _on_upstream_closed(self, event: ev.UpstreamClosed, now: float) -> None:
+        if self._is_stale(event.connection_id) or not self._upstream_open:
+            return
+        self._upstream_open = False
+        why = f"upstream closed ({event.code if event.code is not None else 'no close code'}"
+        why += f": {event.reason})" if event.reason else ")"
+        if self.state in UPSTREAM_UP:
+            if close_is_resumable(event.code):
+                self._begin_resume(now, why)
+            else:
+                self._attempt_failed(now, why, event.code)
+            return
+        self._connect_deadline = None
+        self._attempt_failed(now, why, event.code)
+
+    def _on_upstream_error(self, event: ev.UpstreamError, now: float) -> None:
+        detail = f"upstream error {event.code}" + (f": {event.message}" if event.message else "")
+        self._end(now, EndReason.ERROR, detail)
+
+    def _on_usage(self, event: ev.Usage, now: float) -> None:
+        if event.prompt_tokens is not None:
+            self.stats.last_prompt_tokens = event.prompt_tokens
+
+    def _on_tool_activity(self, event: ev.ToolActivity, now: float) -> None:
+        self._conversation_started = True
+        if event.phase == "call":
+            self.stats.tool_calls += 1
+
+    def _on_unknown(self, event: ev.Unknown, now: float) -> None:
+        self.stats.unknown_events += 1
+
+    def _on_client_text(self, event: ev.ClientText, now: float) -> None:
+        self._last_client_seen = now
+        self._conversation_started = True
+        if self.state in UPSTREAM_UP:
+            self._out.append(fx.SendTextUpstream(event.text))
+        else:
+            self._hold(event.text, now)
+
+    def _on_client_end(self, event: ev.ClientEnd, now: float) -> None:
+        self._end(now, EndReason.USER_ENDED, "the client ended the interview")
+
+    def _on_client_gone(self, event: ev.ClientGone, now: float) -> None:
+        if self._client_connected:
+            self._client_lost(now)
+
+    def _on_client_back(self, event: ev.ClientBack, now: float) -> None:
+        self._client_connected = True
+        self._grace_until = None
+        self._last_client_seen = now
+        self._next_ping_at = now + self.config.heartbeat_interval_s
+        self._tell_client(SessionStateMessage(state=self.state, remaining_s=self._remaining(now)))
+        if self.warning_given:
+            self._tell_client(SessionWarning(remaining_s=self._remaining(now)))
+
+    def _on_heartbeat_ack(self, event: ev.HeartbeatAck, now: float) -> None:
+        self._last_client_seen = now
+
+    def _on_tick(self, event: ev.Tick, now: float) -> None:
+        pass  # timers already fired in handle()
+
+
+Session._HANDLERS = {
+    ev.UpstreamReady: Session._on_upstream_ready,
+    ev.ModelAudio: Session._on_model_audio,
+    ev.InputTranscript: Session._on_input_transcript,
+    ev.OutputTranscript: Session._on_output_transcript,
+    ev.TurnComplete: Session._on_turn_complete,
+    ev.Interrupted: Session._on_interrupted,
+    ev.ResumptionUpdate: Session._on_resumption_update,
+    ev.GoAway: Session._on_go_away,
+    ev.UpstreamClosed: Session._on_upstream_closed,
+    ev.UpstreamError: Session._on_upstream_error,
+    ev.Usage: Session._on_usage,
+    ev.ToolActivity: Session._on_tool_activity,
+    ev.Unknown: Session._on_unknown,
+    ev.ClientAudio: Session._on_client_audio,
+    ev.ClientText: Session._on_client_text,
+    ev.ClientEnd: Session._on_client_end,
+    ev.ClientGone: Session._on_client_gone,
+    ev.ClientBack: Session._on_client_back,
+    ev.HeartbeatAck: Session._on_heartbeat_ack,
+    ev.Tick: Session._on_tick,
+}
+
+_DEFAULT_CONFIG = SessionConfig()
