@@ -3,8 +3,8 @@
 Pure and table-driven. It reads attributes only, so it needs no ADK import at runtime and also
 accepts a raw ``LlmResponse`` seen below ADK's flow (which still carries ``go_away``). One ADK
 event can carry several things (audio plus ``turn_complete``, say); they come out in the order of
-:data:`FIELD_RULES`. Content voicefsm does not interpret becomes an :class:`~voicefsm.events.Unknown`
-event, counted by the session, never an exception.
+:data:`FIELD_RULES`. Content voicefsm does not interpret becomes an
+:class:`~voicefsm.events.Unknown` event, counted by the session, never an exception.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any, Final
 from voicefsm import events as ev
 
 
-def _transcription(event_type: type[ev.InputTranscript] | type[ev.OutputTranscript]) -> Callable[
-    [Any], list[ev.Event]
-]:
+def _transcription(
+    event_type: type[ev.InputTranscript] | type[ev.OutputTranscript],
+) -> Callable[[Any], list[ev.Event]]:
     def convert(value: Any) -> list[ev.Event]:
         text = getattr(value, "text", None)
         if not text:
@@ -108,7 +108,11 @@ def classify_adk_event(event: Any) -> list[ev.Event]:
     """
     error_code = getattr(event, "error_code", None)
     if error_code:
-        return [ev.UpstreamError(code=str(error_code), message=getattr(event, "error_message", "") or "")]
+        return [
+            ev.UpstreamError(
+                code=str(error_code), message=getattr(event, "error_message", "") or ""
+            )
+        ]
     out: list[ev.Event] = []
     matched = False
     for field, convert in FIELD_RULES:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from voicefsm import effects as fx
 from voicefsm import events as ev
-from voicefsm.machine import FATAL_CLOSE_CODES, MACHINE, RUNNING, UPSTREAM_UP, close_is_resumable
+from voicefsm.machine import FATAL_CLOSE_CODES, MACHINE, UPSTREAM_UP, close_is_resumable
 from voicefsm.model import (
     EndReason,
     PendingItem,
@@ -46,7 +46,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*s\s*$")
 
 
 def parse_duration(text: str | None) -> float | None:
-    """Seconds in a protobuf-JSON duration such as ``"50s"`` or ``"1.5s"``; ``None`` if unreadable."""
+    """Seconds in a protobuf-JSON duration such as ``"50s"`` or ``"1.5s"``; else ``None``."""
     if text is None:
         return None
     match = _DURATION.match(text)
@@ -147,6 +147,11 @@ class Session:
         self._grace_until: float | None = None
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def ended(self) -> bool:
+        """Whether the session has ended (``state is State.ENDED``)."""
+        return self.state is _ENDED
 
     @property
     def end_detail(self) -> str | None:
@@ -391,11 +396,14 @@ class Session:
             self._on_enter_ended(now)
             return
         if self._client_connected:
-            self._tell_client(SessionStateMessage(state=self.state, remaining_s=self._remaining(now)))
+            self._tell_client(
+                SessionStateMessage(state=self.state, remaining_s=self._remaining(now))
+            )
         self._persist()
 
     def _on_enter_ended(self, now: float) -> None:
-        assert self.end_reason is not None and self._end_detail is not None
+        assert self.end_reason is not None
+        assert self._end_detail is not None
         self._connect_deadline = self._next_attempt_at = self._rotate_by = None
         self._grace_until = None
         if self._buffer:
@@ -406,7 +414,9 @@ class Session:
             SessionEnded(reason=self.end_reason, detail=self._end_detail, timestamp=now)
         )
         if self._upstream_open:
-            self._out.append(fx.CloseUpstream(self._connection_id, f"session ended: {self.end_reason}"))
+            self._out.append(
+                fx.CloseUpstream(self._connection_id, f"session ended: {self.end_reason}")
+            )
             self._upstream_open = False
         self._out.append(fx.CloseClient(1000, f"session ended: {self.end_reason}"))
         self._persist()
@@ -434,7 +444,8 @@ class Session:
             return None, "no resumable handle was ever received"
         age = now - self._handle_at
         if age > self.config.handle_ttl_s:
-            return None, f"the resumption handle is {age:.0f} s old (ttl {self.config.handle_ttl_s:g} s)"
+            ttl = self.config.handle_ttl_s
+            return None, f"the resumption handle is {age:.0f} s old (ttl {ttl:g} s)"
         return self._handle, ""
 
     def _can_reconnect(self, now: float) -> tuple[bool, str | None]:
@@ -483,7 +494,9 @@ class Session:
             return
         if self.state is State.CONNECTING:
             self._trigger("lose_upstream", now, f"first connection failed: {why}")
-        delay = min(config.resume_backoff_cap_s, config.resume_backoff_base_s * 2 ** (self._failures - 1))
+        delay = min(
+            config.resume_backoff_cap_s, config.resume_backoff_base_s * 2 ** (self._failures - 1)
+        )
         if config.resume_backoff_jitter:
             if self._rng is None:
                 self._rng = random.Random(self._seed if self._seed is not None else self.session_id)

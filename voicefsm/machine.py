@@ -36,19 +36,30 @@ UPSTREAM_UP: Final = frozenset({State.LIVE, State.WARNING})
 
 TRANSITIONS: Final[list[dict[str, Any]]] = [
     # The upstream answered setup. Back to `warning` if the warning was already given.
-    {"trigger": "ready", "source": [State.CONNECTING, State.RESUMING], "dest": State.LIVE,
-     "unless": "warning_given"},
-    {"trigger": "ready", "source": [State.CONNECTING, State.RESUMING], "dest": State.WARNING,
-     "conditions": "warning_given"},
+    {
+        "trigger": "ready",
+        "source": [State.CONNECTING, State.RESUMING],
+        "dest": State.LIVE,
+        "unless": "warning_given",
+    },
+    {
+        "trigger": "ready",
+        "source": [State.CONNECTING, State.RESUMING],
+        "dest": State.WARNING,
+        "conditions": "warning_given",
+    },
     # `deadline - warning_before` was reached while audio flows.
     {"trigger": "warn", "source": State.LIVE, "dest": State.WARNING},
     # GoAway rotation, a resumable close, a failed or timed-out first connect.
-    {"trigger": "lose_upstream", "source": [State.CONNECTING, State.LIVE, State.WARNING],
-     "dest": State.RESUMING},
+    {
+        "trigger": "lose_upstream",
+        "source": [State.CONNECTING, State.LIVE, State.WARNING],
+        "dest": State.RESUMING,
+    },
     # The single way out; `_on_enter_ended` emits the end effects exactly once.
     {"trigger": "end", "source": sorted(RUNNING), "dest": State.ENDED},
 ]
-"""The transitions, as ``transitions`` declarations. Conditions and callbacks name engine members."""
+"""The transitions as ``transitions`` declarations; conditions and callbacks name engine members."""
 
 END_REASONS: Final = list(EndReason)
 """The five end reasons."""
@@ -97,7 +108,7 @@ def diagram(fmt: DiagramFormat = "mermaid") -> str:
     """The state diagram, drawn by ``transitions`` from :data:`TRANSITIONS`, as text."""
     from transitions.extensions.diagrams import GraphMachine
 
-    engine = {"mermaid": "mermaid", "dot": "graphviz"}[fmt]
+    engine: Literal["mermaid", "graphviz"] = "mermaid" if fmt == "mermaid" else "graphviz"
 
     class _Model:
         warning_given = False

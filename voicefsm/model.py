@@ -36,7 +36,7 @@ class EndReason(enum.StrEnum):
     TIME_LIMIT = "time_limit"
     """The wall-clock deadline was reached."""
     DISCONNECTED = "disconnected"
-    """The client left (or stopped answering heartbeats) and did not come back in the grace window."""
+    """The client left (or stopped answering heartbeats) and did not return within the grace."""
     UPSTREAM_LOST = "upstream_lost"
     """The upstream could not be resumed: no usable handle, attempts or time exhausted."""
     ERROR = "error"
@@ -55,7 +55,9 @@ class SessionConfig(BaseModel):
 
     time_limit_s: float = Field(45 * 60, gt=0, description="Length of the interview.")
     warning_before_s: float = Field(
-        5 * 60, ge=0, description="Warn the client and prompt the interviewer this long before the end."
+        5 * 60,
+        ge=0,
+        description="Warn the client and prompt the interviewer this long before the end.",
     )
     wrap_up_prompt: str = Field(
         "The interview has about {minutes} minutes left. Finish the current question, then "
@@ -102,7 +104,8 @@ class SessionConfig(BaseModel):
         description="Client audio kept while resuming (default: 20 s of 16 kHz 16-bit PCM).",
     )
     forward_transcripts: bool = Field(
-        False, description="Send finished transcript lines to the client (off: transcripts stay server-side)."
+        False,
+        description="Send finished transcript lines to the client (off: they stay server-side).",
     )
 
     @model_validator(mode="after")

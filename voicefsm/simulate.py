@@ -55,9 +55,7 @@ def _jitter(rng: random.Random, at: float, spread: float = 40.0) -> float:
 
 def _interview(rng: random.Random) -> list[Action]:
     time_lefts = ["50s", "10s", "30s", "5s"]
-    actions = [
-        Action(_jitter(rng, 60 * (9.5 + 10 * n)), "goaway", time_lefts[n]) for n in range(4)
-    ]
+    actions = [Action(_jitter(rng, 60 * (9.5 + 10 * n)), "goaway", time_lefts[n]) for n in range(4)]
     drop = _jitter(rng, 24.5 * 60)
     actions += [
         Action(_jitter(rng, 14 * 60), "non_resumable_update"),
@@ -339,7 +337,9 @@ class Simulation:
         elif kind == "ready":
             if self.session.state in (State.CONNECTING, State.RESUMING):
                 upstream.connected = arg
-                self._feed(ev.UpstreamReady(connection_id=arg, upstream_session_id=f"sess-{arg}"), now)
+                self._feed(
+                    ev.UpstreamReady(connection_id=arg, upstream_session_id=f"sess-{arg}"), now
+                )
                 if upstream.question == 0 or upstream.speaking_until < now:
                     self._next_question(now)
         elif kind == "closed":
@@ -359,9 +359,8 @@ class Simulation:
             self.client_attached = True
             self._log(now, "client is back")
             self._feed(ev.ClientBack(), now)
-        elif kind == "pong":
-            if self.client_attached:
-                self._feed(ev.HeartbeatAck(), now)
+        elif kind == "pong" and self.client_attached:
+            self._feed(ev.HeartbeatAck(), now)
 
     # --------------------------------------------------------------- the loop
 
@@ -394,7 +393,7 @@ class Simulation:
         step = 0
         horizon = START + config.time_limit_s + 60
         now = START
-        while session.state is not State.ENDED and now < horizon:
+        while not session.ended and now < horizon:
             step += 1
             now = START + step * CHUNK_S
             for at, kind, arg in self._due(now):
@@ -402,9 +401,9 @@ class Simulation:
                     self._apply(handle(ev.Tick(), at), at)
                 else:
                     self._discrete(kind, arg, at)
-                if session.state is State.ENDED:
+                if session.ended:
                     break
-            if session.state is State.ENDED:
+            if session.ended:
                 break
             if self.client_attached:
                 chunk = pack(self.client_chunk_seq) + pad
