@@ -1,0 +1,675 @@
+"""Behaviour of the session engine, one test (or a few) per rule of the interview policy."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from voicefsm import EndReason, Session, SessionConfig, SessionRecord, State
+from voicefsm import effects as fx
+from voicefsm import events as ev
+from voicefsm.protocol import (
+    ErrorMessage,
+    Ping,
+    SessionEnded,
+    SessionStateMessage,
+    SessionWarning,
+    TranscriptMessage,
+    TurnStatus,
+)
+
+T0 = 1_800_000_000.0
+
+
+def of(effects: list[fx.Effect], kind: type[Any]) -> list[Any]:
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def client_messages(effects: list[fx.Effect], kind: type[Any] | None = None) -> list[Any]:
+    messages = [e.message for e in of(effects, fx.SendToClient)]
+    return messages if kind is None else [m for m in messages if isinstance(m, kind)]
+
+
+class Host:
+    """A minimal host: keeps every effect, the open connection, and the clock."""
+
+    def __init__(self, config: SessionConfig | None = None, **overrides: Any) -> None:
+        base = config or SessionConfig(
+            heartbeat_interval_s=3600, heartbeat_timeout_s=7200, **overrides
+        )
+        self.session = Session(base, session_id="s-1", seed=1)
+        self.now = T0
+        self.log: list[fx.Effect] = []
+        self.opened: list[fx.OpenUpstream] = []
+        self.effects = self._apply(self.session.start(self.now))
+
+    @property
+    def connection(self) -> int:
+        return self.opened[-1].connection_id
+
+    def _apply(self, effects: list[fx.Effect]) -> list[fx.Effect]:
+        self.log.extend(effects)
+        self.opened.extend(of(effects, fx.OpenUpstream))
+        return effects
+
+    def at(self, now: float) -> Host:
+        assert now >= self.now
+        self.now = now
+        return self
+
+    def after(self, seconds: float) -> Host:
+        return self.at(self.now + seconds)
+
+    def send(self, event: ev.Event) -> list[fx.Effect]:
+        self.effects = self._apply(self.session.handle(event, self.now))
+        return self.effects
+
+    def tick_until(self, until: float) -> None:
+        """Fire every timer up to ``until`` exactly when it is due, as a host would."""
+        while (due := self.session.next_timer()) is not None and due <= until:
+            self.at(max(due, self.now)).send(ev.Tick())
+        self.at(until)
+
+    def ready(self) -> list[fx.Effect]:
+        return self.send(ev.UpstreamReady(connection_id=self.connection))
+
+    def handle_update(self, handle: str = "h-1", resumable: bool = True) -> None:
+        self.send(ev.ResumptionUpdate(handle=handle, resumable=resumable))
+
+    def close(self, code: int | None, reason: str = "") -> list[fx.Effect]:
+        return self.send(ev.UpstreamClosed(code, reason, connection_id=self.connection))
+
+
+def live_host(**overrides: Any) -> Host:
+    host = Host(**overrides)
+    host.after(0.1).ready()
+    assert host.session.state is State.LIVE
+    return host
+
+
+# ----------------------------------------------------------------------------- 1. first connect
+
+
+def test_start_asks_for_a_fresh_upstream_and_ready_goes_live() -> None:
+    host = Host()
+    opens = of(host.effects, fx.OpenUpstream)
+    assert opens == [fx.OpenUpstream(connection_id=1, handle=None, attempt=1)]
+    assert of(host.effects, fx.PersistRecord)[0].record.state is State.CONNECTING
+    assert host.session.state is State.CONNECTING
+    effects = host.after(0.2).ready()
+    assert host.session.state is State.LIVE
+    assert of(effects, fx.StateChanged) == [
+        fx.StateChanged(State.CONNECTING, State.LIVE, "upstream ready", T0 + 0.2)
+    ]
+    assert client_messages(effects, SessionStateMessage)[0].state is State.LIVE
+
+
+def test_no_ready_within_connect_timeout_is_treated_like_a_lost_upstream() -> None:
+    host = Host(connect_timeout_s=5, resume_backoff_jitter=0)
+    assert host.session.next_timer() == T0 + 5
+    host.at(T0 + 5).send(ev.Tick())
+    effects = host.effects
+    assert of(effects, fx.CloseUpstream) == [fx.CloseUpstream(1, "upstream not ready within 5 s")]
+    assert host.session.state is State.RESUMING
+    # Retried after the first backoff step with a fresh connection (nothing said yet).
+    assert host.session.next_timer() == pytest.approx(T0 + 5 + 0.25)
+    host.tick_until(T0 + 5.25)
+    assert host.opened[-1] == fx.OpenUpstream(connection_id=2, handle=None, attempt=2)
+    host.after(0.1).ready()
+    assert host.session.state is State.LIVE
+
+
+def test_a_late_ready_for_an_abandoned_connection_is_ignored() -> None:
+    host = Host(connect_timeout_s=5)
+    host.at(T0 + 5).send(ev.Tick())
+    host.send(ev.UpstreamReady(connection_id=1))
+    assert host.session.state is State.RESUMING
+
+
+# ----------------------------------------------------------------------------- 2. warning
+
+
+def test_warning_exactly_once_at_deadline_minus_warning() -> None:
+    host = live_host()
+    config = host.session.config
+    warn_at = host.session.deadline - config.warning_before_s
+    assert host.session.next_timer() == warn_at
+    host.tick_until(warn_at - 0.001)
+    assert host.session.state is State.LIVE
+    host.tick_until(warn_at)
+    warnings = client_messages(host.log, SessionWarning)
+    assert warnings == [SessionWarning(remaining_s=300)]
+    prompts = of(host.effects, fx.SendTextUpstream)
+    assert len(prompts) == 1
+    assert "5 minutes" in prompts[0].text
+    assert host.session.state is State.WARNING
+    host.tick_until(host.session.deadline - 1)
+    assert len(client_messages(host.log, SessionWarning)) == 1
+
+
+def test_after_a_resume_the_state_returns_to_warning_not_live() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.tick_until(host.session.deadline - 200)
+    assert host.session.state is State.WARNING
+    host.close(1011)
+    assert host.session.state is State.RESUMING
+    host.after(0.1).ready()
+    assert host.session.state is State.WARNING
+
+
+def test_warning_due_while_resuming_waits_for_the_upstream() -> None:
+    host = live_host(connect_timeout_s=60)
+    host.handle_update("h-1")
+    host.tick_until(host.session.deadline - 301)
+    host.close(1006)
+    host.tick_until(host.session.deadline - 299)
+    assert client_messages(host.log, SessionWarning) == [SessionWarning(remaining_s=300)]
+    assert not of(host.log, fx.SendTextUpstream)
+    assert host.session.state is State.RESUMING
+    effects = host.ready()
+    assert host.session.state is State.WARNING
+    assert len(of(effects, fx.SendTextUpstream)) == 1
+
+
+# ----------------------------------------------------------------------------- 3. deadline
+
+
+def test_time_limit_exactly_at_the_deadline_from_ticks_alone() -> None:
+    host = live_host()
+    deadline = host.session.deadline
+    assert deadline == T0 + 45 * 60
+    host.tick_until(deadline - 0.001)
+    assert host.session.state is State.WARNING
+    host.tick_until(deadline)
+    assert host.session.state is State.ENDED
+    assert host.session.end_reason is EndReason.TIME_LIMIT
+    ended = client_messages(host.log, SessionEnded)
+    assert len(ended) == 1
+    assert ended[0].timestamp == deadline
+
+
+def test_an_event_arriving_after_the_deadline_cannot_delay_the_end() -> None:
+    host = live_host()
+    deadline = host.session.deadline
+    host.tick_until(deadline - 10)
+    # The host's tick is late; the next thing that arrives is an audio chunk.
+    effects = host.at(deadline + 0.5).send(ev.ClientAudio(b"\x00" * 640))
+    assert host.session.end_reason is EndReason.TIME_LIMIT
+    assert not of(effects, fx.SendAudioUpstream)
+    assert host.session.snapshot().ended_at == deadline + 0.5
+
+
+def test_deadline_survives_snapshot_and_restore() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.tick_until(T0 + 600)
+    record = SessionRecord.model_validate_json(host.session.snapshot().model_dump_json())
+    restored = Session.restore(record, T0 + 620)
+    assert restored.deadline == T0 + 45 * 60
+    assert restored.state is State.RESUMING
+    effects = restored.start(T0 + 620)
+    assert of(effects, fx.OpenUpstream)[0].handle == "h-1"
+
+
+def test_a_session_restored_after_its_deadline_ends_at_once_with_time_limit() -> None:
+    host = live_host()
+    record = host.session.snapshot()
+    restored = Session.restore(record, T0 + 46 * 60)
+    effects = restored.start(T0 + 46 * 60)
+    assert restored.end_reason is EndReason.TIME_LIMIT
+    assert len(client_messages(effects, SessionEnded)) == 1
+    assert not of(effects, fx.OpenUpstream)
+
+
+def test_a_restored_ended_session_stays_ended_and_says_nothing() -> None:
+    host = live_host()
+    host.send(ev.ClientEnd())
+    restored = Session.restore(host.session.snapshot(), T0 + 10)
+    assert restored.state is State.ENDED
+    assert restored.end_reason is EndReason.USER_ENDED
+    assert restored.next_timer() is None
+
+
+# ----------------------------------------------------------------------------- 4. resuming
+
+
+def test_goaway_between_turns_rotates_at_once_with_the_latest_handle() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.handle_update("h-2")
+    effects = host.send(ev.GoAway("50s", connection_id=host.connection))
+    assert of(effects, fx.CloseUpstream) == [
+        fx.CloseUpstream(1, "GoAway (time_left=50s) between turns")
+    ]
+    assert of(effects, fx.OpenUpstream) == [fx.OpenUpstream(2, "h-2", 1)]
+    assert host.session.state is State.RESUMING
+    host.after(0.05).ready()
+    assert host.session.state is State.LIVE
+    assert host.session.stats.resumes == 1
+
+
+def test_goaway_mid_turn_waits_for_the_turn_boundary() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.send(ev.ModelAudio(b"\x01" * 960))
+    effects = host.send(ev.GoAway("50s", connection_id=host.connection))
+    assert not of(effects, fx.OpenUpstream)
+    assert host.session.next_timer() == pytest.approx(host.now + 49)
+    host.after(3).send(ev.ModelAudio(b"\x01" * 960))
+    host.handle_update("h-2")
+    effects = host.after(1).send(ev.TurnComplete())
+    assert of(effects, fx.OpenUpstream) == [fx.OpenUpstream(2, "h-2", 1)]
+
+
+def test_goaway_with_no_turn_boundary_in_time_rotates_before_time_left_runs_out() -> None:
+    host = live_host(goaway_margin_s=1.0)
+    host.handle_update("h-1")
+    host.send(ev.ModelAudio(b"\x01" * 960))
+    goaway_at = host.now
+    host.send(ev.GoAway("10s", connection_id=host.connection))
+    host.tick_until(goaway_at + 8.999)
+    assert len(host.opened) == 1
+    host.tick_until(goaway_at + 9)
+    assert host.opened[-1] == fx.OpenUpstream(2, "h-1", 1)
+    assert host.now < goaway_at + 10
+
+
+@pytest.mark.parametrize("code", [1000, 1006, 1011])
+def test_resumable_closes_resume_with_the_handle(code: int) -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.close(code)
+    assert host.session.state is State.RESUMING
+    assert host.opened[-1].handle == "h-1"
+
+
+def test_a_non_resumable_or_empty_update_never_replaces_a_good_handle() -> None:
+    host = live_host()
+    host.handle_update("h-good")
+    host.handle_update("", resumable=True)
+    host.handle_update("h-bad", resumable=False)
+    host.send(ev.ResumptionUpdate(handle=None, resumable=False))
+    assert host.session.stats.ignored_resumption_updates == 3
+    host.close(1011)
+    assert host.opened[-1].handle == "h-good"
+
+
+def test_a_handle_older_than_its_ttl_is_not_used() -> None:
+    host = live_host(handle_ttl_s=600)
+    host.handle_update("h-1")
+    host.send(ev.InputTranscript("hello", True))
+    host.tick_until(host.now + 601)
+    host.close(1011)
+    assert host.session.end_reason is EndReason.UPSTREAM_LOST
+    assert "601 s old" in (host.session.end_detail or "")
+    assert len(host.opened) == 1
+
+
+@pytest.mark.parametrize(("code", "words"), [(1007, "context window"), (1008, "policy")])
+def test_fatal_closes_end_with_error_and_no_retry(code: int, words: str) -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.close(code, "bye")
+    assert host.session.end_reason is EndReason.ERROR
+    assert words in (host.session.end_detail or "")
+    assert len(host.opened) == 1
+    host.tick_until(host.now + 60)
+    assert len(host.opened) == 1
+
+
+def test_fresh_connection_is_fine_before_anything_was_said() -> None:
+    host = live_host()
+    host.send(ev.ClientAudio(b"\x00" * 640))  # silence from the mic is not "said"
+    host.close(1011)
+    assert host.session.state is State.RESUMING
+    assert host.opened[-1].handle is None
+
+
+def test_without_a_handle_after_the_conversation_started_the_upstream_is_lost() -> None:
+    host = live_host()
+    host.send(ev.OutputTranscript("Welcome to the interview.", True))
+    host.close(1011)
+    assert host.session.end_reason is EndReason.UPSTREAM_LOST
+    assert "no resumable handle" in (host.session.end_detail or "")
+
+
+def test_too_little_time_left_is_not_worth_resuming() -> None:
+    host = live_host(min_remaining_to_resume_s=30)
+    host.handle_update("h-1")
+    host.tick_until(host.session.deadline - 20)
+    host.close(1006)
+    assert host.session.end_reason is EndReason.UPSTREAM_LOST
+    assert "20.0 s of interview left" in (host.session.end_detail or "")
+
+
+def test_a_close_of_a_rotated_away_connection_is_ignored() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.send(ev.GoAway("30s", connection_id=1))
+    host.after(0.05).ready()
+    effects = host.send(ev.UpstreamClosed(1000, "late close", connection_id=1))
+    assert effects == []
+    assert host.session.state is State.LIVE
+
+
+# ----------------------------------------------------------------------------- 5. backoff
+
+
+def test_resume_attempts_back_off_exponentially_and_are_bounded() -> None:
+    host = live_host(resume_backoff_jitter=0, resume_max_attempts=4, resume_backoff_base_s=0.5)
+    host.handle_update("h-1")
+    host.close(1011)
+    attempt_times = [host.now]
+    for _ in range(3):
+        host.close(None, "refused")
+        due = host.session.next_timer()
+        assert due is not None
+        host.tick_until(due)
+        attempt_times.append(host.now)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(attempt_times)]
+    assert gaps == [0.5, 1.0, 2.0]
+    host.close(None, "refused")
+    assert host.session.end_reason is EndReason.UPSTREAM_LOST
+    assert "gave up after 4 failed connection attempts" in (host.session.end_detail or "")
+
+
+def test_backoff_has_jitter_within_bounds() -> None:
+    delays = []
+    for seed in range(20):
+        host = Host(resume_backoff_jitter=0.5, resume_backoff_base_s=1.0)
+        host.session = Session(host.session.config, seed=seed)
+        host.opened.clear()
+        host._apply(host.session.start(T0))
+        host.close(None)
+        due = host.session.next_timer()
+        assert due is not None
+        delays.append(due - T0)
+    assert all(0.5 <= d <= 1.5 for d in delays)
+    assert len({round(d, 6) for d in delays}) > 10
+
+
+def test_backoff_never_schedules_an_attempt_past_the_useful_time() -> None:
+    host = live_host(resume_backoff_jitter=0, resume_backoff_base_s=8, resume_backoff_cap_s=8)
+    host.handle_update("h-1")
+    host.tick_until(host.session.deadline - 13)
+    host.close(1011)
+    host.close(None)
+    due = host.session.next_timer()
+    assert due == host.session.deadline - host.session.config.min_remaining_to_resume_s
+
+
+# ----------------------------------------------------------------------------- 6. buffering
+
+
+def test_client_audio_while_resuming_is_buffered_and_flushed_in_order() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.close(1011)
+    chunks = [bytes([n]) * 640 for n in range(5)]
+    for chunk in chunks:
+        assert not of(host.send(ev.ClientAudio(chunk)), fx.SendAudioUpstream)
+    host.send(ev.ClientText("typed while reconnecting"))
+    effects = host.ready()
+    sent = [e for e in effects if isinstance(e, fx.SendAudioUpstream | fx.SendTextUpstream)]
+    assert sent == [fx.SendAudioUpstream(c) for c in chunks] + [
+        fx.SendTextUpstream("typed while reconnecting")
+    ]
+    stats = host.session.stats
+    assert (stats.chunks_buffered, stats.chunks_flushed, stats.chunks_overflowed) == (5, 5, 0)
+    # The flush comes before the client hears the session is live again.
+    kinds = [type(e) for e in effects]
+    assert kinds.index(fx.SendAudioUpstream) < kinds.index(fx.StateChanged)
+
+
+def test_audio_over_the_bound_is_counted_and_reported_never_silently_dropped() -> None:
+    host = live_host(resume_buffer_max_bytes=640 * 3)
+    host.handle_update("h-1")
+    host.close(1011)
+    reports = []
+    for n in range(6):
+        reports += client_messages(host.send(ev.ClientAudio(bytes([n]) * 640)), ErrorMessage)
+    assert [r.code for r in reports] == ["audio_overflow"]
+    stats = host.session.stats
+    assert (stats.chunks_buffered, stats.chunks_overflowed, stats.bytes_overflowed) == (3, 3, 1920)
+    effects = host.ready()
+    assert [e.data[0] for e in of(effects, fx.SendAudioUpstream)] == [0, 1, 2]
+
+
+def test_buffered_audio_survives_a_restore() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.close(1011)
+    host.send(ev.ClientAudio(b"\x07" * 640))
+    record = SessionRecord.model_validate_json(host.session.snapshot().model_dump_json())
+    restored = Session.restore(record, host.now + 1)
+    opened = of(restored.start(host.now + 1), fx.OpenUpstream)[0]
+    effects = restored.handle(ev.UpstreamReady(connection_id=opened.connection_id), host.now + 2)
+    assert of(effects, fx.SendAudioUpstream) == [fx.SendAudioUpstream(b"\x07" * 640)]
+
+
+# ----------------------------------------------------------------------------- 7. transcripts
+
+
+def test_finished_transcripts_become_ordered_records_and_partials_do_not_duplicate() -> None:
+    host = live_host()
+    host.send(ev.InputTranscript("I am ", False))
+    host.send(ev.InputTranscript("ready", False))
+    host.send(ev.InputTranscript("I am ready", True))
+    host.send(ev.OutputTranscript("Welcome", False))
+    host.send(ev.OutputTranscript("Welcome aboard", True))
+    lines = [e.line for e in of(host.log, fx.RecordTranscript)]
+    assert [(line.seq, line.role, line.text) for line in lines] == [
+        (0, "user", "I am ready"),
+        (1, "interviewer", "Welcome aboard"),
+    ]
+    assert not client_messages(host.log, TranscriptMessage)
+
+
+def test_transcripts_reach_the_client_only_when_asked() -> None:
+    host = live_host(forward_transcripts=True)
+    host.send(ev.InputTranscript("partial", False))
+    host.send(ev.InputTranscript("I am ready", True))
+    assert client_messages(host.log, TranscriptMessage) == [
+        TranscriptMessage(role="user", text="I am ready")
+    ]
+
+
+def test_transcript_numbering_continues_after_restore() -> None:
+    host = live_host()
+    host.send(ev.InputTranscript("one", True))
+    host.handle_update("h-1")
+    restored = Session.restore(host.session.snapshot(), host.now)
+    opened = of(restored.start(host.now), fx.OpenUpstream)[0]
+    restored.handle(ev.UpstreamReady(connection_id=opened.connection_id), host.now)
+    effects = restored.handle(ev.OutputTranscript("two", True), host.now)
+    assert of(effects, fx.RecordTranscript)[0].line.seq == 1
+
+
+# ----------------------------------------------------------------------------- 8. heartbeat
+
+
+def test_client_is_pinged_every_interval_and_silence_counts_as_gone() -> None:
+    config = SessionConfig(heartbeat_interval_s=10, heartbeat_timeout_s=25, client_grace_s=30)
+    host = Host(config)
+    host.after(0.1).ready()
+    host.tick_until(T0 + 20)
+    pings = client_messages(host.log, Ping)
+    assert [p.seq for p in pings] == [1, 2]
+    host.send(ev.HeartbeatAck())  # at T0+20: alive until T0+45
+    host.tick_until(T0 + 44.9)
+    assert host.session.client_connected
+    host.tick_until(T0 + 45)
+    assert not host.session.client_connected
+    assert of(host.effects, fx.CloseClient) == [
+        fx.CloseClient(4408, "heartbeat timeout: no message from the client for 25 s")
+    ]
+    assert host.session.state is State.LIVE  # the interview waits for the client
+    host.tick_until(T0 + 75)
+    assert host.session.end_reason is EndReason.DISCONNECTED
+
+
+def test_any_client_message_keeps_the_heartbeat_alive() -> None:
+    config = SessionConfig(heartbeat_interval_s=10, heartbeat_timeout_s=25)
+    host = Host(config)
+    host.after(0.1).ready()
+    while host.now < T0 + 120:
+        host.after(0.02).send(ev.ClientAudio(b"\x00" * 640))
+        host.tick_until(host.now)
+    assert host.session.client_connected
+
+
+def test_a_client_that_comes_back_in_the_grace_window_keeps_the_session() -> None:
+    config = SessionConfig(heartbeat_interval_s=10, heartbeat_timeout_s=25, client_grace_s=30)
+    host = Host(config)
+    host.after(0.1).ready()
+    host.send(ev.ClientGone("tab closed"))
+    host.tick_until(T0 + 29)
+    effects = host.send(ev.ClientBack())
+    assert client_messages(effects, SessionStateMessage) == [
+        SessionStateMessage(state=State.LIVE, remaining_s=45 * 60 - 29)
+    ]
+    host.tick_until(T0 + 50)  # past the first grace window's end (T0 + 30.1)
+    assert host.session.state is State.LIVE
+    assert host.session.deadline == T0 + 45 * 60
+
+
+def test_model_audio_is_not_sent_to_a_gone_client() -> None:
+    host = live_host()
+    assert of(host.send(ev.ModelAudio(b"\x01" * 960)), fx.SendAudioToClient)
+    host.send(ev.ClientGone())
+    assert host.send(ev.ModelAudio(b"\x01" * 960)) == []
+
+
+# ----------------------------------------------------------------------------- 9. the end
+
+
+def test_client_end_is_user_ended_with_the_full_set_of_end_effects() -> None:
+    host = live_host()
+    effects = host.after(5).send(ev.ClientEnd())
+    assert host.session.end_reason is EndReason.USER_ENDED
+    assert client_messages(effects, SessionEnded) == [
+        SessionEnded(
+            reason=EndReason.USER_ENDED,
+            detail="the client ended the interview",
+            timestamp=T0 + 5.1,
+        )
+    ]
+    assert of(effects, fx.CloseUpstream) == [fx.CloseUpstream(1, "session ended: user_ended")]
+    assert of(effects, fx.CloseClient) == [fx.CloseClient(1000, "session ended: user_ended")]
+    persisted = of(effects, fx.PersistRecord)
+    assert persisted[-1].record.state is State.ENDED
+    assert persisted[-1].record.end_reason is EndReason.USER_ENDED
+
+
+ALL_EVENTS: list[ev.Event] = [
+    ev.UpstreamReady(),
+    ev.ModelAudio(b"\x01"),
+    ev.InputTranscript("x", True),
+    ev.OutputTranscript("y", True),
+    ev.TurnComplete(),
+    ev.Interrupted(),
+    ev.ResumptionUpdate("h", True),
+    ev.GoAway("1s"),
+    ev.UpstreamClosed(1011),
+    ev.UpstreamClosed(1007),
+    ev.UpstreamError("E", "boom"),
+    ev.Usage(1, 2, 3),
+    ev.ToolActivity("t", "call"),
+    ev.Unknown("?"),
+    ev.ClientAudio(b"\x00"),
+    ev.ClientText("t"),
+    ev.ClientEnd(),
+    ev.ClientGone(),
+    ev.ClientBack(),
+    ev.HeartbeatAck(),
+    ev.Tick(),
+]
+
+
+def test_ended_absorbs_every_event() -> None:
+    host = live_host()
+    host.send(ev.UpstreamClosed(1008, "policy"))
+    assert host.session.state is State.ENDED
+    for event in ALL_EVENTS:
+        assert host.after(1).send(event) == []
+    host.tick_until(host.session.deadline + 100)
+    assert host.session.end_reason is EndReason.ERROR
+    assert host.session.next_timer() is None
+
+
+@pytest.mark.parametrize(
+    ("faults", "reason"),
+    [
+        ([ev.ClientEnd(), ev.UpstreamClosed(1007)], EndReason.USER_ENDED),
+        ([ev.UpstreamClosed(1007), ev.ClientEnd()], EndReason.ERROR),
+        ([ev.UpstreamError("X"), ev.ClientGone(), ev.ClientEnd()], EndReason.ERROR),
+        ([ev.ClientGone(), ev.UpstreamClosed(1011), ev.ClientEnd()], EndReason.USER_ENDED),
+    ],
+)
+def test_exactly_one_end_whatever_order_the_faults_come_in(
+    faults: list[ev.Event], reason: EndReason
+) -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    for fault in faults:
+        host.after(0.5).send(fault)
+    host.tick_until(host.session.deadline + 10)
+    assert host.session.end_reason is reason
+    assert len(client_messages(host.log, SessionEnded)) == 1
+    assert len(of(host.log, fx.CloseClient)) >= 1
+    ended_records = [e for e in of(host.log, fx.PersistRecord) if e.record.state is State.ENDED]
+    assert len(ended_records) == 1
+
+
+def test_upstream_error_event_ends_with_error() -> None:
+    host = live_host()
+    host.send(ev.UpstreamError("SAFETY", "blocked"))
+    assert host.session.end_reason is EndReason.ERROR
+    assert host.session.end_detail == "upstream error SAFETY: blocked"
+
+
+def test_turn_status_and_interruptions_reach_the_client() -> None:
+    host = live_host()
+    assert client_messages(host.send(ev.Interrupted()), TurnStatus) == [
+        TurnStatus(status="interrupted")
+    ]
+    assert client_messages(host.send(ev.TurnComplete()), TurnStatus) == [
+        TurnStatus(status="turn_complete")
+    ]
+
+
+def test_unknown_events_are_counted_not_raised() -> None:
+    host = live_host()
+    host.send(ev.Unknown("grounding metadata"))
+    host.send(ev.Unknown("text part"))
+    assert host.session.stats.unknown_events == 2
+
+
+# ----------------------------------------------------------------------------- misuse
+
+
+def test_handle_before_start_says_what_to_do() -> None:
+    with pytest.raises(RuntimeError, match=r"call start\(now\) before handle\(\)"):
+        Session().handle(ev.Tick(), T0)
+
+
+def test_a_non_event_is_refused_with_a_clear_message() -> None:
+    host = live_host()
+    with pytest.raises(TypeError, match="str is not a voicefsm event"):
+        host.send("audio")  # type: ignore[arg-type]
+
+
+def test_start_twice_is_refused() -> None:
+    host = Host()
+    with pytest.raises(RuntimeError, match="already started"):
+        host.session.start(T0)
+
+
+def test_audio_hot_path_forwards_without_a_state_change() -> None:
+    host = live_host()
+    chunk = b"\x02" * 640
+    assert host.send(ev.ClientAudio(chunk)) == [fx.SendAudioUpstream(chunk)]
+    assert host.send(ev.ModelAudio(chunk)) == [fx.SendAudioToClient(chunk)]
