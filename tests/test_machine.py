@@ -51,6 +51,13 @@ def test_docs_diagram_is_not_stale(fmt: str, name: str) -> None:
     )
 
 
+def test_readme_diagram_is_not_stale() -> None:
+    readme = (DOCS.parent / "README.md").read_text()
+    assert "```mermaid\n" + diagram("mermaid") + "```" in readme, (
+        "README.md's diagram is stale: paste the output of `voicefsm diagram` into it"
+    )
+
+
 def test_diagram_command_prints_every_transition(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["diagram"]) == 0
     text = capsys.readouterr().out
