@@ -585,6 +585,7 @@ ALL_EVENTS: list[ev.Event] = [
     ev.ClientGone(),
     ev.ClientBack(),
     ev.HeartbeatAck(),
+    ev.HostError("crash"),
     ev.Tick(),
 ]
 
@@ -622,6 +623,13 @@ def test_exactly_one_end_whatever_order_the_faults_come_in(
     assert len(of(host.log, fx.CloseClient)) >= 1
     ended_records = [e for e in of(host.log, fx.PersistRecord) if e.record.state is State.ENDED]
     assert len(ended_records) == 1
+
+
+def test_host_error_ends_with_error() -> None:
+    host = live_host()
+    host.send(ev.HostError("effect handler crashed: KeyError"))
+    assert host.session.end_reason is EndReason.ERROR
+    assert host.session.end_detail == "host failure: effect handler crashed: KeyError"
 
 
 def test_upstream_error_event_ends_with_error() -> None:

@@ -564,7 +564,8 @@ class Session:
         self.warning_given = True
         remaining = self._remaining(now)
         self._tell_client(SessionWarning(remaining_s=remaining))
-        prompt = self.config.wrap_up_prompt.replace("{minutes}", f"{remaining / 60:.0f}")
+        minutes = max(1, round(remaining / 60))
+        prompt = self.config.wrap_up_prompt.replace("{minutes}", str(minutes))
         if self.state is _LIVE:
             self._out.append(fx.SendTextUpstream(prompt))
             self._trigger("warn", now, f"{remaining:.0f} s left")
@@ -715,6 +716,9 @@ class Session:
     def _on_heartbeat_ack(self, event: ev.HeartbeatAck, now: float) -> None:
         self._last_client_seen = now
 
+    def _on_host_error(self, event: ev.HostError, now: float) -> None:
+        self._end(now, EndReason.ERROR, f"host failure: {event.detail}")
+
     def _on_tick(self, event: ev.Tick, now: float) -> None:
         pass  # timers already fired in handle()
 
@@ -739,6 +743,7 @@ Session._HANDLERS = {
     ev.ClientGone: Session._on_client_gone,
     ev.ClientBack: Session._on_client_back,
     ev.HeartbeatAck: Session._on_heartbeat_ack,
+    ev.HostError: Session._on_host_error,
     ev.Tick: Session._on_tick,
 }
 

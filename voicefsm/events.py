@@ -155,6 +155,13 @@ class HeartbeatAck:
 
 
 @dataclass(frozen=True, slots=True)
+class HostError:
+    """The host itself failed (an effect crashed, the host was cancelled): ends with ``error``."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed: the host calls ``handle(Tick(), now)`` at ``next_timer()``."""
 
@@ -179,7 +186,7 @@ UpstreamEvent = (
 ClientEvent = ClientAudio | ClientText | ClientEnd | ClientGone | ClientBack | HeartbeatAck
 """Events about the client (the candidate's browser or app)."""
 
-Event = UpstreamEvent | ClientEvent | Tick
+Event = UpstreamEvent | ClientEvent | HostError | Tick
 """Any input event."""
 
 __all__ = [
@@ -192,6 +199,7 @@ __all__ = [
     "Event",
     "GoAway",
     "HeartbeatAck",
+    "HostError",
     "InputTranscript",
     "Interrupted",
     "ModelAudio",

@@ -11,6 +11,7 @@ microseconds and an interview moves about a hundred chunks a second.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final, Literal
 
 from transitions import Machine
@@ -100,6 +101,10 @@ def build_machine() -> Machine:
 
 
 MACHINE: Final = build_machine()
+
+# `transitions` logs every callback and state entry at INFO; for a machine driven thousands of
+# times a session that is noise in the host application's logs. Warnings still show.
+logging.getLogger("transitions.core").setLevel(logging.WARNING)
 
 DiagramFormat = Literal["mermaid", "dot"]
 
