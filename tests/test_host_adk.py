@@ -1,0 +1,328 @@
+"""The session host on the real ADK Runner and genai client, against the loopback fake over TLS.
+
+Time is scaled through the config (a "45-minute" policy plays out in seconds); nothing here mocks
+genai or ADK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+
+import pytest
+from google.adk.agents import LlmAgent
+from live_rig import MODEL, Rig, fast_config, sequence_numbers
+
+from voicefsm import EndReason
+from voicefsm import events as ev
+from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
+
+
+async def setup_only(conn: FakeLiveConnection) -> None:
+    await conn.send_setup_complete()
+    await conn.wait_closed(timeout=None)
+
+
+async def test_goaway_mid_turn_rotates_at_the_turn_boundary_with_the_latest_handle() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.send_model_audio(b"\x01\x00" * 480)  # the interviewer is mid-turn
+        await conn.send_go_away("30s")
+        await conn.wait_for_audio_chunks(3)
+        await conn.send_model_audio(b"\x01\x00" * 480)
+        await conn.send_resumption_update("h-2")
+        await conn.send_turn_complete()
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server, Rig(server) as rig:
+        rig.send_audio(3)
+        await rig.wait_state("live", count=2)
+        second = (await server.wait_for_connections(2))[1]
+        record = await rig.end()
+    assert second.resumption_handle == "h-2"  # h-1 would mean it rotated before the boundary
+    assert server.connections[0].closed_by == "client"
+    assert record.stats.goaways == 1
+    assert record.stats.resumes == 1
+    assert len(rig.channel.audio) == 2
+
+
+async def test_goaway_with_no_turn_boundary_rotates_before_time_left_runs_out() -> None:
+    goaway_sent: list[float] = []
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.send_model_audio(b"\x01\x00" * 480)
+        goaway_sent.append(time.monotonic())
+        await conn.send_go_away("3s")
+        await conn.wait_closed()
+
+    config = fast_config(goaway_margin_s=1.0)
+    async with FakeLiveServer(scripts=[first, setup_only]) as server, Rig(server, config) as rig:
+        second = (await server.wait_for_connections(2))[1]
+        await rig.wait_state("live", count=2)
+        first_conn = server.connections[0]
+        record = await rig.end()
+    assert first_conn.closed_at is not None
+    rotated_after = first_conn.closed_at - goaway_sent[0]
+    assert 1.0 < rotated_after < 3.0
+    assert second.resumption_handle == "h-1"
+    assert record.end_reason is EndReason.USER_ENDED
+
+
+async def test_1011_and_1006_drops_resume_with_the_last_good_handle() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_output_transcription("Tell me about yourself.", finished=True)
+        await conn.send_turn_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.close(1011, "internal error")
+
+    async def second(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update(None, resumable=False)  # must not erase h-1
+        conn.abort()  # a drop with no close frame: 1006
+
+    async with FakeLiveServer(scripts=[first, second, setup_only]) as server, Rig(server) as rig:
+        await rig.wait_state("live", count=3)
+        record = await rig.end()
+    assert [c.resumption_handle for c in server.connections] == [None, "h-1", "h-1"]
+    assert len(server.connections) == 3  # ADK never reconnected on its own
+    assert record.stats.ignored_resumption_updates == 1
+    assert record.stats.resumes == 2
+    assert record.end_reason is EndReason.USER_ENDED
+
+
+async def test_1007_ends_with_error_and_no_retry() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.close(1007, "context exhausted")
+
+    async with FakeLiveServer(scripts=[first]) as server, Rig(server) as rig:
+        record = await rig.finish()
+        assert len(server.connections) == 1
+    assert record.end_reason is EndReason.ERROR
+    assert "context window is exhausted" in (record.end_detail or "")
+    ended = [m for m in rig.channel.messages if m.type == "session_ended"]
+    assert len(ended) == 1
+
+
+async def test_repeated_refusals_end_upstream_lost_after_the_budget_with_backoff() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_input_transcription("Hello", finished=True)
+        await conn.send_resumption_update("h-1")
+        await conn.close(1011, "internal error")
+
+    config = fast_config(resume_max_attempts=4, resume_backoff_base_s=0.1, resume_backoff_jitter=0)
+    scripts = [first, *[[Refuse(503)]] * 4]
+    async with FakeLiveServer(scripts=scripts) as server, Rig(server, config) as rig:
+        record = await rig.finish()
+    assert record.end_reason is EndReason.UPSTREAM_LOST
+    assert "gave up after 4 failed connection attempts" in (record.end_detail or "")
+    opened = [c.opened_at for c in server.connections]
+    assert len(opened) == 5
+    gaps = [b - a for a, b in itertools.pairwise(opened[1:])]
+    # Backoff 0.1, 0.2, 0.4 s between the failed attempts (the first retry is immediate).
+    for gap, expected in zip(gaps, [0.1, 0.2, 0.4], strict=True):
+        assert gap >= expected * 0.9
+
+
+async def test_a_setup_that_hangs_hits_the_connect_timeout_then_a_fresh_connection() -> None:
+    async def hang(conn: FakeLiveConnection) -> None:
+        await conn.wait_closed(timeout=None)  # never answers the setup
+
+    config = fast_config(connect_timeout_s=0.5)
+    async with FakeLiveServer(scripts=[hang, setup_only]) as server, Rig(server, config) as rig:
+        await rig.wait_state("live")
+        assert rig.states() == ["resuming", "live"]
+        hung = server.connections[0]
+        await hung.wait_closed()
+        record = await rig.end()
+    assert hung.closed_by == "client"
+    assert server.connections[1].resumption_handle is None  # nothing was said yet
+    assert record.stats.connect_attempts == 2
+
+
+async def test_client_audio_sent_while_resuming_arrives_after_the_resume_in_order() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(20)
+        await conn.send_go_away("10s")
+        await conn.wait_closed()
+
+    release = asyncio.Event()
+
+    async def resumed(conn: FakeLiveConnection) -> None:
+        await conn.wait_for_setup()
+        await release.wait()
+        await conn.send_setup_complete()
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(scripts=[first, resumed]) as server, Rig(server) as rig:
+        rig.send_audio(20)
+        await rig.wait_state("resuming")
+        rig.send_audio(50)  # the upstream is not ready: these are buffered
+        second = (await server.wait_for_connections(2))[1]
+        await second.wait_for_setup()
+        assert second.audio_chunk_count == 0
+        release.set()
+        await second.wait_for_audio_chunks(50)
+        rig.send_audio(10)
+        await second.wait_for_audio_chunks(60)
+        record = await rig.end()
+    assert sequence_numbers(server.connections) == list(range(80))
+    assert record.stats.chunks_buffered >= 50
+    assert record.stats.chunks_flushed == record.stats.chunks_buffered
+    assert record.stats.chunks_overflowed == 0
+
+
+async def test_warning_reaches_client_and_model_then_the_time_limit_ends_everything() -> None:
+    config = fast_config(time_limit_s=3, warning_before_s=1.5)
+    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server, config) as rig:
+        record = await rig.finish()
+        first = server.connections[0]
+        await first.wait_closed()
+    warnings = [m for m in rig.channel.messages if m.type == "session_warning"]
+    assert len(warnings) == 1
+    assert [t.text for t in first.text_inputs] == [config.wrap_up_prompt.replace("{minutes}", "1")]
+    assert record.end_reason is EndReason.TIME_LIMIT
+    assert record.ended_at is not None
+    assert record.ended_at >= record.deadline
+    assert first.closed_by == "client"
+    assert len(server.connections) == 1
+    assert rig.channel.closed is not None
+    assert [m.type for m in rig.channel.messages].count("session_ended") == 1
+
+
+async def test_transcripts_are_recorded_in_order_and_never_sent_to_the_client() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_output_transcription("Welcome", finished=False)
+        await conn.send_model_audio(b"\x02\x00" * 480)
+        await conn.send_output_transcription(" aboard", finished=False)
+        await conn.send_generation_complete()
+        await conn.send_turn_complete()
+        await conn.send_input_transcription("I am ", finished=False)
+        await conn.send_input_transcription("ready", finished=True)
+        await conn.send_turn_complete()
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[first]) as server, Rig(server) as rig:
+        # Lines are recorded before the turn status that follows them reaches the client.
+        async with asyncio.timeout(10):
+            await rig.channel.wait_for(
+                lambda c: [m.type for m in c.messages].count("turn_status") >= 2
+            )
+        record = await rig.end()
+    lines = rig.sink.transcripts[record.session_id]
+    assert [(line.seq, line.role, line.text) for line in lines] == [
+        (0, "interviewer", "Welcome aboard"),
+        (1, "user", "I am ready"),
+    ]
+    assert not [m for m in rig.channel.messages if m.type == "transcript"]
+    assert len(rig.channel.audio) == 1
+
+
+async def test_tools_keep_working_through_adk() -> None:
+    answers: list[str] = []
+
+    def record_answer(text: str) -> dict[str, str]:
+        """Record the candidate's answer."""
+        answers.append(text)
+        return {"status": "recorded"}
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_tool_call("record_answer", {"text": "ready"})
+        await conn.send_turn_complete()
+        await conn.wait_for_tool_responses(1)
+        await conn.wait_closed()
+
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="x", tools=[record_answer])
+    async with FakeLiveServer(scripts=[first]) as server, Rig(server, agent=agent) as rig:
+        conn = (await server.wait_for_connections(1))[0]
+        await conn.wait_for_tool_responses(1)
+        record = await rig.end()
+    assert answers == ["ready"]
+    assert conn.tool_names == ["record_answer"]
+    assert conn.tool_responses[0].name == "record_answer"
+    assert record.stats.tool_calls == 1
+
+
+async def test_cancelling_the_host_ends_the_session_with_error_and_closes_everything() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        assert rig.task is not None
+        rig.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await rig.task
+        conn = server.connections[0]
+        await conn.wait_closed()
+    record = rig.sink.records[rig.session.session_id]
+    assert record.end_reason is EndReason.ERROR
+    assert record.end_detail == "host failure: the host was cancelled"
+    assert [m.type for m in rig.channel.messages].count("session_ended") == 1
+
+
+async def test_a_hundred_rotations_lose_no_client_audio() -> None:
+    rotations = 100
+
+    async def rotating(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update(f"h-{conn.number}")
+        if conn.number <= rotations:
+            await conn.wait_for_audio_chunks(3)
+            await conn.send_go_away("5s")
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(script=rotating) as server, Rig(server) as rig:
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                rig.send_audio(1)
+                await asyncio.sleep(0.002)
+
+        streamer = asyncio.create_task(stream())
+        last = (await server.wait_for_connections(rotations + 1, timeout=120))[-1]
+        await last.wait_for_audio_chunks(3)
+        stop.set()
+        await streamer
+        earlier = sum(c.audio_chunk_count for c in server.connections[:-1])
+        await last.wait_for_audio_chunks(rig.sent - earlier)
+        record = await rig.end()
+    received = sequence_numbers(server.connections)
+    assert received == list(range(rig.sent))  # every chunk, once, in order
+    assert record.stats.goaways == rotations
+    assert record.stats.resumes == rotations
+    assert [m.type for m in rig.channel.messages].count("session_ended") == 1
+    handles = [c.resumption_handle for c in server.connections]
+    assert handles == [None] + [f"h-{n}" for n in range(1, rotations + 1)]
+
+
+@pytest.mark.live_api
+@pytest.mark.skipif(not os.environ.get("GOOGLE_API_KEY"), reason="needs GOOGLE_API_KEY")
+async def test_smoke_against_the_real_gemini_live_api() -> None:
+    from voicefsm import Session
+    from voicefsm.adk import AdkUpstream
+    from voicefsm.host import MemoryChannel, SessionHost
+
+    model = os.environ.get("VOICEFSM_LIVE_MODEL", "gemini-2.5-flash-native-audio-preview-09-2025")
+    agent = LlmAgent(name="interviewer", model=model, instruction="Greet the candidate briefly.")
+    channel = MemoryChannel()
+    session = Session(fast_config(time_limit_s=20, warning_before_s=5))
+    host = SessionHost(session, AdkUpstream(agent), client=channel)
+    task = asyncio.create_task(host.run())
+    channel.push(ev.ClientText("Hello, I am ready for the interview."))
+    async with asyncio.timeout(30):
+        await channel.wait_for(lambda c: len(c.audio) > 0)
+    channel.push(ev.ClientEnd())
+    record = await asyncio.wait_for(task, 30)
+    assert record.end_reason is EndReason.USER_ENDED
+    assert record.stats.connect_attempts == 1
