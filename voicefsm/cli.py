@@ -24,6 +24,29 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0 if result.client_chunks_lost == 0 and result.client_chunks_reordered == 0 else 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from voicefsm.model import SessionConfig
+    from voicefsm.serve import ServeSettings, run
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = SessionConfig(
+        time_limit_s=args.minutes * 60, warning_before_s=min(300, args.minutes * 60 / 9)
+    )
+    settings = ServeSettings(
+        config=config,
+        model=args.model,
+        fake=True if args.fake else None,
+        fake_time_scale=args.fake_time_scale,
+        origins=tuple(args.origin),
+    )
+    run(settings, host=args.host, port=args.port)
+    return 0
+
+
 def _diagram(args: argparse.Namespace) -> int:
     from voicefsm.machine import diagram
 
@@ -49,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="print only the end summary")
     sim.add_argument("--list", action="store_true", help="list the scenarios and exit")
     sim.set_defaults(func=_simulate)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the browser interview page and websocket (Gemini with GOOGLE_API_KEY, "
+        "else a scripted fake interviewer)",
+        description="Serve interviews over websockets, with a browser page at /.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--model", default="gemini-2.5-flash-native-audio-preview-09-2025")
+    serve.add_argument("--minutes", type=float, default=45, help="interview length")
+    serve.add_argument(
+        "--fake", action="store_true", help="use the fake interviewer even with a key"
+    )
+    serve.add_argument(
+        "--fake-time-scale", type=float, default=1.0, help="speed up the fake interviewer"
+    )
+    serve.add_argument(
+        "--origin", action="append", default=[], help="allowed Origin (repeatable; default: any)"
+    )
+    serve.set_defaults(func=_serve)
 
     diag = commands.add_parser(
         "diagram",

@@ -716,8 +716,8 @@ class Session:
     def _on_heartbeat_ack(self, event: ev.HeartbeatAck, now: float) -> None:
         self._last_client_seen = now
 
-    def _on_host_error(self, event: ev.HostError, now: float) -> None:
-        self._end(now, EndReason.ERROR, f"host failure: {event.detail}")
+    def _on_fatal(self, event: ev.Fatal, now: float) -> None:
+        self._end(now, EndReason.ERROR, event.detail)
 
     def _on_tick(self, event: ev.Tick, now: float) -> None:
         pass  # timers already fired in handle()
@@ -743,7 +743,7 @@ Session._HANDLERS = {
     ev.ClientGone: Session._on_client_gone,
     ev.ClientBack: Session._on_client_back,
     ev.HeartbeatAck: Session._on_heartbeat_ack,
-    ev.HostError: Session._on_host_error,
+    ev.Fatal: Session._on_fatal,
     ev.Tick: Session._on_tick,
 }
 

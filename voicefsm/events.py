@@ -155,8 +155,9 @@ class HeartbeatAck:
 
 
 @dataclass(frozen=True, slots=True)
-class HostError:
-    """The host itself failed (an effect crashed, the host was cancelled): ends with ``error``."""
+class Fatal:
+    """Something around the engine failed beyond recovery (the host crashed or was cancelled,
+    the client broke the protocol too often): ends the session with ``error``."""
 
     detail: str
 
@@ -186,7 +187,7 @@ UpstreamEvent = (
 ClientEvent = ClientAudio | ClientText | ClientEnd | ClientGone | ClientBack | HeartbeatAck
 """Events about the client (the candidate's browser or app)."""
 
-Event = UpstreamEvent | ClientEvent | HostError | Tick
+Event = UpstreamEvent | ClientEvent | Fatal | Tick
 """Any input event."""
 
 __all__ = [
@@ -197,9 +198,9 @@ __all__ = [
     "ClientGone",
     "ClientText",
     "Event",
+    "Fatal",
     "GoAway",
     "HeartbeatAck",
-    "HostError",
     "InputTranscript",
     "Interrupted",
     "ModelAudio",

@@ -26,7 +26,7 @@ from voicefsm.protocol import ServerMessage
 
 logger = logging.getLogger("voicefsm.host")
 
-ClientInput = ev.ClientAudio | ev.ClientText | ev.ClientEnd | ev.HeartbeatAck
+ClientInput = ev.ClientAudio | ev.ClientText | ev.ClientEnd | ev.HeartbeatAck | ev.Fatal
 """What a client channel delivers."""
 
 Report = Callable[[ev.Event], None]
@@ -171,7 +171,8 @@ class SessionHost:
 
     ``clock`` gives epoch seconds (``time.time``). ``run()`` returns the final record once the
     session has ended; it never leaves a connection or task behind. Cancelling ``run()`` ends the
-    session with ``error`` before the cancellation propagates.
+    session with ``error`` before the cancellation propagates. ``observer`` is called with every
+    state change (and the end reason, on the change into ``ended``), e.g. for metrics.
     """
 
     def __init__(
@@ -182,6 +183,7 @@ class SessionHost:
         client: ClientChannel | None = None,
         sink: SessionSink | None = None,
         clock: Callable[[], float] = time.time,
+        observer: Callable[[fx.StateChanged, str | None], None] | None = None,
     ) -> None:
         self.session = session
         self.upstream = upstream
@@ -194,6 +196,7 @@ class SessionHost:
         self._current: UpstreamConnection | None = None
         self._carry: list[bytes] = []
         self._pending_client = client
+        self._observer = observer
 
     # ------------------------------------------------------------------ entry points
 
@@ -251,7 +254,7 @@ class SessionHost:
         if self.session.ended:
             return
         with contextlib.suppress(Exception):
-            effects = self.session.handle(ev.HostError(detail), self._clock())
+            effects = self.session.handle(ev.Fatal(f"host failure: {detail}"), self._clock())
             # Carry out the end effects even while being cancelled.
             await asyncio.shield(self._apply(effects, log))
 
@@ -294,6 +297,9 @@ class SessionHost:
                 await self.sink.save(effect.record)
             elif isinstance(effect, fx.StateChanged):
                 log.info("%s -> %s: %s", effect.previous, effect.state, effect.why)
+                if self._observer is not None:
+                    reason = self.session.end_reason
+                    self._observer(effect, reason.value if reason is not None else None)
 
     async def _open(
         self, effect: fx.OpenUpstream, log: logging.LoggerAdapter[logging.Logger] | logging.Logger

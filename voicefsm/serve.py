@@ -1,0 +1,165 @@
+"""``voicefsm serve``: a FastAPI app with a browser interview page, served by uvicorn.
+
+With ``GOOGLE_API_KEY`` set, sessions talk to the Gemini Live API through ADK. Without it, the
+app starts the loopback fake Live server with its scripted interviewer and says so, in the logs
+and on the page, so the whole stack runs on a fresh machine with no key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from voicefsm.auth import JWTAuthenticator
+from voicefsm.metrics import CONTENT_TYPE, Metrics
+from voicefsm.model import SessionConfig
+from voicefsm.service import InterviewService
+from voicefsm.web.starlette import interview_endpoint
+
+logger = logging.getLogger("voicefsm.serve")
+
+DEFAULT_MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
+INTERVIEWER_INSTRUCTION = (
+    "You are a friendly, professional interviewer running a spoken behavioral interview. Ask one "
+    "question at a time about the candidate's past experience, listen, ask short follow-ups, and "
+    "keep your turns brief. When told that time is nearly up, finish the current question, then "
+    "thank the candidate and invite their questions."
+)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How ``voicefsm serve`` runs (the command line fills it in)."""
+
+    config: SessionConfig
+    model: str = DEFAULT_MODEL
+    fake: bool | None = None
+    """Use the fake interviewer; ``None``: only when ``GOOGLE_API_KEY`` is not set."""
+    fake_time_scale: float = 1.0
+    jwt_secret: str | None = None
+    """HS256 secret for client tokens; ``None``: a random one (demo tokens are then offered)."""
+    demo_tokens: bool | None = None
+    """Serve ``/demo/token``; ``None``: only with a generated secret."""
+    origins: tuple[str, ...] = ()
+
+
+def _static_dir() -> str:
+    return str(resources.files("voicefsm.web") / "static")
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """Build the app: ``/`` (the page), ``/interview`` (websocket), ``/metrics``, ``/healthz``."""
+    use_fake = settings.fake if settings.fake is not None else not os.environ.get("GOOGLE_API_KEY")
+    secret = settings.jwt_secret or os.environ.get("VOICEFSM_JWT_SECRET")
+    generated = secret is None
+    authenticator = JWTAuthenticator(secret or secrets.token_urlsafe(32))
+    demo_tokens = settings.demo_tokens if settings.demo_tokens is not None else generated
+    metrics = Metrics()
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            upstream = await stack.enter_async_context(_upstream(settings, use_fake))
+            service = InterviewService(
+                upstream,
+                authenticator,
+                config=settings.config,
+                metrics=metrics,
+                origins=settings.origins or None,
+            )
+            state["service"] = service
+            try:
+                yield
+            finally:
+                await service.shutdown()
+
+    app = FastAPI(title="voicefsm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    label = (
+        "Demo mode: a scripted fake interviewer (no GOOGLE_API_KEY set)"
+        if use_fake
+        else f"Gemini Live ({settings.model})"
+    )
+
+    @app.websocket("/interview")
+    async def interview(websocket: WebSocket) -> None:
+        await interview_endpoint(state["service"])(websocket)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(os.path.join(_static_dir(), "index.html"))
+
+    @app.get("/config.json")
+    async def page_config() -> JSONResponse:
+        config = settings.config
+        return JSONResponse(
+            {
+                "mode": "fake" if use_fake else "gemini",
+                "label": label,
+                "time_limit_s": config.time_limit_s,
+                "warning_before_s": config.warning_before_s,
+                "demo_tokens": demo_tokens,
+            }
+        )
+
+    if demo_tokens:
+
+        @app.get("/demo/token")
+        async def demo_token() -> JSONResponse:
+            user_id = f"demo-{uuid.uuid4().hex[:12]}"
+            return JSONResponse({"token": authenticator.issue(user_id), "user_id": user_id})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        service: InterviewService | None = state.get("service")
+        sessions = len(service.sessions) if service is not None else 0
+        return JSONResponse({"ok": service is not None, "sessions": sessions})
+
+    app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
+    if use_fake:
+        logger.warning("no GOOGLE_API_KEY: sessions use the scripted fake interviewer (demo mode)")
+    if demo_tokens:
+        logger.warning("demo tokens are enabled at /demo/token: anyone can start a session")
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[Any]:
+    from google.adk.agents import LlmAgent
+
+    from voicefsm.adk import AdkUpstream
+
+    agent = LlmAgent(name="interviewer", model=settings.model, instruction=INTERVIEWER_INSTRUCTION)
+    if not use_fake:
+        yield AdkUpstream(agent)
+        return
+    from voicefsm.testing import FakeLiveServer, Interviewer
+
+    interviewer = Interviewer(
+        time_scale=settings.fake_time_scale, answer_audio_chunks=250, answer_timeout=20.0
+    )
+    async with FakeLiveServer(script=interviewer, record_payloads=False) as server:
+        logger.info("fake Live server for demo mode at %s", server.base_url)
+        yield AdkUpstream(agent, client=server.genai_client())
+
+
+def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the app with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", ws="websockets-sansio")

@@ -1,0 +1,300 @@
+"""The web-facing service: authenticates client connections and runs their sessions.
+
+Framework adapters (:mod:`voicefsm.web.starlette`, :mod:`voicefsm.web.aiohttp`) only turn their
+websocket into a :class:`Transport` and call :meth:`InterviewService.handle`; everything else —
+the origin check, authentication, session ownership, re-attaching a returning client, decoding
+frames, counting protocol errors, metrics — lives here, once.
+
+Close codes a client can see: 4401 (not authenticated), 4403 (origin not allowed, or the session
+belongs to someone else), 4404 (no such session), 4408 (heartbeat timeout), 4409 (replaced by a
+newer connection to the same session), 1000 (the session ended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from voicefsm import events as ev
+from voicefsm.auth import Authenticator, AuthError, Principal
+from voicefsm.engine import Session
+from voicefsm.host import ClientInput, SessionHost, SessionSink, Upstream
+from voicefsm.metrics import Metrics
+from voicefsm.model import SessionConfig, SessionRecord
+from voicefsm.protocol import (
+    AuthMessage,
+    ClientDecoder,
+    ErrorMessage,
+    ProtocolLimits,
+    ProtocolViolation,
+    ServerMessage,
+    SessionCreated,
+    SessionEnded,
+)
+
+logger = logging.getLogger("voicefsm.service")
+
+SUBPROTOCOL = "voicefsm.v1"
+"""The subprotocol the server selects when the client offers it."""
+TOKEN_SUBPROTOCOL_PREFIX = "bearer."
+"""A client may offer ``bearer.<token>`` as a subprotocol to authenticate (browsers cannot set
+headers on a websocket)."""
+
+
+class Transport(Protocol):
+    """A client websocket, as an adapter exposes it."""
+
+    subprotocols: Sequence[str]
+    """Subprotocols the client offered."""
+    query: Mapping[str, str]
+    """Query parameters of the request."""
+    origin: str | None
+    """The ``Origin`` header, if any."""
+
+    async def accept(self, subprotocol: str | None) -> None:
+        """Complete the websocket handshake."""
+        ...
+
+    async def receive(self) -> str | bytes | None:
+        """The next frame; ``None`` once the client has disconnected."""
+        ...
+
+    async def send_text(self, text: str) -> None:
+        """Send a text frame."""
+        ...
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send a binary frame."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the websocket."""
+        ...
+
+
+class WebChannel:
+    """A :class:`~voicefsm.host.ClientChannel` over a :class:`Transport`: decodes frames,
+    answers bad ones with an ``error`` message, and ends the session after too many."""
+
+    def __init__(self, transport: Transport, limits: ProtocolLimits, metrics: Metrics) -> None:
+        self.transport = transport
+        self.decoder = ClientDecoder(limits)
+        self.done = asyncio.Event()
+        self._metrics = metrics
+        self._closed = False
+
+    async def receive(self) -> ClientInput | None:
+        """The next client event (bad frames are answered and skipped)."""
+        while not self._closed:
+            frame = await self.transport.receive()
+            if frame is None:
+                self.done.set()
+                return None
+            decoded = self.decoder.decode(frame, time.monotonic())
+            if isinstance(decoded, ProtocolViolation):
+                self._metrics.client_errors.labels(code=decoded.code).inc()
+                with contextlib.suppress(Exception):
+                    await self.transport.send_text(decoded.to_message().model_dump_json())
+                if self.decoder.too_many_errors:
+                    return ev.Fatal(
+                        f"the client broke the protocol {self.decoder.errors} times "
+                        f"({', '.join(sorted(self.decoder.errors_by_code))})"
+                    )
+                continue
+            if isinstance(decoded, AuthMessage):
+                continue  # already authenticated; a repeated auth message is harmless
+            return decoded
+        return None
+
+    async def send_audio(self, data: bytes) -> None:
+        """Send interviewer audio as a binary frame."""
+        await self.transport.send_bytes(data)
+
+    async def send_message(self, message: ServerMessage) -> None:
+        """Send a JSON message."""
+        await self.transport.send_text(message.model_dump_json())
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the websocket (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.transport.close(code, reason[:120])
+        finally:
+            self.done.set()
+
+
+@dataclass
+class LiveSession:
+    """A running session in this process: its host, its task and its owner."""
+
+    host: SessionHost
+    owner: Principal
+    task: asyncio.Task[SessionRecord]
+    channel: WebChannel | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+class InterviewService:
+    """Runs interview sessions for websocket clients of one process.
+
+    ``upstream`` opens model connections (an :class:`~voicefsm.adk.AdkUpstream`);
+    ``authenticator`` checks tokens (required: use a :class:`~voicefsm.auth.JWTAuthenticator`);
+    ``origins`` is an optional allow-list of ``Origin`` values.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        authenticator: Authenticator,
+        *,
+        config: SessionConfig | None = None,
+        sink: SessionSink | None = None,
+        limits: ProtocolLimits | None = None,
+        origins: Sequence[str] | None = None,
+        metrics: Metrics | None = None,
+        auth_timeout_s: float = 10.0,
+        session_factory: Callable[[SessionConfig], Session] = Session,
+    ) -> None:
+        self.upstream = upstream
+        self.authenticator = authenticator
+        self.config = config or SessionConfig()
+        self.sink = sink
+        self.limits = limits or ProtocolLimits()
+        self.origins = frozenset(origins) if origins else None
+        self.metrics = metrics or Metrics()
+        self.auth_timeout_s = auth_timeout_s
+        self._session_factory = session_factory
+        self.sessions: dict[str, LiveSession] = {}
+        self._ended: OrderedDict[str, tuple[Principal, SessionRecord]] = OrderedDict()
+
+    async def handle(self, transport: Transport) -> None:
+        """Serve one client connection until it closes or its session ends."""
+        offered = list(transport.subprotocols)
+        await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        if self.origins is not None and transport.origin not in self.origins:
+            logger.warning("refused a connection from origin %r", transport.origin)
+            await transport.close(4403, "origin not allowed")
+            return
+        principal = await self._authenticate(transport, offered)
+        if principal is None:
+            return
+        session_id = transport.query.get("session")
+        channel = WebChannel(transport, self.limits, self.metrics)
+        if session_id:
+            if not await self._reattach(session_id, principal, channel):
+                return
+        else:
+            await self._start(principal, channel)
+        await channel.done.wait()
+
+    async def shutdown(self) -> None:
+        """Cancel every running session (each ends with ``error``) and wait for them."""
+        tasks = [live.task for live in self.sessions.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+    # ------------------------------------------------------------------ steps
+
+    async def _authenticate(self, transport: Transport, offered: list[str]) -> Principal | None:
+        token = next(
+            (
+                protocol[len(TOKEN_SUBPROTOCOL_PREFIX) :]
+                for protocol in offered
+                if protocol.startswith(TOKEN_SUBPROTOCOL_PREFIX)
+            ),
+            None,
+        ) or transport.query.get("token")
+        if token is None:
+            token = await self._first_message_token(transport)
+        try:
+            return await self.authenticator.authenticate(token)
+        except AuthError as error:
+            logger.info("refused an unauthenticated connection: %s", error)
+            await transport.close(4401, str(error)[:120])
+            return None
+
+    async def _first_message_token(self, transport: Transport) -> str | None:
+        try:
+            async with asyncio.timeout(self.auth_timeout_s):
+                frame = await transport.receive()
+        except TimeoutError:
+            return None
+        if frame is None:
+            return None
+        decoded = ClientDecoder(self.limits).decode(frame, time.monotonic())
+        return decoded.token if isinstance(decoded, AuthMessage) else None
+
+    async def _start(self, principal: Principal, channel: WebChannel) -> None:
+        session = self._session_factory(self.config)
+        host = SessionHost(
+            session,
+            self.upstream,
+            client=channel,
+            sink=self.sink,
+            observer=self.metrics.observer(),
+        )
+        await channel.send_message(
+            SessionCreated(session_id=session.session_id, time_limit_s=self.config.time_limit_s)
+        )
+        task = asyncio.create_task(host.run(), name=f"voicefsm-session-{session.session_id[:12]}")
+        live = LiveSession(host=host, owner=principal, task=task, channel=channel)
+        self.sessions[session.session_id] = live
+        task.add_done_callback(lambda done: self._finished(session.session_id, done))
+        logger.info("session %s started for user %s", session.session_id, principal.user_id)
+
+    async def _reattach(self, session_id: str, principal: Principal, channel: WebChannel) -> bool:
+        live = self.sessions.get(session_id)
+        if live is None:
+            ended = self._ended.get(session_id)
+            if ended is not None and ended[0] == principal:
+                record = ended[1]
+                await channel.send_message(
+                    SessionEnded(
+                        reason=record.end_reason,
+                        detail=record.end_detail or "",
+                        timestamp=record.ended_at or 0.0,
+                    )
+                )
+                await channel.close(1000, f"session ended: {record.end_reason}")
+                return False
+            await channel.send_message(
+                ErrorMessage(code="unknown_session", message="no running session with that id")
+            )
+            await channel.close(4404, "unknown session")
+            return False
+        if live.owner != principal:
+            logger.warning(
+                "user %s tried to attach to session %s of another user",
+                principal.user_id,
+                session_id,
+            )
+            await channel.close(4403, "this session belongs to another user")
+            return False
+        previous = live.channel
+        live.channel = channel
+        live.host.attach(channel)
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous.close(4409, "replaced by a newer connection")
+        logger.info("client re-attached to session %s", session_id)
+        return True
+
+    def _finished(self, session_id: str, task: asyncio.Task[SessionRecord]) -> None:
+        live = self.sessions.pop(session_id, None)
+        if live is None or task.cancelled():
+            return
+        with contextlib.suppress(Exception):
+            record = task.result()
+            self._ended[session_id] = (live.owner, record)
+            while len(self._ended) > 1000:
+                self._ended.popitem(last=False)
