@@ -410,16 +410,19 @@ class Session:
             self.stats.chunks_unsent_at_end += sum(1 for i in self._buffer if isinstance(i, bytes))
             self._buffer.clear()
             self._buffered_bytes = 0
+        # The client hears first and the record is saved before the upstream's (slower)
+        # teardown.
         self._tell_client(
             SessionEnded(reason=self.end_reason, detail=self._end_detail, timestamp=now)
         )
-        if self._upstream_open:
+        self._out.append(fx.CloseClient(1000, f"session ended: {self.end_reason}"))
+        upstream_open = self._upstream_open
+        self._upstream_open = False
+        self._persist()
+        if upstream_open:
             self._out.append(
                 fx.CloseUpstream(self._connection_id, f"session ended: {self.end_reason}")
             )
-            self._upstream_open = False
-        self._out.append(fx.CloseClient(1000, f"session ended: {self.end_reason}"))
-        self._persist()
 
     def _end(self, now: float, reason: EndReason, detail: str) -> None:
         if self.state is _ENDED:

@@ -162,4 +162,6 @@ def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> N
     """Serve the app with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", ws="websockets-sansio")
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level="info", ws="websockets-sansio"
+    )

@@ -188,12 +188,21 @@ class InterviewService:
             return
         session_id = transport.query.get("session")
         channel = WebChannel(transport, self.limits, self.metrics)
-        if session_id:
-            if not await self._reattach(session_id, principal, channel):
-                return
-        else:
-            await self._start(principal, channel)
-        await channel.done.wait()
+        live = (
+            await self._reattach(session_id, principal, channel)
+            if session_id
+            else await self._start(principal, channel)
+        )
+        if live is None:
+            return
+        # Until the client leaves or the session is over (whatever happened to its host).
+        waiter = asyncio.create_task(channel.done.wait())
+        try:
+            await asyncio.wait({waiter, live.task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not channel.done.is_set():
+            await channel.close(1011, "the session stopped")
 
     async def shutdown(self) -> None:
         """Cancel every running session (each ends with ``error``) and wait for them."""
@@ -234,7 +243,7 @@ class InterviewService:
         decoded = ClientDecoder(self.limits).decode(frame, time.monotonic())
         return decoded.token if isinstance(decoded, AuthMessage) else None
 
-    async def _start(self, principal: Principal, channel: WebChannel) -> None:
+    async def _start(self, principal: Principal, channel: WebChannel) -> LiveSession:
         session = self._session_factory(self.config)
         host = SessionHost(
             session,
@@ -251,9 +260,16 @@ class InterviewService:
         self.sessions[session.session_id] = live
         task.add_done_callback(lambda done: self._finished(session.session_id, done))
         logger.info("session %s started for user %s", session.session_id, principal.user_id)
+        return live
 
-    async def _reattach(self, session_id: str, principal: Principal, channel: WebChannel) -> bool:
+    async def _reattach(
+        self, session_id: str, principal: Principal, channel: WebChannel
+    ) -> LiveSession | None:
         live = self.sessions.get(session_id)
+        if live is not None and live.host.session.ended:
+            # Over but still tearing down: let it finish, then answer as for an ended one.
+            await asyncio.wait({live.task})
+            live = None
         if live is None:
             ended = self._ended.get(session_id)
             if ended is not None and ended[0] == principal:
@@ -266,12 +282,12 @@ class InterviewService:
                     )
                 )
                 await channel.close(1000, f"session ended: {record.end_reason}")
-                return False
+                return None
             await channel.send_message(
                 ErrorMessage(code="unknown_session", message="no running session with that id")
             )
             await channel.close(4404, "unknown session")
-            return False
+            return None
         if live.owner != principal:
             logger.warning(
                 "user %s tried to attach to session %s of another user",
@@ -279,7 +295,7 @@ class InterviewService:
                 session_id,
             )
             await channel.close(4403, "this session belongs to another user")
-            return False
+            return None
         previous = live.channel
         live.channel = channel
         live.host.attach(channel)
@@ -287,7 +303,7 @@ class InterviewService:
             with contextlib.suppress(Exception):
                 await previous.close(4409, "replaced by a newer connection")
         logger.info("client re-attached to session %s", session_id)
-        return True
+        return live
 
     def _finished(self, session_id: str, task: asyncio.Task[SessionRecord]) -> None:
         live = self.sessions.pop(session_id, None)
