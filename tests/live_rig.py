@@ -13,6 +13,7 @@ from voicefsm import Session, SessionConfig, SessionRecord
 from voicefsm import events as ev
 from voicefsm.adk import AdkUpstream
 from voicefsm.host import MemoryChannel, MemorySink, SessionHost
+from voicefsm.metrics import Metrics
 from voicefsm.protocol import ServerMessage
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
 
@@ -60,6 +61,7 @@ class Rig:
         server: FakeLiveServer,
         config: SessionConfig | None = None,
         agent: LlmAgent | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.server = server
         agent = agent or LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
@@ -67,7 +69,13 @@ class Rig:
         self.channel = MemoryChannel()
         self.sink = MemorySink()
         self.session = Session(config or fast_config(), seed=1)
-        self.host = SessionHost(self.session, self.upstream, client=self.channel, sink=self.sink)
+        self.host = SessionHost(
+            self.session,
+            self.upstream,
+            client=self.channel,
+            sink=self.sink,
+            observer=metrics.observer() if metrics is not None else None,
+        )
         self.task: asyncio.Task[SessionRecord] | None = None
         self.sent = 0
 

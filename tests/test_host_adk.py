@@ -17,6 +17,7 @@ from live_rig import MODEL, Rig, fast_config, sequence_numbers
 
 from voicefsm import EndReason
 from voicefsm import events as ev
+from voicefsm.metrics import Metrics
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
 
@@ -304,6 +305,30 @@ async def test_a_hundred_rotations_lose_no_client_audio() -> None:
     assert [m.type for m in rig.channel.messages].count("session_ended") == 1
     handles = [c.resumption_handle for c in server.connections]
     assert handles == [None] + [f"h-{n}" for n in range(1, rotations + 1)]
+
+
+async def test_metrics_follow_rotations_and_the_end() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    metrics = Metrics()
+    async with (
+        FakeLiveServer(scripts=[first, setup_only]) as server,
+        Rig(server, metrics=metrics) as rig,
+    ):
+        await rig.wait_state("live", count=2)
+        text = metrics.render().decode()
+        assert 'voicefsm_sessions{state="live"} 1.0' in text
+        await rig.end()
+    text = metrics.render().decode()
+    assert "voicefsm_resumes_total 1.0" in text
+    assert "voicefsm_resume_seconds_count 1.0" in text
+    assert 'voicefsm_sessions_ended_total{reason="user_ended"} 1.0' in text
+    for state in ("connecting", "live", "warning", "resuming"):
+        assert f'voicefsm_sessions{{state="{state}"}} 0.0' in text
 
 
 @pytest.mark.live_api
