@@ -93,11 +93,11 @@ class Upstream(Protocol):
 class SessionSink(Protocol):
     """Where the host persists records and transcript lines (a store)."""
 
-    async def save(self, record: SessionRecord) -> None:
-        """Save the latest record of a session."""
+    async def save(self, record: SessionRecord) -> object:
+        """Save the latest record of a session (the result, e.g. a version, is ignored)."""
         ...
 
-    async def append_transcript(self, session_id: str, line: TranscriptLine) -> None:
+    async def append_transcript(self, session_id: str, line: TranscriptLine) -> object:
         """Append one finished transcript line."""
         ...
 

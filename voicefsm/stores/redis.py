@@ -21,7 +21,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
+try:
+    import redis.asyncio as aioredis
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "RedisStore needs the redis package (redis-py): pip install 'voicefsm[redis]'"
+    ) from error
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
