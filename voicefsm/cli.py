@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,9 +43,46 @@ def _serve(args: argparse.Namespace) -> int:
         fake=True if args.fake else None,
         fake_time_scale=args.fake_time_scale,
         origins=tuple(args.origin),
+        store_url=args.store,
+        worker_id=args.worker_id,
+        lease_ttl_s=args.lease_ttl,
+        live_base_url=args.live_base_url,
+        live_ca_file=args.live_ca_file,
     )
     run(settings, host=args.host, port=args.port)
     return 0
+
+
+def _default_store() -> str:
+    return os.environ.get("VOICEFSM_STORE", "sqlite://voicefsm-sessions.db")
+
+
+def _transcript(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from voicefsm.stores import open_store
+
+    async def show() -> int:
+        store = open_store(args.store)
+        try:
+            stored = await store.load(args.session_id)
+            if stored is None:
+                print(f"no session {args.session_id!r} in {args.store}", file=sys.stderr)
+                return 1
+            lines = await store.read_transcript(args.session_id)
+        finally:
+            await store.close()
+        record = stored.record
+        print(f"session {record.session_id} (user {record.owner or '-'}): {record.state}")
+        if record.end_reason is not None:
+            print(f"ended: {record.end_reason}: {record.end_detail}")
+        stats = record.stats
+        print(f"resumes: {stats.resumes}, transcript lines: {len(lines)}")
+        for line in lines:
+            print(f"[{line.seq}] {line.role}: {line.text}")
+        return 0
+
+    return asyncio.run(show())
 
 
 def _diagram(args: argparse.Namespace) -> int:
@@ -92,7 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--origin", action="append", default=[], help="allowed Origin (repeatable; default: any)"
     )
+    serve.add_argument(
+        "--store", default=_default_store(), help="session store URL (sqlite://FILE, redis://...)"
+    )
+    serve.add_argument("--worker-id", help="this worker's name in leases (default host:port)")
+    serve.add_argument("--lease-ttl", type=float, default=15.0, help="session lease seconds")
+    serve.add_argument("--live-base-url", help="Live API endpoint to use instead of Google's")
+    serve.add_argument("--live-ca-file", help="CA certificate (PEM) for --live-base-url")
     serve.set_defaults(func=_serve)
+
+    transcript = commands.add_parser(
+        "transcript",
+        help="print a stored session's end record and transcript",
+        description="Print a session's record and transcript from the store.",
+    )
+    transcript.add_argument("session_id")
+    transcript.add_argument("--store", default=_default_store(), help="session store URL")
+    transcript.set_defaults(func=_transcript)
 
     diag = commands.add_parser(
         "diagram",

@@ -94,6 +94,7 @@ class Session:
         "config",
         "deadline",
         "end_reason",
+        "owner",
         "session_id",
         "started_at",
         "state",
@@ -108,10 +109,12 @@ class Session:
         config: SessionConfig | None = None,
         *,
         session_id: str | None = None,
+        owner: str | None = None,
         seed: int | None = None,
     ) -> None:
         self.config = config if config is not None else _DEFAULT_CONFIG
         self.session_id = session_id if session_id is not None else uuid.uuid4().hex
+        self.owner = owner
         self.state = State.CONNECTING
         self.end_reason: EndReason | None = None
         self.started_at: float | None = None
@@ -233,6 +236,7 @@ class Session:
             raise SessionError(f"session {self.session_id}: nothing to snapshot before start()")
         return SessionRecord(
             session_id=self.session_id,
+            owner=self.owner,
             config=self.config,
             state=self.state,
             started_at=self.started_at,
@@ -263,7 +267,7 @@ class Session:
         when the client attaches. The original deadline holds: if it has passed, ``start``
         ends the session with ``time_limit``. An ended session comes back ended.
         """
-        session = cls(record.config, session_id=record.session_id, seed=seed)
+        session = cls(record.config, session_id=record.session_id, owner=record.owner, seed=seed)
         session.started_at = record.started_at
         session.deadline = record.deadline
         session.warning_given = record.warning_given

@@ -197,6 +197,7 @@ class SessionHost:
         self._carry: list[bytes] = []
         self._pending_client = client
         self._observer = observer
+        self._detach_reason: str | None = None
 
     # ------------------------------------------------------------------ entry points
 
@@ -209,8 +210,22 @@ class SessionHost:
         self._start_reader(client)
         self.post(ev.ClientBack())
 
+    def detach(self, reason: str) -> None:
+        """Stop driving the session *without ending it* (another worker owns it now).
+
+        ``run()`` closes the upstream and the client (4410, ``reason``) and returns the session's
+        record as it stands; whoever holds the session next restores it from its stored record.
+        """
+        self._detach_reason = reason
+        self.post(ev.Tick())  # wake the consumer
+
+    @property
+    def detached(self) -> bool:
+        """Whether :meth:`detach` stopped this host."""
+        return self._detach_reason is not None
+
     async def run(self) -> SessionRecord:
-        """Drive the session until it ends; return its final record."""
+        """Drive the session until it ends (or :meth:`detach`); return its record."""
         session = self.session
         log = logger.getChild(session.session_id[:12])
         if self._pending_client is not None:
@@ -218,9 +233,17 @@ class SessionHost:
             self._pending_client = None
         try:
             await self._apply(session.start(self._clock()), log)
-            while not session.ended:
+            while not session.ended and self._detach_reason is None:
                 event = await self._next_event()
+                if self._detach_reason is not None:
+                    break
                 await self._apply(session.handle(event, self._clock()), log)
+            if self._detach_reason is not None and not session.ended:
+                log.warning("detached without ending the session: %s", self._detach_reason)
+                client, self._client = self._client, None
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.close(4410, self._detach_reason[:120])
         except asyncio.CancelledError:
             await self._fail("the host was cancelled", log)
             raise

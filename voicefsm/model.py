@@ -195,6 +195,8 @@ class SessionRecord(BaseModel):
     model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
     session_id: str
+    owner: str | None = None
+    """Who the session belongs to (a user id); only they may re-attach to it."""
     config: SessionConfig
     state: State
     started_at: float

@@ -11,9 +11,10 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -25,6 +26,7 @@ from voicefsm.auth import JWTAuthenticator
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.model import SessionConfig
 from voicefsm.service import InterviewService
+from voicefsm.stores import open_store
 from voicefsm.web.starlette import interview_endpoint
 
 logger = logging.getLogger("voicefsm.serve")
@@ -52,6 +54,15 @@ class ServeSettings:
     demo_tokens: bool | None = None
     """Serve ``/demo/token``; ``None``: only with a generated secret."""
     origins: tuple[str, ...] = ()
+    store_url: str = "sqlite://voicefsm-sessions.db"
+    """Where sessions are kept (:func:`voicefsm.stores.open_store`); SQLite survives restarts."""
+    worker_id: str | None = None
+    """This worker's name in leases; keep it stable across restarts (default ``host:port``)."""
+    lease_ttl_s: float = 15.0
+    live_base_url: str | None = None
+    """Talk to this Live endpoint instead (e.g. a shared fake server: ``https://127.0.0.1:PORT``)."""
+    live_ca_file: str | None = None
+    """CA certificate (PEM) that signed ``live_base_url``'s certificate."""
 
 
 def _static_dir() -> str:
@@ -60,7 +71,9 @@ def _static_dir() -> str:
 
 def create_app(settings: ServeSettings) -> FastAPI:
     """Build the app: ``/`` (the page), ``/interview`` (websocket), ``/metrics``, ``/healthz``."""
-    use_fake = settings.fake if settings.fake is not None else not os.environ.get("GOOGLE_API_KEY")
+    use_fake = settings.live_base_url is None and (
+        settings.fake if settings.fake is not None else not os.environ.get("GOOGLE_API_KEY")
+    )
     secret = settings.jwt_secret or os.environ.get("VOICEFSM_JWT_SECRET")
     generated = secret is None
     authenticator = JWTAuthenticator(secret or secrets.token_urlsafe(32))
@@ -72,10 +85,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             upstream = await stack.enter_async_context(_upstream(settings, use_fake))
+            store = open_store(settings.store_url)
+            stack.push_async_callback(store.close)
+            logger.info("sessions are kept in %r", store)
             service = InterviewService(
                 upstream,
                 authenticator,
                 config=settings.config,
+                store=store,
+                worker_id=settings.worker_id,
+                lease_ttl_s=settings.lease_ttl_s,
                 metrics=metrics,
                 origins=settings.origins or None,
             )
@@ -145,6 +164,9 @@ async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[An
     from voicefsm.adk import AdkUpstream
 
     agent = LlmAgent(name="interviewer", model=settings.model, instruction=INTERVIEWER_INSTRUCTION)
+    if settings.live_base_url is not None:
+        yield AdkUpstream(agent, client=_external_client(settings))
+        return
     if not use_fake:
         yield AdkUpstream(agent)
         return
@@ -153,15 +175,38 @@ async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[An
     interviewer = Interviewer(
         time_scale=settings.fake_time_scale, answer_audio_chunks=250, answer_timeout=20.0
     )
-    async with FakeLiveServer(script=interviewer, record_payloads=False) as server:
+    # Handles are not enforced so a session restored after a restart (which starts a new fake
+    # server) resumes instead of failing; the interviewer then starts over.
+    async with FakeLiveServer(
+        script=interviewer, record_payloads=False, enforce_resumption_handles=False
+    ) as server:
         logger.info("fake Live server for demo mode at %s", server.base_url)
         yield AdkUpstream(agent, client=server.genai_client())
+
+
+def _external_client(settings: ServeSettings) -> Any:
+    import ssl
+
+    from google import genai
+    from google.genai import types
+
+    context = ssl.create_default_context(cafile=settings.live_ca_file)
+    return genai.Client(
+        api_key=os.environ.get("GOOGLE_API_KEY", "fake-key"),
+        http_options=types.HttpOptions(
+            base_url=settings.live_base_url,
+            api_version="v1alpha",
+            async_client_args={"ssl": context},
+        ),
+    )
 
 
 def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the app with uvicorn until interrupted."""
     import uvicorn
 
+    if settings.worker_id is None:
+        settings = replace(settings, worker_id=f"{socket.gethostname()}:{port}")
     uvicorn.run(
         create_app(settings), host=host, port=port, log_level="info", ws="websockets-sansio"
     )

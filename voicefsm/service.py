@@ -7,7 +7,13 @@ frames, counting protocol errors, metrics — lives here, once.
 
 Close codes a client can see: 4401 (not authenticated), 4403 (origin not allowed, or the session
 belongs to someone else), 4404 (no such session), 4408 (heartbeat timeout), 4409 (replaced by a
-newer connection to the same session), 1000 (the session ended).
+newer connection to the same session), 4410 (this worker gave the session up: reconnect), 1000
+(the session ended).
+
+Sessions live in a :class:`~voicefsm.stores.SessionStore`. The worker that drives a session holds
+its lease and writes through the fenced view, so a client that reconnects to *another* worker (or
+to this one after a restart) gets the same session back: same deadline, same upstream handle,
+the whole transcript.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
-from collections import OrderedDict
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,9 +32,9 @@ from typing import Protocol
 from voicefsm import events as ev
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
-from voicefsm.host import ClientInput, SessionHost, SessionSink, Upstream
+from voicefsm.host import ClientInput, SessionHost, Upstream
 from voicefsm.metrics import Metrics
-from voicefsm.model import SessionConfig, SessionRecord
+from voicefsm.model import SessionConfig, SessionRecord, State
 from voicefsm.protocol import (
     AuthMessage,
     ClientDecoder,
@@ -36,6 +44,14 @@ from voicefsm.protocol import (
     ServerMessage,
     SessionCreated,
     SessionEnded,
+)
+from voicefsm.stores import (
+    Lease,
+    LeaseKeeper,
+    LeaseLost,
+    MemoryStore,
+    RetryingSink,
+    SessionStore,
 )
 
 logger = logging.getLogger("voicefsm.service")
@@ -133,11 +149,12 @@ class WebChannel:
 
 @dataclass
 class LiveSession:
-    """A running session in this process: its host, its task and its owner."""
+    """A session this worker drives: its host, its task, its owner and its lease."""
 
     host: SessionHost
     owner: Principal
-    task: asyncio.Task[SessionRecord]
+    lease: Lease
+    task: asyncio.Task[SessionRecord] = field(init=False)
     channel: WebChannel | None = None
     created_at: float = field(default_factory=time.time)
 
@@ -147,7 +164,9 @@ class InterviewService:
 
     ``upstream`` opens model connections (an :class:`~voicefsm.adk.AdkUpstream`);
     ``authenticator`` checks tokens (required: use a :class:`~voicefsm.auth.JWTAuthenticator`);
-    ``origins`` is an optional allow-list of ``Origin`` values.
+    ``store`` keeps records and transcripts (default: a :class:`~voicefsm.stores.MemoryStore`);
+    ``worker_id`` names this worker in leases (keep it stable across restarts of one process
+    slot, e.g. ``host:port``); ``origins`` is an optional allow-list of ``Origin`` values.
     """
 
     def __init__(
@@ -156,7 +175,9 @@ class InterviewService:
         authenticator: Authenticator,
         *,
         config: SessionConfig | None = None,
-        sink: SessionSink | None = None,
+        store: SessionStore | None = None,
+        worker_id: str | None = None,
+        lease_ttl_s: float = 15.0,
         limits: ProtocolLimits | None = None,
         origins: Sequence[str] | None = None,
         metrics: Metrics | None = None,
@@ -166,14 +187,15 @@ class InterviewService:
         self.upstream = upstream
         self.authenticator = authenticator
         self.config = config or SessionConfig()
-        self.sink = sink
+        self.store: SessionStore = store if store is not None else MemoryStore()
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease_ttl_s = lease_ttl_s
         self.limits = limits or ProtocolLimits()
         self.origins = frozenset(origins) if origins else None
         self.metrics = metrics or Metrics()
         self.auth_timeout_s = auth_timeout_s
         self._session_factory = session_factory
         self.sessions: dict[str, LiveSession] = {}
-        self._ended: OrderedDict[str, tuple[Principal, SessionRecord]] = OrderedDict()
 
     async def handle(self, transport: Transport) -> None:
         """Serve one client connection until it closes or its session ends."""
@@ -204,13 +226,23 @@ class InterviewService:
         if not channel.done.is_set():
             await channel.close(1011, "the session stopped")
 
-    async def shutdown(self) -> None:
-        """Cancel every running session (each ends with ``error``) and wait for them."""
+    async def shutdown(self, *, detach: bool | None = None) -> None:
+        """Stop every session this worker drives, and wait for them.
+
+        With ``detach`` (the default when the store is durable) sessions are handed back to the
+        store un-ended: clients get 4410 and can reconnect to this service after a restart, or
+        to another worker. Otherwise each session ends with ``error``.
+        """
+        if detach is None:
+            detach = not isinstance(self.store, MemoryStore)
         tasks = [live.task for live in self.sessions.values()]
-        for task in tasks:
-            task.cancel()
+        for live in self.sessions.values():
+            if detach:
+                live.host.detach("the server is shutting down; reconnect to continue")
+            else:
+                live.task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=10)
+            await asyncio.wait(tasks, timeout=15)
 
     # ------------------------------------------------------------------ steps
 
@@ -243,74 +275,153 @@ class InterviewService:
         decoded = ClientDecoder(self.limits).decode(frame, time.monotonic())
         return decoded.token if isinstance(decoded, AuthMessage) else None
 
-    async def _start(self, principal: Principal, channel: WebChannel) -> LiveSession:
+    async def _start(self, principal: Principal, channel: WebChannel) -> LiveSession | None:
         session = self._session_factory(self.config)
-        host = SessionHost(
-            session,
-            self.upstream,
-            client=channel,
-            sink=self.sink,
-            observer=self.metrics.observer(),
-        )
+        session.owner = principal.user_id
+        lease = await self.store.acquire_lease(session.session_id, self.worker_id, self.lease_ttl_s)
+        if lease is None:  # a fresh random id: only a broken store says no
+            await channel.close(1011, "could not take the new session's lease")
+            return None
         await channel.send_message(
             SessionCreated(session_id=session.session_id, time_limit_s=self.config.time_limit_s)
         )
-        task = asyncio.create_task(host.run(), name=f"voicefsm-session-{session.session_id[:12]}")
-        live = LiveSession(host=host, owner=principal, task=task, channel=channel)
-        self.sessions[session.session_id] = live
-        task.add_done_callback(lambda done: self._finished(session.session_id, done))
+        live = self._run(session, principal, lease, channel, attach=False)
         logger.info("session %s started for user %s", session.session_id, principal.user_id)
         return live
+
+    def _run(
+        self,
+        session: Session,
+        principal: Principal,
+        lease: Lease,
+        channel: WebChannel,
+        *,
+        attach: bool,
+    ) -> LiveSession:
+        sink = RetryingSink(self.store.fenced(lease), name=session.session_id[:12])
+        host = SessionHost(
+            session,
+            self.upstream,
+            client=None if attach else channel,
+            sink=sink,
+            observer=self.metrics.observer(),
+        )
+        if attach:
+            host.attach(channel)
+        live = LiveSession(host=host, owner=principal, lease=lease, channel=channel)
+        live.task = asyncio.create_task(
+            self._drive(live, sink), name=f"voicefsm-session-{session.session_id[:12]}"
+        )
+        self.sessions[session.session_id] = live
+        live.task.add_done_callback(lambda _: self._forget(session.session_id, live))
+        return live
+
+    async def _drive(self, live: LiveSession, sink: RetryingSink) -> SessionRecord:
+        host = live.host
+
+        def lost(error: LeaseLost) -> None:
+            host.detach(f"another worker took the session over ({error})")
+
+        try:
+            async with LeaseKeeper(self.store, live.lease, on_lost=lost):
+                record = await host.run()
+        finally:
+            await sink.aclose(grace_s=10)
+        if not host.detached:
+            with contextlib.suppress(Exception):
+                await self.store.release_lease(live.lease)
+        return record
+
+    def _forget(self, session_id: str, live: LiveSession) -> None:
+        if self.sessions.get(session_id) is live:
+            del self.sessions[session_id]
 
     async def _reattach(
         self, session_id: str, principal: Principal, channel: WebChannel
     ) -> LiveSession | None:
         live = self.sessions.get(session_id)
         if live is not None and live.host.session.ended:
-            # Over but still tearing down: let it finish, then answer as for an ended one.
+            # Over but still tearing down: let it finish, then answer from the store.
             await asyncio.wait({live.task})
             live = None
-        if live is None:
-            ended = self._ended.get(session_id)
-            if ended is not None and ended[0] == principal:
-                record = ended[1]
-                await channel.send_message(
-                    SessionEnded(
-                        reason=record.end_reason,
-                        detail=record.end_detail or "",
-                        timestamp=record.ended_at or 0.0,
-                    )
-                )
-                await channel.close(1000, f"session ended: {record.end_reason}")
+        if live is not None:
+            if live.owner != principal:
+                await self._refuse_other_user(session_id, principal, channel)
                 return None
+            previous = live.channel
+            live.channel = channel
+            live.host.attach(channel)
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous.close(4409, "replaced by a newer connection")
+            logger.info("client re-attached to session %s", session_id)
+            return live
+        return await self._take_over(session_id, principal, channel)
+
+    async def _take_over(
+        self, session_id: str, principal: Principal, channel: WebChannel
+    ) -> LiveSession | None:
+        """Pick up a session this worker does not drive: from the store, under a new lease."""
+        stored = await self.store.load(session_id)
+        if stored is None:
             await channel.send_message(
-                ErrorMessage(code="unknown_session", message="no running session with that id")
+                ErrorMessage(code="unknown_session", message="no session with that id")
             )
             await channel.close(4404, "unknown session")
             return None
-        if live.owner != principal:
-            logger.warning(
-                "user %s tried to attach to session %s of another user",
-                principal.user_id,
-                session_id,
-            )
-            await channel.close(4403, "this session belongs to another user")
+        record = stored.record
+        if record.owner != principal.user_id:
+            await self._refuse_other_user(session_id, principal, channel)
             return None
-        previous = live.channel
-        live.channel = channel
-        live.host.attach(channel)
-        if previous is not None:
-            with contextlib.suppress(Exception):
-                await previous.close(4409, "replaced by a newer connection")
-        logger.info("client re-attached to session %s", session_id)
-        return live
+        if record.state is State.ENDED:
+            await self._tell_ended(record, channel)
+            return None
+        lease = await self._acquire_when_free(session_id)
+        if lease is None:
+            await channel.send_message(
+                ErrorMessage(code="session_busy", message="another worker still drives it")
+            )
+            await channel.close(4409, "the session is driven elsewhere; retry")
+            return None
+        stored = await self.store.load(session_id)  # the newest record, now that it is ours
+        if stored is None or stored.record.state is State.ENDED:
+            await self.store.release_lease(lease)
+            if stored is not None:
+                await self._tell_ended(stored.record, channel)
+            return None
+        session = Session.restore(stored.record, time.time())
+        logger.info(
+            "took over session %s (lease token %d, handle %s)",
+            session_id,
+            lease.token,
+            "kept" if stored.record.resumption_handle else "none",
+        )
+        return self._run(session, principal, lease, channel, attach=True)
 
-    def _finished(self, session_id: str, task: asyncio.Task[SessionRecord]) -> None:
-        live = self.sessions.pop(session_id, None)
-        if live is None or task.cancelled():
-            return
-        with contextlib.suppress(Exception):
-            record = task.result()
-            self._ended[session_id] = (live.owner, record)
-            while len(self._ended) > 1000:
-                self._ended.popitem(last=False)
+    async def _acquire_when_free(self, session_id: str) -> Lease | None:
+        """The lease, waiting (bounded) for a dead worker's lease to run out."""
+        deadline = time.monotonic() + self.lease_ttl_s + 2.0
+        while True:
+            lease = await self.store.acquire_lease(session_id, self.worker_id, self.lease_ttl_s)
+            if lease is not None or time.monotonic() >= deadline:
+                return lease
+            await asyncio.sleep(0.25)  # the store has no "lease released" notification
+
+    async def _tell_ended(self, record: SessionRecord, channel: WebChannel) -> None:
+        assert record.end_reason is not None
+        await channel.send_message(
+            SessionEnded(
+                reason=record.end_reason,
+                detail=record.end_detail or "",
+                timestamp=record.ended_at or 0.0,
+            )
+        )
+        await channel.close(1000, f"session ended: {record.end_reason}")
+
+    async def _refuse_other_user(
+        self, session_id: str, principal: Principal, channel: WebChannel
+    ) -> None:
+        logger.warning(
+            "user %s tried to attach to session %s of another user", principal.user_id, session_id
+        )
+        await channel.close(4403, "this session belongs to another user")

@@ -72,6 +72,7 @@ const debug = {
   closes: [],
   lastMessages: [],
   transcripts: 0,
+  queuedPlayback: 0, // interviewer chunks scheduled but not played yet
   audio: { contextRate: null, captureRate: CAPTURE_RATE, playbackRate: PLAYBACK_RATE },
   counters: {
     connects: 0,
@@ -114,7 +115,6 @@ const ui = {
   phase: $("phase"),
   activity: $("activity"),
   warning: $("warning"),
-  warningTitle: $("warning-title"),
   warningText: $("warning-text"),
   reconnecting: $("reconnecting"),
   reconnectingText: $("reconnecting-text"),
@@ -146,9 +146,9 @@ const page = {
   token: null,
   socket: null,
   audio: null, // {context, player, capture}
-  ended: false, // session_ended received (or the page gave up for good)
+  ended: false, // session_ended received
   leaving: false, // the page is unloading: a close is not a drop
-  endRequested: false, // End clicked while reconnecting: send it once attached again
+  endRequested: false, // End clicked (if the socket was down, it is sent once attached again)
   reconnectSince: null,
   reconnectAttempt: 0,
   reconnectTimer: null,
@@ -253,8 +253,8 @@ function formatClock(seconds) {
 
 function describeRemaining(seconds) {
   const whole = Math.max(0, Math.round(seconds));
-  if (whole >= 120) return `about ${Math.round(whole / 60)} minutes`;
-  if (whole >= 60) return "about a minute";
+  if (whole >= 120) return `${Math.round(whole / 60)} minutes`;
+  if (whole >= 60) return "a minute";
   return `${whole} seconds`;
 }
 
@@ -269,7 +269,6 @@ function tick() {
       ui.countdown.dataset.remaining = String(Math.ceil(remaining));
     }
     ui.countdown.classList.toggle("low", debug.warning !== null);
-    if (debug.warning) ui.warningText.textContent = `${describeRemaining(remaining)} left — the interviewer will wrap up.`;
   }
   const player = page.audio && page.audio.player;
   let activity = "—";
@@ -280,6 +279,7 @@ function tick() {
   else if (debug.state === "connecting") activity = "joining…";
   else if (debug.state === "live" || debug.state === "warning") activity = page.turnComplete ? "listening — your turn" : "listening";
   if (ui.activity.textContent !== activity) ui.activity.textContent = activity;
+  debug.queuedPlayback = player ? player.queued : 0;
   ui.sent.textContent = String(debug.counters.audioChunksSent);
   ui.received.textContent = String(debug.counters.audioChunksReceived);
   ui.reconnects.textContent = String(debug.counters.reconnects);
@@ -301,6 +301,10 @@ class Player {
 
   get busy() {
     return this.sources.size > 0;
+  }
+
+  get queued() {
+    return this.sources.size;
   }
 
   enqueue(data) {
@@ -510,7 +514,8 @@ function onMessage(text) {
     case "session_warning":
       debug.warning = { remaining_s: message.remaining_s, at: Date.now() };
       setRemaining(message.remaining_s);
-      ui.warningTitle.textContent = "Time is nearly up";
+      // Set once: the box is an alert, and the big clock already counts down.
+      ui.warningText.textContent = `About ${describeRemaining(message.remaining_s)} left — the interviewer will wrap up.`;
       ui.warning.hidden = false;
       break;
     case "session_ended":
