@@ -585,7 +585,7 @@ ALL_EVENTS: list[ev.Event] = [
     ev.ClientGone(),
     ev.ClientBack(),
     ev.HeartbeatAck(),
-    ev.HostError("crash"),
+    ev.Fatal("crash"),
     ev.Tick(),
 ]
 
@@ -625,9 +625,9 @@ def test_exactly_one_end_whatever_order_the_faults_come_in(
     assert len(ended_records) == 1
 
 
-def test_host_error_ends_with_error() -> None:
+def test_fatal_ends_with_error() -> None:
     host = live_host()
-    host.send(ev.HostError("effect handler crashed: KeyError"))
+    host.send(ev.Fatal("host failure: effect handler crashed: KeyError"))
     assert host.session.end_reason is EndReason.ERROR
     assert host.session.end_detail == "host failure: effect handler crashed: KeyError"
 

@@ -272,6 +272,10 @@ class AdkUpstream:
         name = model or (current if isinstance(current, str) else getattr(current, "model", None))
         if not name:
             raise ValueError("AdkUpstream needs a model name: pass model=... or give the agent one")
+        # ADK imports its workflow machinery (~500 modules) lazily on the first run_live, which
+        # blocks the event loop for about a second in the middle of the first interview. Pay it
+        # here, when the upstream is built at start-up.
+        import google.adk.workflow._workflow  # noqa: F401
         if not isinstance(current, VoiceFsmGemini) or model or client is not None:
             keep_client = client if client is not None else getattr(current, "client", None)
             agent = agent.model_copy(update={"model": live_model(name, keep_client)})

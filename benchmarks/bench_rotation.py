@@ -1,0 +1,889 @@
+"""Upstream rotation on loopback: GoAway to the new connection being ready, and chunks lost.
+
+Run from the repository root (needs ``pip install -e '.[testing]'``)::
+
+    python benchmarks/bench_rotation.py                      # 50 rotations, ~20 s in all
+    python benchmarks/bench_rotation.py --rotations 200
+    python benchmarks/bench_rotation.py --markdown docs/benchmarks.md   # append a section
+
+One :class:`voicefsm.host.SessionHost` runs a session on the real ADK ``Runner`` (through
+:class:`voicefsm.adk.AdkUpstream`) and the real ``google.genai`` client, against the loopback
+fake Gemini Live server (:class:`voicefsm.testing.FakeLiveServer`, TLS on 127.0.0.1). The client
+streams numbered 20 ms chunks (16 kHz 16-bit PCM, the sequence number in the first 4 bytes) at
+real-time pace for the whole run. Each fake connection answers the setup, plays one short model
+turn (audio, a finished transcript, ``turnComplete``) and issues a resumable handle; the benchmark
+then waits ``--interval`` seconds with audio flowing and sends a ``goAway`` on that connection.
+Since no model turn is open, the session rotates at once: close the old connection, open a new
+one resuming the handle.
+
+Measured, per rotation, on one ``time.monotonic()`` clock shared by the fake server's records
+(``opened_at``, ``setup_at``, ``closed_at``, audio arrival times), a timestamping handler on
+logger ``voicefsm.host`` and the client channel:
+
+* **GoAway to live**: from just before the fake writes the ``goAway`` frame to the moment the
+  client channel receives ``session_state: live`` for the new connection (the host applies the
+  ``resuming -> live`` state change after the buffered audio was handed to the new connection).
+* the phases in between (see the breakdown table), and GoAway to the first client chunk
+  arriving at the new connection;
+* client chunks: every sequence number sent against what the fake received over all connections
+  (lost, duplicated, out of order), and the session's buffering counters.
+
+* how ADK's ``run_live`` start-up grows with the ADK session's history (the runner's
+  ``InMemorySessionService`` is wrapped to time ``get_session``, which deep-copies the session).
+
+Baseline, in the same run: a bare ``client.aio.live.connect()`` of the same ``genai.Client`` to a
+second fake server (TCP + TLS + WebSocket handshake + setup until ``setupComplete``), and the
+close of such a connection (``__aexit__``), each ``--rotations`` times. The ratio column says
+how much of a rotation is the connection itself.
+
+Everything (client, host, ADK, genai, the fake server) shares one event loop and process, as in
+the tests; on a 2-CPU shared machine the run-to-run spread of the medians is a few ms. The exit
+status is 1 if any client chunk was lost, duplicated or reordered; timing targets are reported,
+never enforced. The library is not modified: the instrumentation uses its public hooks (a
+``VoiceFsmGemini`` subclass, a wrapping ``Upstream``, a ``MemoryChannel`` subclass, a log handler
+on ``voicefsm.host`` that relies on the host's log format strings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import functools
+import importlib.metadata
+import itertools
+import logging
+import os
+import platform
+import shlex
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from google.adk.agents import LlmAgent
+from google.adk.models.base_llm_connection import BaseLlmConnection
+from google.adk.models.llm_request import LlmRequest
+from google.adk.runners import Runner
+from google.adk.sessions import InMemorySessionService
+from google.adk.sessions import Session as AdkSession
+from google.adk.sessions.base_session_service import GetSessionConfig
+from google.genai import Client, types
+
+from voicefsm import Session, SessionConfig, SessionRecord
+from voicefsm import events as ev
+from voicefsm.adk import AdkConnection, AdkUpstream, VoiceFsmGemini
+from voicefsm.host import MemoryChannel, MemorySink, Report, SessionHost
+from voicefsm.protocol import ServerMessage
+from voicefsm.testing import FakeLiveConnection, FakeLiveServer
+
+MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
+CHUNK_SECONDS = 0.020
+CHUNK_BYTES = 640  # 20 ms of 16 kHz 16-bit mono PCM
+MODEL_TURN_PCM = b"\x10\x00" * 960  # 40 ms of 24 kHz PCM
+TARGET_MEDIAN_MS = 100.0
+GOAWAY_TIME_LEFT = "10s"
+MIN_CHUNKS_PER_CONNECTION = 3
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+
+@dataclass(frozen=True, slots=True)
+class HostLogEntry:
+    """One ``voicefsm.host`` INFO record, stamped with ``time.monotonic()`` when logged."""
+
+    at: float
+    kind: str  # "state", "open", "close", "other"
+    args: tuple[object, ...]
+
+
+class HostLogRecorder(logging.Handler):
+    """Keeps the host's state changes and upstream opens/closes with monotonic timestamps.
+
+    The host logs synchronously while it carries out an effect, so the stamp is the moment the
+    host acted. The format strings are the host's own (``voicefsm/host.py``).
+    """
+
+    _KINDS: ClassVar[dict[str, str]] = {
+        "%s -> %s: %s": "state",
+        "opening upstream #%d (%s, attempt %d)": "open",
+        "closed upstream #%d: %s": "close",
+    }
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.entries: list[HostLogEntry] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        args = record.args if isinstance(record.args, tuple) else ()
+        kind = self._KINDS.get(str(record.msg), "other")
+        self.entries.append(HostLogEntry(now, kind, args))
+
+    def first(self, kind: str, after: float, match: tuple[object, ...] | None = None) -> float:
+        """The time of the first entry of ``kind`` at or after ``after`` (matching a prefix)."""
+        for entry in self.entries:
+            if entry.kind != kind or entry.at < after:
+                continue
+            if match is None or tuple(str(a) for a in entry.args[: len(match)]) == tuple(
+                str(m) for m in match
+            ):
+                return entry.at
+        return float("nan")
+
+
+class TimedChannel(MemoryChannel):
+    """A :class:`MemoryChannel` that also stamps each JSON message with ``time.monotonic()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamped: list[tuple[float, ServerMessage]] = []
+        self.live_count = 0
+
+    async def send_message(self, message: ServerMessage) -> None:
+        self.stamped.append((time.monotonic(), message))
+        if message.type == "session_state" and message.state in ("live", "warning"):
+            self.live_count += 1
+        await super().send_message(message)
+
+    def live_times(self) -> list[float]:
+        """When each ``session_state`` live message arrived, in order."""
+        return [
+            at
+            for at, message in self.stamped
+            if message.type == "session_state" and message.state in ("live", "warning")
+        ]
+
+
+class Stamps:
+    """Monotonic timestamps, keyed by connection number (the engine's connection ids and the
+    fake's connection numbers coincide: every attempt reaches the fake)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (one rotation run per reset)."""
+        self.model_connect: list[float] = []  # ADK asked the model to connect, in order
+        self.goaway_reported: dict[int, float] = {}  # the GoAway reached the session's inbox
+        self.ready_reported: dict[int, float] = {}  # UpstreamReady reached the session's inbox
+        self.setup_complete_sent: dict[int, float] = {}  # the fake sent setupComplete
+
+
+STAMPS = Stamps()
+
+
+class TimedGemini(VoiceFsmGemini):
+    """:class:`VoiceFsmGemini` that stamps the moment ADK's flow asks it to connect."""
+
+    @contextlib.asynccontextmanager
+    async def connect(self, llm_request: LlmRequest) -> AsyncIterator[BaseLlmConnection]:
+        STAMPS.model_connect.append(time.monotonic())
+        async with super().connect(llm_request) as connection:
+            yield connection
+
+
+class TimedSessionService(InMemorySessionService):
+    """ADK's in-memory session service, timing each ``get_session`` (one per ``run_live``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: list[tuple[int, float]] = []  # (events in the session, milliseconds)
+
+    async def get_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        session_id: str,
+        config: GetSessionConfig | None = None,
+    ) -> AdkSession | None:
+        start = time.perf_counter()
+        session = await super().get_session(
+            app_name=app_name, user_id=user_id, session_id=session_id, config=config
+        )
+        elapsed = (time.perf_counter() - start) * 1000.0
+        self.gets.append((len(session.events) if session is not None else 0, elapsed))
+        return session
+
+
+class TimedUpstream:
+    """An :class:`AdkUpstream` whose reports are stamped on their way to the session."""
+
+    def __init__(self, inner: AdkUpstream) -> None:
+        self.inner = inner
+
+    def open(
+        self,
+        *,
+        connection_id: int,
+        handle: str | None,
+        session_id: str,
+        config: SessionConfig,
+        report: Report,
+    ) -> AdkConnection:
+        def stamped(event: ev.Event) -> None:
+            if isinstance(event, ev.GoAway):
+                STAMPS.goaway_reported.setdefault(connection_id, time.monotonic())
+            elif isinstance(event, ev.UpstreamReady):
+                STAMPS.ready_reported.setdefault(connection_id, time.monotonic())
+            report(event)
+
+        return self.inner.open(
+            connection_id=connection_id,
+            handle=handle,
+            session_id=session_id,
+            config=config,
+            report=stamped,
+        )
+
+
+def chunk(seq: int) -> bytes:
+    """A client chunk carrying its sequence number."""
+    return struct.pack(">I", seq) + bytes(CHUNK_BYTES - 4)
+
+
+# --------------------------------------------------------------------------- the rotation run
+
+NAN = float("nan")
+
+
+@dataclass
+class Rotation:
+    """The timestamps of one rotation (monotonic seconds; NaN when not observed)."""
+
+    number: int  # the new connection's number (2 for the first rotation)
+    goaway_at: float  # just before the fake wrote the goAway frame
+    goaway_reported: float = NAN  # the GoAway reached the session's inbox (below ADK)
+    old_closed_at: float = NAN  # the fake saw the old connection end
+    host_closed_at: float = NAN  # the host finished closing the old connection
+    host_open_at: float = NAN  # the host asked the upstream for the new connection
+    model_connect_at: float = NAN  # ADK's run_live asked the model to connect
+    new_opened_at: float = NAN  # the fake received the HTTP upgrade request
+    new_setup_at: float = NAN  # the fake received the setup frame
+    setup_complete_at: float = NAN  # the fake sent setupComplete
+    ready_reported: float = NAN  # UpstreamReady reached the session's inbox
+    host_live_at: float = NAN  # the host applied resuming -> live
+    client_live_at: float = NAN  # the client channel got session_state: live
+    first_chunk_at: float = NAN  # the first client chunk reached the new connection
+
+    def ms(self, start: str, end: str) -> float:
+        """Milliseconds between two of the fields above."""
+        return float((getattr(self, end) - getattr(self, start)) * 1000.0)
+
+    @property
+    def total_ms(self) -> float:
+        return self.ms("goaway_at", "client_live_at")
+
+
+@dataclass
+class ChunkReport:
+    """What became of the client's chunks across all connections."""
+
+    sent: int
+    received: int
+    lost: int
+    duplicated: int
+    out_of_order: int
+    buffered: int
+    flushed: int
+    overflowed: int
+    stream_max_late_ms: float  # worst lateness of the 20 ms schedule while measuring
+    stream_p99_late_ms: float
+    startup_max_late_ms: float  # worst lateness before the measured rotations (warm-up)
+
+
+@dataclass
+class RotationRun:
+    rotations: list[Rotation]
+    chunks: ChunkReport
+    record: SessionRecord
+    connections: int
+    wall_s: float
+    adk_gets: list[tuple[int, float]]  # per run_live: (ADK session events, get_session ms)
+
+
+@dataclass
+class BaselineRun:
+    connect_ms: list[float] = field(default_factory=list)
+    close_ms: list[float] = field(default_factory=list)
+
+
+async def rotating_script(conn: FakeLiveConnection) -> None:
+    """Answer the setup, play one short model turn, issue a handle, then just record."""
+    await conn.send_setup_complete()
+    STAMPS.setup_complete_sent[conn.number] = time.monotonic()
+    await conn.send_model_audio(MODEL_TURN_PCM)
+    await conn.send_output_transcription("Next question, please.", finished=True)
+    await conn.send_turn_complete()
+    await conn.send_resumption_update(f"h-{conn.number}")
+    await conn.wait_closed(timeout=None)
+
+
+async def run_rotations(rotations: int, interval: float, warmup: int) -> RotationRun:
+    """One session, ``warmup + rotations`` GoAways, 20 ms client chunks throughout."""
+    STAMPS.reset()
+    recorder = HostLogRecorder()
+    host_logger = logging.getLogger("voicefsm.host")
+    previous_level = host_logger.level
+    host_logger.setLevel(logging.INFO)
+    host_logger.addHandler(recorder)
+    total = warmup + rotations
+    started = time.monotonic()
+    lateness: list[tuple[float, float]] = []  # (when, how late) per chunk
+    goaways: list[tuple[int, float]] = []
+    try:
+        async with FakeLiveServer(script=rotating_script) as server:
+            model = TimedGemini(model=MODEL, client=server.genai_client())
+            agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
+            sessions = TimedSessionService()
+            runner = Runner(
+                app_name="voicefsm", agent=agent, session_service=sessions, auto_create_session=True
+            )
+            upstream = TimedUpstream(AdkUpstream(agent, runner=runner))
+            channel = TimedChannel()
+            config = SessionConfig(time_limit_s=3600, warning_before_s=60)
+            session = Session(config, seed=1)
+            host = SessionHost(session, upstream, client=channel, sink=MemorySink())
+            task = asyncio.create_task(host.run())
+
+            sent = 0
+            stop = asyncio.Event()
+
+            async def stream() -> None:
+                nonlocal sent
+                loop = asyncio.get_running_loop()
+                due = loop.time()
+                while not stop.is_set():
+                    now = loop.time()
+                    lateness.append((time.monotonic(), now - due))
+                    channel.push(ev.ClientAudio(chunk(sent)))
+                    sent += 1
+                    due += CHUNK_SECONDS
+                    await asyncio.sleep(max(0.0, due - loop.time()))
+
+            def is_live(number: int, _channel: MemoryChannel) -> bool:
+                return channel.live_count >= number
+
+            streamer = asyncio.create_task(stream())
+            try:
+                for number in range(1, total + 2):
+                    conn = await server.wait_for_connection(number, timeout=10)
+                    async with asyncio.timeout(10):
+                        await channel.wait_for(functools.partial(is_live, number))
+                    await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
+                    if number > total:
+                        break
+                    # The model turn and the handle were sent; the session has them before
+                    # the GoAway (one connection, wire order).
+                    await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
+                    await asyncio.sleep(interval)
+                    goaway_at = time.monotonic()
+                    await conn.send_go_away(GOAWAY_TIME_LEFT)
+                    goaways.append((number + 1, goaway_at))
+            finally:
+                stop.set()
+                await streamer
+            last = server.connections[-1]
+            earlier = sum(c.audio_chunk_count for c in server.connections[:-1])
+            with contextlib.suppress(TimeoutError):
+                await last.wait_for_audio_chunks(sent - earlier, timeout=5)
+            channel.push(ev.ClientEnd())
+            record = await asyncio.wait_for(task, 15)
+            connections = list(server.connections)
+    finally:
+        host_logger.removeHandler(recorder)
+        host_logger.setLevel(previous_level)
+    wall = time.monotonic() - started
+    if record.stats.connect_attempts != len(connections):
+        raise RuntimeError(
+            f"{record.stats.connect_attempts} connection attempts but {len(connections)} "
+            "connections reached the fake: the numbering assumption does not hold"
+        )
+
+    live_times = channel.live_times()
+    results: list[Rotation] = []
+    for number, goaway_at in goaways:
+        new = connections[number - 1]
+        old = connections[number - 2]
+        results.append(
+            Rotation(
+                number=number,
+                goaway_at=goaway_at,
+                goaway_reported=STAMPS.goaway_reported.get(number - 1, NAN),
+                old_closed_at=old.closed_at if old.closed_at is not None else NAN,
+                host_closed_at=recorder.first("close", goaway_at, (number - 1,)),
+                host_open_at=recorder.first("open", goaway_at, (number,)),
+                model_connect_at=(
+                    STAMPS.model_connect[number - 1] if len(STAMPS.model_connect) >= number else NAN
+                ),
+                new_opened_at=new.opened_at,
+                new_setup_at=new.setup_at if new.setup_at is not None else NAN,
+                setup_complete_at=STAMPS.setup_complete_sent.get(number, NAN),
+                ready_reported=STAMPS.ready_reported.get(number, NAN),
+                host_live_at=recorder.first("state", goaway_at, ("resuming", "live")),
+                client_live_at=live_times[number - 1] if len(live_times) >= number else NAN,
+                first_chunk_at=next((e.at for e in new.timeline if e.kind == "audio"), NAN),
+            )
+        )
+
+    measured_from = goaways[warmup][1] - interval if len(goaways) > warmup else started
+    late_measured = [late * 1000.0 for at, late in lateness if at >= measured_from]
+    late_startup = [late * 1000.0 for at, late in lateness if at < measured_from]
+    chunks = account_chunks(
+        connections,
+        sent,
+        record,
+        late_measured=late_measured,
+        late_startup=late_startup,
+    )
+    return RotationRun(
+        results[warmup:],
+        chunks,
+        record,
+        len(connections),
+        wall,
+        sessions.gets[-len(goaways) :][warmup:],
+    )
+
+
+def account_chunks(
+    connections: Sequence[FakeLiveConnection],
+    sent: int,
+    record: SessionRecord,
+    *,
+    late_measured: Sequence[float],
+    late_startup: Sequence[float],
+) -> ChunkReport:
+    """Compare what the client sent with what the fake received, over all connections.
+
+    Arrivals are merged across connections by the fake's receive time, so a chunk that reached
+    a new connection before an older one's last chunk counts as out of order.
+    """
+    arrivals = sorted(
+        (event.at, index, struct.unpack_from(">I", event.payload)[0])
+        for index, connection in enumerate(connections)
+        for event in connection.timeline
+        if event.kind == "audio" and isinstance(event.payload, bytes)
+    )
+    received = [seq for _, _, seq in arrivals]
+    seen: set[int] = set()
+    duplicated = 0
+    for seq in received:
+        if seq in seen:
+            duplicated += 1
+        seen.add(seq)
+    out_of_order = sum(1 for a, b in itertools.pairwise(received) if b < a)
+    lost = sum(1 for seq in range(sent) if seq not in seen)
+    stats = record.stats
+    return ChunkReport(
+        sent=sent,
+        received=len(received),
+        lost=lost,
+        duplicated=duplicated,
+        out_of_order=out_of_order,
+        buffered=stats.chunks_buffered,
+        flushed=stats.chunks_flushed,
+        overflowed=stats.chunks_overflowed,
+        stream_max_late_ms=max(late_measured, default=NAN),
+        stream_p99_late_ms=pct(late_measured, 0.99),
+        startup_max_late_ms=max(late_startup, default=NAN),
+    )
+
+
+# --------------------------------------------------------------------------- the baseline
+
+
+async def run_baseline(count: int, warmup: int) -> BaselineRun:
+    """``count`` bare ``client.aio.live.connect()`` calls to a fake that answers the setup."""
+    result = BaselineRun()
+    config = types.LiveConnectConfig(
+        response_modalities=[types.Modality.AUDIO],
+        session_resumption=types.SessionResumptionConfig(),
+        input_audio_transcription=types.AudioTranscriptionConfig(),
+        output_audio_transcription=types.AudioTranscriptionConfig(),
+    )
+    async with FakeLiveServer() as server:
+        client: Client = server.genai_client()
+        for i in range(warmup + count):
+            start = time.perf_counter()
+            manager = client.aio.live.connect(model=MODEL, config=config)
+            async with asyncio.timeout(10):
+                await manager.__aenter__()
+            ready = time.perf_counter()
+            await manager.__aexit__(None, None, None)
+            closed = time.perf_counter()
+            if i >= warmup:
+                result.connect_ms.append((ready - start) * 1000.0)
+                result.close_ms.append((closed - ready) * 1000.0)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by linear interpolation; NaN for no values."""
+    data = sorted(v for v in values if v == v)
+    if not data:
+        return float("nan")
+    pos = (len(data) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+def summary(values: Sequence[float]) -> tuple[float, float, float]:
+    """Median, p90 and max."""
+    clean = [v for v in values if v == v]
+    if not clean:
+        return (float("nan"),) * 3
+    return statistics.median(clean), pct(clean, 0.9), max(clean)
+
+
+def fmt(value: float) -> str:
+    if value != value:
+        return "n/a"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+PHASES: tuple[tuple[str, str, str], ...] = (
+    ("fake sends goAway → reported to the session (below ADK)", "goaway_at", "goaway_reported"),
+    (
+        "→ host has closed the old connection (run_live cancelled, WS close)",
+        "goaway_reported",
+        "host_closed_at",
+    ),
+    ("→ host opens the new connection", "host_closed_at", "host_open_at"),
+    ("→ ADK's run_live asks the model to connect", "host_open_at", "model_connect_at"),
+    ("→ upgrade request at the fake (TCP + TLS)", "model_connect_at", "new_opened_at"),
+    ("→ setup frame at the fake (WS upgrade, setup)", "new_opened_at", "new_setup_at"),
+    ("→ fake sends setupComplete", "new_setup_at", "setup_complete_at"),
+    ("→ UpstreamReady reported to the session", "setup_complete_at", "ready_reported"),
+    ("→ host applies resuming → live (buffer flushed)", "ready_reported", "host_live_at"),
+    ("→ client gets session_state live", "host_live_at", "client_live_at"),
+)
+
+
+def build_report(
+    run: RotationRun, baseline: BaselineRun, args: argparse.Namespace, command: str
+) -> tuple[str, str]:
+    """The terminal report and the Markdown section."""
+    rotations = run.rotations
+    total = summary([r.total_ms for r in rotations])
+    to_chunk = summary([r.ms("goaway_at", "first_chunk_at") for r in rotations])
+    connect = summary(baseline.connect_ms)
+    close = summary(baseline.close_ms)
+    connect_close = summary(
+        [a + b for a, b in zip(baseline.connect_ms, baseline.close_ms, strict=True)]
+    )
+    # The new connection's share: from the host asking for it to the session being live.
+    reconnect = summary([r.ms("host_open_at", "host_live_at") for r in rotations])
+    old_close = summary([r.ms("goaway_reported", "host_closed_at") for r in rotations])
+    met = total[0] < TARGET_MEDIAN_MS
+    chunks = run.chunks
+
+    rows: list[tuple[str, tuple[float, float, float], str]] = [
+        ("**GoAway → session live again** (client told)", total, f"1.00{TIMES}"),
+        ("GoAway → first client chunk at the new connection", to_chunk, ratio(to_chunk, total)),
+        ("closing the old connection (reported → closed)", old_close, ratio(old_close, total)),
+        ("opening the new one (host opens → live)", reconnect, ratio(reconnect, total)),
+        ("baseline: bare `live.connect()` until setupComplete", connect, ratio(connect, total)),
+        ("baseline: bare connection close (`__aexit__`)", close, ratio(close, total)),
+        ("baseline: connect + close", connect_close, ratio(connect_close, total)),
+    ]
+    phase_rows = [(label, summary([r.ms(a, b) for r in rotations])) for label, a, b in PHASES]
+    median_total = total[0]
+    growth = adk_growth(run)
+
+    lines: list[str] = []
+    lines.append(
+        f"Rotation on loopback: {len(rotations)} rotations measured "
+        f"({args.warmup} warm-up excluded), {run.connections} connections, "
+        f"{args.interval:g} s live between GoAways, run took {run.wall_s:.1f} s"
+    )
+    lines.append("")
+    width = max(len(label) for label, _, _ in rows) + 2
+    lines.append(
+        f"{'metric (ms)'.ljust(width)}{'median':>9}{'p90':>9}{'max':>9}   share of rotation"
+    )
+    for label, (med, p90, mx), share in rows:
+        lines.append(
+            f"{label.replace('**', '').replace('`', '').ljust(width)}"
+            f"{fmt(med):>9}{fmt(p90):>9}{fmt(mx):>9}   {share}"
+        )
+    lines.append("")
+    lines.append(
+        f"target: median GoAway → live < {TARGET_MEDIAN_MS:g} ms: "
+        f"{'met' if met else 'NOT MET'} ({fmt(median_total)} ms)"
+    )
+    lines.append("")
+    pwidth = max(len(label) for label, _ in phase_rows) + 2
+    lines.append(f"{'where a rotation goes (ms)'.ljust(pwidth)}{'median':>9}{'p90':>9}{'max':>9}")
+    for label, (med, p90, mx) in phase_rows:
+        lines.append(f"{label.ljust(pwidth)}{fmt(med):>9}{fmt(p90):>9}{fmt(mx):>9}")
+    lines.append("")
+    lines.append(growth)
+    lines.append("")
+    lines.append(
+        f"client chunks: sent {chunks.sent}, received {chunks.received}, lost {chunks.lost}, "
+        f"duplicated {chunks.duplicated}, out of order {chunks.out_of_order} (target: 0 lost)"
+    )
+    lines.append(
+        f"buffered while resuming {chunks.buffered}, flushed {chunks.flushed}, "
+        f"overflowed {chunks.overflowed}"
+    )
+    lines.append(
+        f"client streamer lateness vs its 20 ms schedule while measuring: p99 "
+        f"{fmt(chunks.stream_p99_late_ms)} ms, max {fmt(chunks.stream_max_late_ms)} ms "
+        f"(before: max {fmt(chunks.startup_max_late_ms)} ms, first connection and warm-up)"
+    )
+    stats = run.record.stats
+    lines.append(
+        f"session: end {run.record.end_reason}, goaways {stats.goaways}, "
+        f"resumes {stats.resumes}, connect attempts {stats.connect_attempts}"
+    )
+    text = "\n".join(lines)
+
+    md: list[str] = []
+    md.append("## Upstream rotation on loopback (`bench_rotation.py`)")
+    md.append("")
+    md.append(
+        "Generated by `benchmarks/bench_rotation.py`; re-run the command rather than editing."
+    )
+    md.append("")
+    md.append(f"* **Reproduce:** `{command}` (from the repository root)")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    md.append(f"* **Date:** {now}; the whole run took {args.elapsed:.0f} s")
+    md.append(f"* **Machine:** {machine()}")
+    md.append(f"* **Python:** {platform.python_implementation()} {platform.python_version()}")
+    md.append(f"* **Libraries:** {libraries()}")
+    md.append(
+        f"* **Method:** one `SessionHost` on the real ADK `Runner` (`AdkUpstream`) and "
+        f"`google.genai` client against `voicefsm.testing.FakeLiveServer` (TLS on 127.0.0.1, "
+        f"same process and event loop); {len(rotations)} GoAways measured after "
+        f"{args.warmup} warm-up ones, each sent between turns ({args.interval:g} s after the "
+        f"connection went live, with audio flowing), so the session rotates at once; the client "
+        f"streams numbered 20 ms chunks in real time throughout. All times on one "
+        f"`time.monotonic()` clock: the fake's connection records, a handler on logger "
+        f"`voicefsm.host`, the client channel. Baseline: {len(baseline.connect_ms)} bare "
+        f"`client.aio.live.connect()` calls of the same `genai.Client` to a second fake."
+    )
+    md.append("")
+    md.append("| metric | median | p90 | max | ÷ rotation (medians) |")
+    md.append("| --- | ---: | ---: | ---: | ---: |")
+    for label, (med, p90, mx), share in rows:
+        md.append(f"| {label} | {fmt(med)} ms | {fmt(p90)} ms | {fmt(mx)} ms | {share} |")
+    md.append("")
+    md.append(
+        f"**Target** median GoAway → live < {TARGET_MEDIAN_MS:g} ms: "
+        f"**{'met' if met else 'NOT met'}** ({fmt(median_total)} ms)."
+    )
+    md.append("")
+    md.append(
+        "Where a rotation's time goes (consecutive phases from the GoAway to the client being "
+        "told; the medians of the phases add up to roughly the first row):"
+    )
+    md.append("")
+    md.append("| phase | median | p90 | max |")
+    md.append("| --- | ---: | ---: | ---: |")
+    for label, (med, p90, mx) in phase_rows:
+        md.append(f"| {label.strip()} | {fmt(med)} ms | {fmt(p90)} ms | {fmt(mx)} ms |")
+    md.append("")
+    md.append(growth)
+    md.append("")
+    md.append("Client audio across all rotations:")
+    md.append("")
+    md.append("| sent | received | lost | duplicated | out of order | buffered | flushed |")
+    md.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    md.append(
+        f"| {chunks.sent} | {chunks.received} | **{chunks.lost}** | {chunks.duplicated} | "
+        f"{chunks.out_of_order} | {chunks.buffered} | {chunks.flushed} |"
+    )
+    md.append("")
+    md.append(
+        f"Target 0 lost: **{'met' if chunks.lost == 0 else 'NOT met'}**. Overflowed: "
+        f"{chunks.overflowed}. The client streamer's lateness against its 20 ms schedule "
+        f"while measuring: p99 {fmt(chunks.stream_p99_late_ms)} ms, max "
+        f"{fmt(chunks.stream_max_late_ms)} ms (before, during the first connection and the "
+        f"warm-up: max {fmt(chunks.startup_max_late_ms)} ms)."
+    )
+    return text, "\n".join(md) + "\n"
+
+
+def adk_growth(run: RotationRun) -> str:
+    """How ADK's run_live start-up grows with the ADK session's history over the run."""
+    rotations = run.rotations
+    gets = run.adk_gets
+    n = max(1, min(10, len(rotations) // 4))
+    prep = [r.ms("host_open_at", "model_connect_at") for r in rotations]
+    first, last = statistics.median(prep[:n]), statistics.median(prep[-n:])
+    text = (
+        f"ADK's run_live start-up (host opens → model connect) grows over the run: median of "
+        f"the first {n} rotations {fmt(first)} ms, of the last {n} {fmt(last)} ms."
+    )
+    if len(gets) >= 2 * n:
+        get_first = statistics.median(ms for _, ms in gets[:n])
+        get_last = statistics.median(ms for _, ms in gets[-n:])
+        text += (
+            f" Of that, `InMemorySessionService.get_session` (a deep copy of the ADK session, "
+            f"done once per `run_live`, on the event loop): {fmt(get_first)} ms with "
+            f"{gets[0][0]} events → {fmt(get_last)} ms with {gets[-1][0]} events."
+        )
+    return text
+
+
+def ratio(part: tuple[float, float, float], whole: tuple[float, float, float]) -> str:
+    if whole[0] != whole[0] or part[0] != part[0] or whole[0] == 0:
+        return "n/a"
+    return f"{part[0] / whole[0]:.2f}{TIMES}"
+
+
+def machine() -> str:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 0
+    return f"{platform.platform()}, {platform.machine()}, CPUs: {os.cpu_count()} (usable: {usable})"
+
+
+def libraries() -> str:
+    names = ["google-adk", "google-genai", "websockets", "voicefsm"]
+    parts = []
+    for name in names:
+        try:
+            parts.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        parts[-1] += f" (git {rev})"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Time from a GoAway to the new upstream connection being ready, and client chunks "
+            "lost across rotations, with the real ADK upstream on the loopback fake server."
+        )
+    )
+    parser.add_argument(
+        "--rotations", type=int, default=50, help="rotations to measure (default 50)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="rotations run first and not measured (default 2)"
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.25,
+        help="seconds live, with audio flowing, before each GoAway (default 0.25)",
+    )
+    parser.add_argument(
+        "--markdown",
+        metavar="PATH",
+        type=Path,
+        help="append the results to PATH as a Markdown section (replacing the section an "
+        "earlier run of this script wrote there)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="log voicefsm and the fake server at INFO"
+    )
+    args = parser.parse_args(argv)
+    if args.rotations < 1 or args.warmup < 0 or args.interval < 0:
+        parser.error("--rotations must be >= 1, --warmup and --interval >= 0")
+    return args
+
+
+async def amain(args: argparse.Namespace) -> tuple[RotationRun, BaselineRun]:
+    baseline = await run_baseline(args.rotations, warmup=3)
+    run = await run_rotations(args.rotations, args.interval, args.warmup)
+    return run, baseline
+
+
+def write_section(path: Path, section: str) -> bool:
+    """Append ``section`` to ``path``, or replace the section a previous run wrote there.
+
+    The section runs from its heading to the next heading of the same or a higher level.
+    Returns whether an earlier section was replaced.
+    """
+    heading = section.splitlines()[0]
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    lines = existing.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == heading), None)
+    if start is not None:
+        end = next(
+            (
+                i
+                for i in range(start + 1, len(lines))
+                if lines[i].startswith("# ") or lines[i].startswith("## ")
+            ),
+            len(lines),
+        )
+        tail = "".join(lines[end:])
+        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+        path.write_text(text, encoding="utf-8")
+        return True
+    if existing and not existing.endswith("\n\n"):
+        existing += "\n" if existing.endswith("\n") else "\n\n"
+    path.write_text(existing + section, encoding="utf-8")
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(
+            level=logging.INFO, format="%(relativeCreated)8.0f %(name)s %(message)s"
+        )
+    started = time.monotonic()
+    run, baseline = asyncio.run(amain(args))
+    args.elapsed = time.monotonic() - started
+    shown = ["python", "benchmarks/bench_rotation.py"]
+    if args.rotations != 50:
+        shown += ["--rotations", str(args.rotations)]
+    if args.warmup != 2:
+        shown += ["--warmup", str(args.warmup)]
+    if args.interval != 0.25:
+        shown += ["--interval", f"{args.interval:g}"]
+    if args.markdown is not None:
+        shown += ["--markdown", str(args.markdown)]
+    command = shlex.join(shown)
+    text, markdown = build_report(run, baseline, args, command)
+    print(text)
+    if args.markdown is not None:
+        replaced = write_section(args.markdown, markdown)
+        print(
+            f"\n{'replaced the section in' if replaced else 'appended the results to'} "
+            f"{args.markdown}"
+        )
+    chunks = run.chunks
+    return 0 if chunks.lost == chunks.duplicated == chunks.out_of_order == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
