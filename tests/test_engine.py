@@ -442,12 +442,12 @@ def test_buffered_audio_survives_a_restore() -> None:
     host = live_host()
     host.handle_update("h-1")
     host.close(1011)
-    host.send(ev.ClientAudio(b"\x07" * 640))
+    host.send(ev.ClientAudio(b"\xff\x07" * 320))  # not valid UTF-8, as PCM often is not
     record = SessionRecord.model_validate_json(host.session.snapshot().model_dump_json())
     restored = Session.restore(record, host.now + 1)
     opened = of(restored.start(host.now + 1), fx.OpenUpstream)[0]
     effects = restored.handle(ev.UpstreamReady(connection_id=opened.connection_id), host.now + 2)
-    assert of(effects, fx.SendAudioUpstream) == [fx.SendAudioUpstream(b"\x07" * 640)]
+    assert of(effects, fx.SendAudioUpstream) == [fx.SendAudioUpstream(b"\xff\x07" * 320)]
 
 
 # ----------------------------------------------------------------------------- 7. transcripts

@@ -181,6 +181,9 @@ class SessionStats(BaseModel):
 class PendingItem(BaseModel):
     """Client input held while the upstream is not ready: audio bytes or a text turn."""
 
+    # Audio is arbitrary bytes: JSON carries it as base64 (pydantic's default is UTF-8).
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
     audio: bytes | None = None
     text: str | None = None
 
