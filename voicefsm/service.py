@@ -7,8 +7,8 @@ frames, counting protocol errors, metrics — lives here, once.
 
 Close codes a client can see: 4401 (not authenticated), 4403 (origin not allowed, or the session
 belongs to someone else), 4404 (no such session), 4408 (heartbeat timeout), 4409 (replaced by a
-newer connection to the same session), 4410 (this worker gave the session up: reconnect), 1000
-(the session ended).
+newer connection to the same session), 4410 (this worker gave the session up: reconnect), 1013
+(another worker still holds the session: retry soon), 1000 (the session ended).
 
 Sessions live in a :class:`~voicefsm.stores.SessionStore`. The worker that drives a session holds
 its lease and writes through the fenced view, so a client that reconnects to *another* worker (or
@@ -381,7 +381,7 @@ class InterviewService:
             await channel.send_message(
                 ErrorMessage(code="session_busy", message="another worker still drives it")
             )
-            await channel.close(4409, "the session is driven elsewhere; retry")
+            await channel.close(1013, "the session is driven elsewhere; retry")
             return None
         stored = await self.store.load(session_id)  # the newest record, now that it is ours
         if stored is None or stored.record.state is State.ENDED:

@@ -20,12 +20,23 @@ const RECONNECT_BASE_MS = 500;
 const RECONNECT_CAP_MS = 8000;
 const LAST_MESSAGES = 30;
 
-// Close codes (voicefsm/service.py). Codes not listed here are unexpected drops: reconnect.
+// Close codes (voicefsm/service.py, docs/protocol.md). Codes not listed here are unexpected
+// drops (1006, 1011, 1012, 4408, 4410 "reconnect", ...): the page reconnects.
 const FINAL_CLOSES = {
   4401: "The server did not accept the access token.",
   4403: "The server refused this connection (origin not allowed, or the interview belongs to another user).",
   4404: "That interview is no longer running on the server.",
   4409: "This interview was opened in another tab or window.",
+};
+// A 4409 that follows this error means "another worker still holds the session: retry".
+const BUSY_ERROR = "session_busy";
+
+const RECONNECT_REASONS = {
+  1001: "The server is going away",
+  1012: "The server is restarting",
+  4408: "The connection went quiet",
+  4409: "The interview is still held by another server",
+  4410: "The server handed the interview on",
 };
 
 const STATE_LABELS = {
@@ -452,9 +463,17 @@ function connect(sessionId) {
   };
   socket.onmessage = (event) => {
     if (page.socket !== socket) return;
-    if (!page.attachedOnce) attached(socket);
-    if (typeof event.data === "string") onMessage(event.data);
-    else onAudio(event.data);
+    if (typeof event.data !== "string") {
+      if (!page.attachedOnce) attached(socket);
+      onAudio(event.data);
+      return;
+    }
+    const message = parse(event.data);
+    if (!message) return;
+    if (message.type === "error" && message.code === BUSY_ERROR) socket.voicefsmBusy = true;
+    // An error before anything else (unknown_session, session_busy) is not an attached session.
+    if (!page.attachedOnce && message.type !== "error") attached(socket);
+    onMessage(message);
   };
   socket.onclose = (event) => onClose(socket, event);
   socket.onerror = () => {
@@ -466,6 +485,7 @@ function attached(socket) {
   page.attachedOnce = true;
   setPhase("connected");
   if (page.reconnectSince !== null) {
+    store(debug.sessionId, page.token); // the token that works now (it may be a fresh one)
     debug.counters.reconnects++;
     page.reconnectSince = null;
     page.reconnectAttempt = 0;
@@ -489,14 +509,18 @@ function onAudio(data) {
   if (page.audio) page.audio.player.enqueue(data);
 }
 
-function onMessage(text) {
-  let message;
+function parse(text) {
   try {
-    message = JSON.parse(text);
+    const message = JSON.parse(text);
+    if (message && typeof message === "object") return message;
   } catch {
-    showError("bad_server_message", "the server sent something that is not JSON");
-    return;
+    /* reported below */
   }
+  showError("bad_server_message", "the server sent something that is not a JSON object");
+  return null;
+}
+
+function onMessage(message) {
   debug.counters.messagesReceived++;
   remember("in", message);
   switch (message.type) {
@@ -584,9 +608,15 @@ function onClose(socket, event) {
     setPhase("closed");
     return;
   }
-  const final = FINAL_CLOSES[event.code];
+  const final = event.code === 4409 && socket.voicefsmBusy ? null : FINAL_CLOSES[event.code];
   if (final) {
     if (event.code === 4404) forget();
+    if (event.code === 4401) {
+      // A demo token cannot be renewed for the same user: the stored session is lost to us.
+      // With real tokens, a fresh token for the same user can still rejoin it.
+      if (page.config.demo_tokens) forget();
+      else ui.tokenRow.hidden = false;
+    }
     giveUp(String(event.code), event.reason ? `${final} (${event.reason})` : final);
     return;
   }
@@ -609,8 +639,9 @@ function scheduleReconnect(event) {
   const delay = Math.min(base * (0.75 + Math.random() * 0.5), RECONNECT_WINDOW_MS - elapsed);
   page.reconnectAttempt++;
   setPhase("reconnecting");
-  const why = event && event.code ? ` (closed with ${event.code})` : "";
-  ui.reconnectingText.textContent = `Connection lost${why} — reconnecting, attempt ${page.reconnectAttempt}…`;
+  const code = event ? event.code : 0;
+  const why = RECONNECT_REASONS[code] || `Connection lost${code ? ` (${code})` : ""}`;
+  ui.reconnectingText.textContent = `${why} — reconnecting, attempt ${page.reconnectAttempt}…`;
   clearTimeout(page.reconnectTimer);
   page.reconnectTimer = setTimeout(() => {
     page.reconnectTimer = null;
@@ -649,7 +680,7 @@ async function start() {
   setPhase("starting");
   try {
     page.audio = await startAudio();
-    page.token = stored ? stored.token : await fetchToken();
+    page.token = stored ? ui.token.value.trim() || stored.token : await fetchToken();
   } catch (error) {
     stopAudio({ drain: false });
     const denied = error && (error.name === "NotAllowedError" || error.name === "SecurityError");
