@@ -97,6 +97,17 @@ async def test_1011_and_1006_drops_resume_with_the_last_good_handle() -> None:
     assert record.end_reason is EndReason.USER_ENDED
 
 
+async def test_the_adk_session_is_dropped_when_the_interview_ends() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        upstream = rig.upstream
+        service = upstream.runner.session_service
+        key = {"app_name": upstream.runner.app_name, "user_id": upstream.user_id}
+        assert await service.get_session(**key, session_id=rig.session.session_id) is not None
+        await rig.end()
+    assert await service.get_session(**key, session_id=rig.session.session_id) is None
+
+
 async def test_1007_ends_with_error_and_no_retry() -> None:
     async def first(conn: FakeLiveConnection) -> None:
         await conn.send_setup_complete()

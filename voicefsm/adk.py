@@ -276,11 +276,16 @@ class AdkUpstream:
         # blocks the event loop for about a second in the middle of the first interview. Pay it
         # here, when the upstream is built at start-up.
         import google.adk.workflow._workflow  # noqa: F401
+
         if not isinstance(current, VoiceFsmGemini) or model or client is not None:
             keep_client = client if client is not None else getattr(current, "client", None)
             agent = agent.model_copy(update={"model": live_model(name, keep_client)})
         self.agent = agent
         self.user_id = user_id
+        self.app_name = app_name
+        # An ADK session per interview lives in this in-memory service; when we own it we also
+        # delete it when the interview ends (see `forget`), or a long-running server leaks them.
+        self._owns_sessions = runner is None
         self.runner = runner or Runner(
             app_name=app_name,
             agent=agent,
@@ -297,6 +302,16 @@ class AdkUpstream:
                 or types.AudioTranscriptionConfig(),
             }
         )
+
+    async def forget(self, session_id: str) -> None:
+        """Drop the ADK session of an ended interview (only from the service this upstream made)."""
+        if not self._owns_sessions:
+            return
+        service = self.runner.session_service
+        with contextlib.suppress(Exception):
+            await service.delete_session(
+                app_name=self.runner.app_name, user_id=self.user_id, session_id=session_id
+            )
 
     def open(
         self,

@@ -86,7 +86,11 @@ class Upstream(Protocol):
         config: SessionConfig,
         report: Report,
     ) -> UpstreamConnection:
-        """Start opening connection ``connection_id``, resuming ``handle`` if given."""
+        """Start opening connection ``connection_id``, resuming ``handle`` if given.
+
+        An upstream may also define ``async def forget(session_id)``: the host calls it once the
+        session has ended, to drop per-session state (ADK's session, for instance).
+        """
         ...
 
 
@@ -287,6 +291,10 @@ class SessionHost:
                 await connection.close()
         self._connections.clear()
         self._current = None
+        forget = getattr(self.upstream, "forget", None)
+        if forget is not None and self.session.ended:
+            with contextlib.suppress(Exception):
+                await forget(self.session.session_id)
         if self._client_reader is not None:
             self._client_reader.cancel()
             with contextlib.suppress(BaseException):
