@@ -623,6 +623,7 @@ class Session:
         self._transcript_count += 1
         self.stats.transcript_lines += 1
         self._out.append(fx.RecordTranscript(line))
+        self._persist()  # keep the stored count in step with the stored lines
         if self.config.forward_transcripts and self._client_connected:
             self._tell_client(TranscriptMessage(role=role, text=text))
 

@@ -99,6 +99,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 origins=settings.origins or None,
             )
             state["service"] = service
+            app.state.service = service
             try:
                 yield
             finally:
@@ -207,6 +208,16 @@ def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> N
 
     if settings.worker_id is None:
         settings = replace(settings, worker_id=f"{socket.gethostname()}:{port}")
-    uvicorn.run(
-        create_app(settings), host=host, port=port, log_level="info", ws="websockets-sansio"
-    )
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", ws="websockets-sansio")
+
+    class DetachingServer(uvicorn.Server):
+        """Hands sessions back (clients get 4410) before uvicorn closes every websocket (1012)."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            service: InterviewService | None = getattr(app.state, "service", None)
+            if service is not None:
+                await service.shutdown()
+            await super().shutdown(sockets)
+
+    DetachingServer(config).run()

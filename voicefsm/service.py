@@ -389,7 +389,14 @@ class InterviewService:
             if stored is not None:
                 await self._tell_ended(stored.record, channel)
             return None
-        session = Session.restore(stored.record, time.time())
+        record = stored.record
+        # Lines are appended as they are said, the record is saved separately: a worker that
+        # died between the two leaves more lines than the record counts. Number on after the
+        # last stored line (it cannot grow now: the old worker's writes are fenced off).
+        lines = await self.store.read_transcript(session_id)
+        if lines and lines[-1].seq >= record.transcript_count:
+            record = record.model_copy(update={"transcript_count": lines[-1].seq + 1})
+        session = Session.restore(record, time.time())
         logger.info(
             "took over session %s (lease token %d, handle %s)",
             session_id,

@@ -27,11 +27,11 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "RedisStore needs the redis package (redis-py): pip install 'voicefsm[redis]'"
     ) from error
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from voicefsm.model import SessionRecord, TranscriptLine
 from voicefsm.stores.base import (
