@@ -839,3 +839,18 @@ async def test_open_store_makes_a_redis_store_and_keeps_passwords_out_of_its_nam
     assert "hunter2" not in repr(with_password)
     assert "hunter2" not in repr(with_password.fenced(Lease("s", "w", 1, T0, 1.0)))
     await with_password.close()
+
+
+async def test_redis_reconnects_by_itself_after_a_restart() -> None:
+    """A pooled connection that died with the server is retried, not surfaced as an outage."""
+    with RedisServer(require_redis_server()) as server:
+        store = open_store(server.url, prefix="retry:")
+        try:
+            record = record_of("s-retry")
+            await store.save(record)
+            server.restart(keep_data=True)
+            loaded = await store.load("s-retry")  # the first call on the old pooled connection
+            assert loaded is not None
+            assert loaded.record == record
+        finally:
+            await store.close()
