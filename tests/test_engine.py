@@ -681,3 +681,62 @@ def test_audio_hot_path_forwards_without_a_state_change() -> None:
     chunk = b"\x02" * 640
     assert host.send(ev.ClientAudio(chunk)) == [fx.SendAudioUpstream(chunk)]
     assert host.send(ev.ModelAudio(chunk)) == [fx.SendAudioToClient(chunk)]
+
+
+# ----------------------------------------------------------------------------- found by the
+# property tests (tests/test_engine_properties.py keeps the long forms)
+
+
+def test_text_typed_before_any_upstream_does_not_make_the_session_unresumable() -> None:
+    host = Host(resume_backoff_jitter=0)
+    host.after(0.5).send(ev.ClientText("hello?"))
+    host.close(None, "refused")
+    host.tick_until(host.now + 1)
+    assert host.session.end_reason is None
+    assert host.opened[-1].handle is None  # a fresh connection: nothing was said yet
+    effects = host.after(0.1).ready()
+    assert of(effects, fx.SendTextUpstream) == [fx.SendTextUpstream("hello?")]
+
+
+def test_no_timer_is_ever_left_at_now() -> None:
+    host = live_host(client_grace_s=0)
+    host.send(ev.ClientGone("tab closed"))
+    assert host.session.end_reason is EndReason.DISCONNECTED  # no grace: at once
+
+    host = live_host(min_remaining_to_resume_s=10)
+    host.handle_update("h-1")
+    host.tick_until(host.session.deadline - 10)
+    host.close(1006)  # attempt 2 opens with exactly 10 s left
+    host.after(1).close(None)  # fails with 9 s left: no retry is worth it
+    assert host.session.end_reason is EndReason.UPSTREAM_LOST
+
+
+def test_a_restored_session_fires_the_timers_already_due_at_start() -> None:
+    host = live_host()
+    record = host.session.snapshot()
+    late = host.session.deadline - 200  # past the warning time
+    restored = Session.restore(record, late)
+    effects = restored.start(late)
+    assert client_messages(effects, SessionWarning) == [SessionWarning(remaining_s=200)]
+    timer = restored.next_timer()
+    assert timer is not None
+    assert timer > late
+
+
+def test_connection_id_none_means_the_connection_current_when_the_event_arrived() -> None:
+    host = Host(resume_backoff_jitter=0)
+    host.close(None)  # retry due at +0.25 s
+    effects = host.at(T0 + 1).send(ev.UpstreamClosed(1006, connection_id=None))
+    assert [e.connection_id for e in of(effects, fx.OpenUpstream)] == [2]
+    assert host.session.state is State.RESUMING
+    assert host.session.next_timer() == T0 + 1 + host.session.config.connect_timeout_s
+
+
+def test_a_second_goaway_never_postpones_the_first_ones_limit() -> None:
+    host = live_host(goaway_margin_s=1)
+    host.handle_update("h-1")
+    host.send(ev.ModelAudio(b"\x01" * 960))
+    first = host.now
+    host.send(ev.GoAway("5s", connection_id=1))
+    host.after(0.5).send(ev.GoAway("50s", connection_id=1))
+    assert host.session.next_timer() == first + 4

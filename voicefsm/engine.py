@@ -10,6 +10,7 @@ Times are epoch seconds (``time.time()`` in production, anything monotonic in te
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import uuid
@@ -42,6 +43,7 @@ from voicefsm.protocol import (
 _LIVE = State.LIVE
 _WARNING = State.WARNING
 _ENDED = State.ENDED
+_CONNECTION_EVENTS = (ev.UpstreamReady, ev.UpstreamClosed, ev.GoAway)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*s\s*$")
 
 
@@ -219,6 +221,10 @@ class Session:
                 f"{event_type.__name__} is not a voicefsm event; "
                 "pass one of the classes in voicefsm.events"
             )
+        if isinstance(event, _CONNECTION_EVENTS) and event.connection_id is None:
+            # "The current connection" means the one current when the event arrived, not one
+            # a timer due in this same call is about to open.
+            event = dataclasses.replace(event, connection_id=self._connection_id)
         self._fire_timers(now)
         if self.state is not _ENDED:
             handler(self, event, now)
@@ -303,6 +309,9 @@ class Session:
         return out
 
     def _flush(self, now: float) -> list[fx.Effect]:
+        # A handler (or start/restore) may have made a timer due right now: fire it here, so
+        # next_timer() is never at or before `now` when the host gets the effects.
+        self._fire_timers(now)
         self._timer_due = self._compute_timer() if self.state is not _ENDED else float("inf")
         return self._take()
 
@@ -509,7 +518,11 @@ class Session:
                 self._rng = random.Random(self._seed if self._seed is not None else self.session_id)
             delay *= 1 + config.resume_backoff_jitter * (2 * self._rng.random() - 1)
         latest = self.deadline - config.min_remaining_to_resume_s
-        self._next_attempt_at = min(now + delay, max(now, latest))
+        attempt_at = min(now + delay, latest)
+        if attempt_at <= now:
+            self._retry(now)  # no time to wait: try now, or end for lack of time
+        else:
+            self._next_attempt_at = attempt_at
 
     def _retry(self, now: float) -> None:
         ok, handle = self._can_reconnect(now)
@@ -561,6 +574,7 @@ class Session:
                 flushed += 1
             else:
                 out.append(fx.SendTextUpstream(item))
+                self._conversation_started = True
         self._buffer.clear()
         self._buffered_bytes = 0
         self.stats.chunks_flushed += flushed
@@ -662,7 +676,8 @@ class Session:
         self.stats.goaways += 1
         time_left = parse_duration(event.time_left)
         budget = max(0.0, (time_left or 0.0) - self.config.goaway_margin_s)
-        self._rotate_by = now + budget
+        limit = now + budget
+        self._rotate_by = limit if self._rotate_by is None else min(self._rotate_by, limit)
         if not self._model_turn_open or budget == 0.0:
             self._rotate(now, f"GoAway (time_left={event.time_left}) between turns")
 
@@ -699,11 +714,11 @@ class Session:
 
     def _on_client_text(self, event: ev.ClientText, now: float) -> None:
         self._last_client_seen = now
-        self._conversation_started = True
         if self.state in UPSTREAM_UP:
+            self._conversation_started = True
             self._out.append(fx.SendTextUpstream(event.text))
         else:
-            self._hold(event.text, now)
+            self._hold(event.text, now)  # said once it reaches an upstream
 
     def _on_client_end(self, event: ev.ClientEnd, now: float) -> None:
         self._end(now, EndReason.USER_ENDED, "the client ended the interview")
