@@ -740,3 +740,15 @@ def test_a_second_goaway_never_postpones_the_first_ones_limit() -> None:
     host.send(ev.GoAway("5s", connection_id=1))
     host.after(0.5).send(ev.GoAway("50s", connection_id=1))
     assert host.session.next_timer() == first + 4
+
+
+def test_a_timer_due_with_a_close_sends_its_output_to_the_next_connection() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    warn_at = host.session.deadline - host.session.config.warning_before_s
+    effects = host.at(warn_at + 1).close(1006)  # the host's tick for the warning is late
+    opened = effects.index(of(effects, fx.OpenUpstream)[0])
+    assert not of(effects[:opened], fx.SendTextUpstream)  # nothing to the dead connection
+    effects = host.after(0.1).ready()
+    assert len(of(effects, fx.SendTextUpstream)) == 1  # the wrap-up prompt, on connection 2
+    assert host.session.state is State.WARNING

@@ -225,7 +225,10 @@ class Session:
             # "The current connection" means the one current when the event arrived, not one
             # a timer due in this same call is about to open.
             event = dataclasses.replace(event, connection_id=self._connection_id)
-        self._fire_timers(now)
+        if event_type is not ev.UpstreamClosed or now >= self.deadline:
+            self._fire_timers(now)
+        # else: a close is applied before the timers due with it, so a timer's output (the
+        # wrap-up prompt, say) goes to the next connection, not to the one reported dead.
         if self.state is not _ENDED:
             handler(self, event, now)
         return self._flush(now)
