@@ -10,13 +10,16 @@ import asyncio
 import itertools
 import os
 import time
+from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
 from live_rig import MODEL, Rig, fast_config, sequence_numbers
 
-from voicefsm import EndReason
+from voicefsm import EndReason, Session
 from voicefsm import events as ev
+from voicefsm.adk import AdkUpstream
+from voicefsm.host import MemoryChannel, SessionHost
 from voicefsm.metrics import Metrics
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
@@ -362,3 +365,22 @@ async def test_smoke_against_the_real_gemini_live_api() -> None:
     record = await asyncio.wait_for(task, 30)
     assert record.end_reason is EndReason.USER_ENDED
     assert record.stats.connect_attempts == 1
+
+
+async def test_a_client_that_stops_reading_cannot_stall_the_session() -> None:
+    class StuckChannel(MemoryChannel):
+        async def send_message(self, message: Any) -> None:
+            await asyncio.Event().wait()  # the socket's buffer is full and nobody reads
+
+    config = fast_config(time_limit_s=3, warning_before_s=1)
+    async with FakeLiveServer(scripts=[setup_only]) as server:
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="x")
+        host = SessionHost(
+            Session(config),
+            AdkUpstream(agent, client=server.genai_client()),
+            client=StuckChannel(),
+            client_send_timeout_s=0.2,
+        )
+        record = await asyncio.wait_for(host.run(), 15)
+    assert record.end_reason is EndReason.TIME_LIMIT  # the deadline still fired
+    assert not record.client_connected

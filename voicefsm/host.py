@@ -188,6 +188,7 @@ class SessionHost:
         sink: SessionSink | None = None,
         clock: Callable[[], float] = time.time,
         observer: Callable[[fx.StateChanged, str | None], None] | None = None,
+        client_send_timeout_s: float = 5.0,
     ) -> None:
         self.session = session
         self.upstream = upstream
@@ -201,6 +202,7 @@ class SessionHost:
         self._carry: list[bytes] = []
         self._pending_client = client
         self._observer = observer
+        self.client_send_timeout_s = client_send_timeout_s
         self._detach_reason: str | None = None
 
     # ------------------------------------------------------------------ entry points
@@ -292,13 +294,12 @@ class SessionHost:
         self._connections.clear()
         self._current = None
         forget = getattr(self.upstream, "forget", None)
-        if forget is not None and self.session.ended:
+        if forget is not None and (self.session.ended or self.detached):
             with contextlib.suppress(Exception):
                 await forget(self.session.session_id)
         if self._client_reader is not None:
             self._client_reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._client_reader
+            await asyncio.wait({self._client_reader})  # never raises, unlike awaiting it
             self._client_reader = None
 
     # ------------------------------------------------------------------ effects
@@ -365,7 +366,11 @@ class SessionHost:
             return
         if connection is self._current:
             self._current = None
-        unsent = await connection.close()
+        try:
+            unsent = await connection.close()
+        except Exception as error:  # a failing close must not end the interview
+            logger.warning("closing upstream #%d failed: %s", connection_id, type(error).__name__)
+            unsent = []
         if not self.session.ended:
             self._carry.extend(unsent)
 
@@ -376,20 +381,27 @@ class SessionHost:
         if client is None:
             return
         try:
-            if isinstance(effect, fx.SendAudioToClient):
-                await client.send_audio(effect.data)
-            elif isinstance(effect, fx.SendToClient):
-                await client.send_message(effect.message)
-            else:
-                self._client = None
-                await client.close(effect.code, effect.reason)
-        except Exception as error:  # a dead client socket is the client leaving
+            # A client that stops reading must not stall the consumer (and so every timer).
+            async with asyncio.timeout(self.client_send_timeout_s):
+                await self._send(client, effect)
+        except Exception as error:  # a dead or stuck client socket is the client leaving
             logger.info(
                 "client send failed (%s); treating the client as gone", type(error).__name__
             )
             if self._client is client:
                 self._client = None
                 self.post(ev.ClientGone(f"send failed: {type(error).__name__}"))
+
+    async def _send(
+        self, client: ClientChannel, effect: fx.SendAudioToClient | fx.SendToClient | fx.CloseClient
+    ) -> None:
+        if isinstance(effect, fx.SendAudioToClient):
+            await client.send_audio(effect.data)
+        elif isinstance(effect, fx.SendToClient):
+            await client.send_message(effect.message)
+        else:
+            self._client = None
+            await client.close(effect.code, effect.reason)
 
     # ------------------------------------------------------------------ client reader
 

@@ -68,6 +68,12 @@ class SessionObserver:
         self._resuming_since: float | None = None
         self._started = False
 
+    def detached(self, state: State) -> None:
+        """The session left this worker un-ended (another worker drives it now)."""
+        if self._started:
+            self._metrics.sessions.labels(state=state.value).dec()
+            self._started = False
+
     def __call__(self, change: fx.StateChanged, end_reason: str | None) -> None:
         """Record one state change (``end_reason`` is set when the change is into ``ended``)."""
         metrics = self._metrics

@@ -155,6 +155,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         logger.warning("no GOOGLE_API_KEY: sessions use the scripted fake interviewer (demo mode)")
     if demo_tokens:
         logger.warning("demo tokens are enabled at /demo/token: anyone can start a session")
+    if generated:
+        logger.warning(
+            "no VOICEFSM_JWT_SECRET: tokens are signed with a random per-process secret, so "
+            "sessions cannot be resumed by their clients after a restart"
+        )
     return app
 
 
@@ -209,7 +214,10 @@ def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> N
     if settings.worker_id is None:
         settings = replace(settings, worker_id=f"{socket.gethostname()}:{port}")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", ws="websockets-sansio")
+    # No access log: a client may put its token in the query string (?token=...).
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", ws="websockets-sansio", access_log=False
+    )
 
     class DetachingServer(uvicorn.Server):
         """Hands sessions back (clients get 4410) before uvicorn closes every websocket (1012)."""

@@ -8,7 +8,8 @@ frames, counting protocol errors, metrics — lives here, once.
 Close codes a client can see: 4401 (not authenticated), 4403 (origin not allowed, or the session
 belongs to someone else), 4404 (no such session), 4408 (heartbeat timeout), 4409 (replaced by a
 newer connection to the same session), 4410 (this worker gave the session up: reconnect), 1013
-(another worker still holds the session: retry soon), 1000 (the session ended).
+(another worker still holds the session: retry soon), 1011 (the server could not start or
+keep the session), 1000 (the session ended).
 
 Sessions live in a :class:`~voicefsm.stores.SessionStore`. The worker that drives a session holds
 its lease and writes through the fenced view, so a client that reconnects to *another* worker (or
@@ -33,7 +34,7 @@ from voicefsm import events as ev
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
 from voicefsm.host import ClientInput, SessionHost, Upstream
-from voicefsm.metrics import Metrics
+from voicefsm.metrics import Metrics, SessionObserver
 from voicefsm.model import SessionConfig, SessionRecord, State
 from voicefsm.protocol import (
     AuthMessage,
@@ -156,6 +157,7 @@ class LiveSession:
     lease: Lease
     task: asyncio.Task[SessionRecord] = field(init=False)
     channel: WebChannel | None = None
+    observer: SessionObserver | None = None
     created_at: float = field(default_factory=time.time)
 
 
@@ -196,6 +198,7 @@ class InterviewService:
         self.auth_timeout_s = auth_timeout_s
         self._session_factory = session_factory
         self.sessions: dict[str, LiveSession] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def handle(self, transport: Transport) -> None:
         """Serve one client connection until it closes or its session ends."""
@@ -242,7 +245,12 @@ class InterviewService:
             else:
                 live.task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=15)
+            _, stuck = await asyncio.wait(tasks, timeout=15)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                logger.warning("%d session(s) did not stop in 15 s; cancelled", len(stuck))
+                await asyncio.wait(stuck, timeout=5)
 
     # ------------------------------------------------------------------ steps
 
@@ -299,16 +307,19 @@ class InterviewService:
         attach: bool,
     ) -> LiveSession:
         sink = RetryingSink(self.store.fenced(lease), name=session.session_id[:12])
+        observer = self.metrics.observer()
         host = SessionHost(
             session,
             self.upstream,
             client=None if attach else channel,
             sink=sink,
-            observer=self.metrics.observer(),
+            observer=observer,
         )
         if attach:
             host.attach(channel)
-        live = LiveSession(host=host, owner=principal, lease=lease, channel=channel)
+        live = LiveSession(
+            host=host, owner=principal, lease=lease, channel=channel, observer=observer
+        )
         live.task = asyncio.create_task(
             self._drive(live, sink), name=f"voicefsm-session-{session.session_id[:12]}"
         )
@@ -327,6 +338,8 @@ class InterviewService:
                 record = await host.run()
         finally:
             await sink.aclose(grace_s=10)
+            if host.detached and live.observer is not None:
+                live.observer.detached(host.session.state)
         if not host.detached:
             with contextlib.suppress(Exception):
                 await self.store.release_lease(live.lease)
@@ -339,9 +352,20 @@ class InterviewService:
     async def _reattach(
         self, session_id: str, principal: Principal, channel: WebChannel
     ) -> LiveSession | None:
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        try:
+            async with lock:  # two reconnects at once must not start two hosts
+                return await self._reattach_locked(session_id, principal, channel)
+        finally:
+            if not lock.locked():
+                self._locks.pop(session_id, None)
+
+    async def _reattach_locked(
+        self, session_id: str, principal: Principal, channel: WebChannel
+    ) -> LiveSession | None:
         live = self.sessions.get(session_id)
-        if live is not None and live.host.session.ended:
-            # Over but still tearing down: let it finish, then answer from the store.
+        if live is not None and (live.host.session.ended or live.host.detached or live.task.done()):
+            # Over, or handed back, but still tearing down: let it finish, then go by the store.
             await asyncio.wait({live.task})
             live = None
         if live is not None:
@@ -383,6 +407,16 @@ class InterviewService:
             )
             await channel.close(1013, "the session is driven elsewhere; retry")
             return None
+        try:
+            return await self._restore_under(lease, session_id, principal, channel)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.release_lease(lease)
+            raise
+
+    async def _restore_under(
+        self, lease: Lease, session_id: str, principal: Principal, channel: WebChannel
+    ) -> LiveSession | None:
         stored = await self.store.load(session_id)  # the newest record, now that it is ours
         if stored is None or stored.record.state is State.ENDED:
             await self.store.release_lease(lease)
