@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from google.adk.agents import LlmAgent
+from starlette.applications import Starlette
 
 from voicefsm import Session, SessionConfig, SessionRecord
 from voicefsm import events as ev
@@ -15,7 +18,9 @@ from voicefsm.adk import AdkUpstream
 from voicefsm.host import MemoryChannel, MemorySink, SessionHost
 from voicefsm.metrics import Metrics
 from voicefsm.protocol import ServerMessage
+from voicefsm.service import InterviewService
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
+from voicefsm.web.starlette import interview_route
 
 MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 CHUNK_BYTES = 640
@@ -120,3 +125,25 @@ class Rig:
         """The client ends the interview; wait for the final record."""
         self.channel.push(ev.ClientEnd())
         return await self.finish()
+
+
+@asynccontextmanager
+async def starlette_service(service: InterviewService, port: int) -> AsyncIterator[str]:
+    """``service`` behind a real uvicorn server on loopback ``port``; yields the websocket URL."""
+    app = Starlette(routes=[interview_route(service)])
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(15):
+            while not server.started:
+                if task.done():
+                    task.result()  # startup failed: raise its error
+                await asyncio.sleep(0.01)
+        yield f"ws://127.0.0.1:{port}/interview"
+    finally:
+        await service.shutdown()
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)

@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import uvicorn
 from google.adk.agents import LlmAgent
-from live_rig import MODEL, chunk, fast_config, sequence_numbers
+from live_rig import MODEL, chunk, fast_config, sequence_numbers, starlette_service
 from redis_server import RedisServer, free_port, require_redis_server
-from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from worker_process import WorkerPool, WorkerProcess, voicefsm_command, worker_env
@@ -52,7 +50,6 @@ from voicefsm.stores import (
     StaleFencingToken,
 )
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
-from voicefsm.web.starlette import interview_route
 
 SECRET = "failover-test-secret-long-enough-for-hs256"
 AUTH = JWTAuthenticator(SECRET)
@@ -565,29 +562,6 @@ async def test_a_restarted_serve_on_sqlite_continues_the_session(
 # ----------------------------------------------------------------------------- 3: Redis outage
 
 
-@asynccontextmanager
-async def serving(service: InterviewService) -> AsyncIterator[str]:
-    """``service`` on a real uvicorn server on loopback; yields the websocket URL."""
-    port = free_port()
-    app = Starlette(routes=[interview_route(service)])
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(15):
-            while not server.started:  # uvicorn exposes a flag, no event
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield f"ws://127.0.0.1:{port}/interview"
-    finally:
-        await service.shutdown()
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-
-
 async def stream_audio(client: Client, first_seq: int, sent: list[int]) -> None:
     """Send numbered chunks at the pace of real audio (20 ms each) until cancelled."""
     seq = first_seq
@@ -623,7 +597,7 @@ async def test_a_redis_outage_mid_session_loses_nothing_and_is_logged(
     sent: list[int] = []
     streamer: asyncio.Task[None] | None = None
     try:
-        async with serving(service) as url, clients() as opened:
+        async with starlette_service(service, free_port()) as url, clients() as opened:
             client, session_id, _ = await start_session(url, opened)
             conn = await upstream.connection(1)
             live = service.sessions[session_id]

@@ -18,11 +18,9 @@ from typing import Any
 
 import jwt
 import pytest
-import uvicorn
 from aiohttp import web
 from google.adk.agents import LlmAgent
-from live_rig import MODEL, chunk, fast_config, sequence_numbers
-from starlette.applications import Starlette
+from live_rig import MODEL, chunk, fast_config, sequence_numbers, starlette_service
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -33,7 +31,6 @@ from voicefsm.protocol import ProtocolLimits
 from voicefsm.service import InterviewService
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
 from voicefsm.web.aiohttp import interview_handler
-from voicefsm.web.starlette import interview_route
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 AUTH = JWTAuthenticator(SECRET)
@@ -48,21 +45,8 @@ def free_port() -> int:
 @asynccontextmanager
 async def starlette_server(service: InterviewService) -> AsyncIterator[int]:
     port = free_port()
-    app = Starlette(routes=[interview_route(service)])
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, no event
-                await asyncio.sleep(0.01)
+    async with starlette_service(service, port):
         yield port
-    finally:
-        await service.shutdown()
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 @asynccontextmanager
