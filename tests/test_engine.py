@@ -752,3 +752,19 @@ def test_a_timer_due_with_a_close_sends_its_output_to_the_next_connection() -> N
     effects = host.after(0.1).ready()
     assert len(of(effects, fx.SendTextUpstream)) == 1  # the wrap-up prompt, on connection 2
     assert host.session.state is State.WARNING
+
+
+def test_a_restored_session_must_be_started_before_it_handles_events() -> None:
+    host = live_host()
+    restored = Session.restore(host.session.snapshot(), T0 + 10)
+    with pytest.raises(RuntimeError, match=r"call start\(now\) before handle\(\)"):
+        restored.handle(ev.ClientAudio(b"\x00" * 640), T0 + 10)
+    restored.start(T0 + 10)
+    assert restored.handle(ev.ClientAudio(b"\x00" * 640), T0 + 10) == []  # buffered
+
+
+def test_a_restored_ended_session_absorbs_events_without_start() -> None:
+    host = live_host()
+    host.send(ev.ClientEnd())
+    restored = Session.restore(host.session.snapshot(), T0 + 10)
+    assert restored.handle(ev.ClientAudio(b"\x00"), T0 + 11) == []

@@ -68,6 +68,7 @@ class Session:
     """
 
     __slots__ = (
+        "_awaiting_start",
         "_buffer",
         "_buffered_bytes",
         "_client_connected",
@@ -120,6 +121,7 @@ class Session:
         self.state = State.CONNECTING
         self.end_reason: EndReason | None = None
         self.started_at: float | None = None
+        self._awaiting_start = True
         self.deadline = 0.0
         self.warning_given = False
         self.stats = SessionStats()
@@ -177,6 +179,7 @@ class Session:
         """Begin: open the first upstream (or, for a restored session, resume it)."""
         if self.state is _ENDED:
             raise SessionError(f"session {self.session_id} has ended; start() cannot revive it")
+        self._awaiting_start = False
         if self.started_at is None:
             self.started_at = now
             self.deadline = now + self.config.time_limit_s
@@ -194,7 +197,7 @@ class Session:
 
     def handle(self, event: ev.Event, now: float) -> list[fx.Effect]:
         """Apply one event at time ``now``; return the effects to carry out, in order."""
-        if self.started_at is None:
+        if self._awaiting_start:
             raise SessionError(f"session {self.session_id}: call start(now) before handle()")
         event_type = type(event)
         state = self.state
@@ -292,6 +295,7 @@ class Session:
             elif item.text is not None:
                 session._buffer.append(item.text)
         if record.state is _ENDED:
+            session._awaiting_start = False  # nothing to start: it absorbs every event
             session.state = _ENDED
             session.end_reason = record.end_reason
             session._end_detail = record.end_detail
