@@ -979,3 +979,91 @@ def test_upstream_liveness_settings_are_declared_with_lower_bounds() -> None:
         SessionConfig(upstream_ping_interval_s=0.01)
     with pytest.raises(ValueError, match="upstream_pong_timeout_s"):
         SessionConfig(upstream_pong_timeout_s=0.01)
+
+
+# ----------------------------------------------------------------------------- the deadline wins
+
+
+def deadline_host() -> Host:
+    """Live, with a handle and a conversation under way: the default 45 minutes and resume
+    policy (the client answers heartbeats, so they are left out)."""
+    host = Host(SessionConfig(heartbeat_interval_s=3600, heartbeat_timeout_s=7200))
+    host.after(0.01).ready()
+    host.after(0.04).handle_update("h-1")
+    host.send(ev.ModelAudio(b"\x00" * 960))
+    host.send(ev.TurnComplete())
+    return host
+
+
+def test_a_goaway_whose_connection_outlives_the_deadline_keeps_it_and_ends_with_time_limit() -> (
+    None
+):
+    host = deadline_host()
+    deadline = host.session.deadline
+    effects = host.at(deadline - 8.0).send(ev.GoAway("50s"))
+    assert host.session.state is State.WARNING
+    assert of(effects, fx.CloseUpstream) == []
+    (goaway,) = [e for e in logged(effects) if e.kind is LogKind.GOAWAY]
+    assert goaway.why == "kept: the connection outlives the deadline"
+    assert host.after(1).send(ev.ClientAudio(b"\x01" * 640)) == [
+        fx.SendAudioUpstream(b"\x01" * 640)
+    ]
+    host.tick_until(deadline)
+    assert host.session.end_reason is EndReason.TIME_LIMIT
+    assert host.session.snapshot().ended_at == deadline
+    assert host.session.stats.connect_attempts == 1
+
+
+def test_no_rotation_for_a_goaway_earlier_in_the_last_minutes_if_the_connection_lasts() -> None:
+    host = deadline_host()
+    deadline = host.session.deadline
+    host.at(deadline - 30.0).send(ev.GoAway("50s"))
+    host.after(1).send(ev.TurnComplete())
+    host.tick_until(deadline)
+    assert host.session.end_reason is EndReason.TIME_LIMIT
+    assert host.session.stats.connect_attempts == 1
+
+
+def test_a_turn_boundary_rotation_not_worth_resuming_keeps_the_working_connection() -> None:
+    host = deadline_host()
+    deadline = host.session.deadline
+    host.at(deadline - 20.0).send(ev.ModelAudio(b"\x00" * 960))  # mid-turn
+    host.send(ev.GoAway("15s"))  # must rotate by deadline - 6
+    effects = host.at(deadline - 9.0).send(ev.TurnComplete())
+    assert host.session.state is State.WARNING, host.session.end_detail
+    assert of(effects, fx.CloseUpstream) == []
+    (skipped,) = [e for e in logged(effects) if e.kind is LogKind.ROTATION_SKIPPED]
+    assert "under the 10 s worth resuming for" in (skipped.why or "")
+    # the connection still works until the server really closes it
+    host.tick_until(deadline - 5.0)
+    assert host.session.state is State.WARNING
+    host.close(1000)
+    assert host.session.end_reason is EndReason.UPSTREAM_LOST
+    assert host.session.snapshot().ended_at == deadline - 5.0
+
+
+def test_a_rotate_by_timer_not_worth_resuming_keeps_the_working_connection() -> None:
+    host = deadline_host()
+    deadline = host.session.deadline
+    host.at(deadline - 20.0).send(ev.ModelAudio(b"\x00" * 960))  # mid-turn, no boundary comes
+    host.send(ev.GoAway("12s"))  # rotate by deadline - 9
+    host.tick_until(deadline - 8.5)
+    assert host.session.state is State.WARNING, host.session.end_detail
+    assert [e for e in host.log if isinstance(e, fx.CloseUpstream)] == []
+    assert host.session.next_timer() == deadline  # no rotation timer is left behind
+    host.tick_until(deadline)
+    assert host.session.end_reason is EndReason.TIME_LIMIT
+
+
+def test_a_rotation_without_a_usable_handle_keeps_the_connection_until_it_closes() -> None:
+    host = live_host()
+    host.send(ev.ModelAudio(b"\x00" * 960))  # the conversation started, no handle yet
+    host.send(ev.TurnComplete())
+    effects = host.after(5).send(ev.GoAway("20s"))
+    assert host.session.state is State.LIVE
+    assert of(effects, fx.CloseUpstream) == []
+    # a handle arrives before the server closes: the close resumes with it
+    host.after(1).handle_update("h-9")
+    host.after(18).close(1000)
+    assert host.session.state is State.RESUMING
+    assert host.opened[-1].handle == "h-9"

@@ -580,20 +580,25 @@ class Session:
             return None, f"the resumption handle is {age:.0f} s old (ttl {ttl:g} s)"
         return self._handle, ""
 
-    def _can_reconnect(self, now: float) -> tuple[bool, str | None]:
-        """Decide whether (and with which handle) to connect again; ends the session if not."""
+    def _reconnect_refusal(self, now: float) -> tuple[str | None, str | None]:
+        """``(handle, None)`` if connecting again now is possible and worth it, else
+        ``(None, why not)``."""
         remaining = self.deadline - now
         if remaining < self.config.min_remaining_to_resume_s:
-            self._end(
-                now,
-                EndReason.UPSTREAM_LOST,
+            return None, (
                 f"only {remaining:.1f} s of interview left, under the "
-                f"{self.config.min_remaining_to_resume_s:g} s worth resuming for",
+                f"{self.config.min_remaining_to_resume_s:g} s worth resuming for"
             )
-            return False, None
         handle, why_not = self._usable_handle(now)
         if handle is None and self._conversation_started:
-            self._end(now, EndReason.UPSTREAM_LOST, f"cannot resume the conversation: {why_not}")
+            return None, f"cannot resume the conversation: {why_not}"
+        return handle, None
+
+    def _can_reconnect(self, now: float) -> tuple[bool, str | None]:
+        """Decide whether (and with which handle) to connect again; ends the session if not."""
+        handle, refusal = self._reconnect_refusal(now)
+        if refusal is not None:
+            self._end(now, EndReason.UPSTREAM_LOST, refusal)
             return False, None
         return True, handle
 
@@ -646,6 +651,19 @@ class Session:
             self._open_upstream(now, handle)
 
     def _rotate(self, now: float, why: str) -> None:
+        """Move from a working connection to a new one, unless no new one can follow: then the
+        working one is kept for as long as it lasts (the session never ends early for want of a
+        resume while its connection still works)."""
+        _, refusal = self._reconnect_refusal(now)
+        if refusal is not None:
+            self._rotate_by = None
+            self._log_entry(
+                now,
+                LogKind.ROTATION_SKIPPED,
+                connection_id=self._connection_id,
+                why=f"keeping the connection: {refusal}",
+            )
+            return
         self._log_entry(
             now,
             LogKind.ROTATION,
@@ -816,11 +834,21 @@ class Session:
             return
         self.stats.goaways += 1
         time_left = parse_duration(event.time_left)
+        budget = max(0.0, (time_left or 0.0) - self.config.goaway_margin_s)
+        limit = now + budget
+        if limit >= self.deadline and self._rotate_by is None:
+            # The connection outlives the interview: nothing to rotate for.
+            self._log_entry(
+                now,
+                LogKind.GOAWAY,
+                connection_id=self._connection_id,
+                time_left_s=time_left,
+                why="kept: the connection outlives the deadline",
+            )
+            return
         self._log_entry(
             now, LogKind.GOAWAY, connection_id=self._connection_id, time_left_s=time_left
         )
-        budget = max(0.0, (time_left or 0.0) - self.config.goaway_margin_s)
-        limit = now + budget
         self._rotate_by = limit if self._rotate_by is None else min(self._rotate_by, limit)
         if not self._model_turn_open or budget == 0.0:
             self._rotate(now, f"GoAway (time_left={event.time_left}) between turns")

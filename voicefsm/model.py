@@ -232,13 +232,18 @@ class LogKind(enum.StrEnum):
     ``handle_age_s`` (of the handle it resumed)."""
     GOAWAY = "goaway"
     """The server announced the end of a connection: ``connection_id``, ``time_left_s``
-    (absent when the GoAway had no parsable ``time_left``)."""
+    (absent when the GoAway had no parsable ``time_left``); ``why`` says when the connection is
+    kept because it outlives the deadline."""
     UPSTREAM_CLOSED = "upstream_closed"
     """The current connection closed, failed, or was abandoned (connect timeout):
     ``connection_id``, ``close_code`` (absent: no close frame), ``why``."""
     ROTATION = "rotation"
     """The session closed a working connection to move to a new one (after a GoAway):
     ``connection_id`` (the one closed), ``why``, ``handle_age_s`` (of the handle to resume)."""
+    ROTATION_SKIPPED = "rotation_skipped"
+    """A rotation was due but no connection could follow it (too little interview left, no
+    usable handle): the working connection is kept as long as it lasts. ``connection_id``,
+    ``why``."""
     WARNING = "warning"
     """The end-of-interview warning was given: ``time_left_s`` (interview time left)."""
     CLIENT_LEFT = "client_left"
