@@ -750,6 +750,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert persisted.resumption_handle == snap.resumption_handle
         assert persisted.handle_received_at == snap.handle_received_at
         assert persisted.warning_given == snap.warning_given
+        assert persisted.conversation_started == snap.conversation_started
         assert persisted.end_reason == snap.end_reason
         assert (persisted.state is State.ENDED) == session.ended
 
