@@ -273,7 +273,10 @@ class EngineMachine(RuleBasedStateMachine):
         self._note_deadline_call()
         self.calls += 1
         effects = session.handle(event, self.now)
-        if state_before is State.ENDED:
+        if state_before is State.ENDED and isinstance(event, ev.UpstreamAudioUnsent):
+            # 12. ... but bookkeeping about lost audio: a log entry and the record, nothing else
+            assert [type(e) for e in effects] == [fx.Logged, fx.PersistRecord], effects
+        elif state_before is State.ENDED:
             # 2. ended absorbs everything
             assert effects == [], f"an ended session answered {event!r} with {effects!r}"
             assert session.state is State.ENDED
@@ -487,7 +490,7 @@ class EngineMachine(RuleBasedStateMachine):
                 and self.now - self.handle_at <= config.handle_ttl_s
             )
             no_time = self.deadline - self.now < config.min_remaining_to_resume_s
-            assert no_time or (self.said and not handle_usable), (
+            assert no_time or (self.reached and not handle_usable), (
                 f"rotation skipped with {self.deadline - self.now:.1f} s left and handle "
                 f"{self.handle!r}: {entry.why}"
             )
@@ -1204,6 +1207,17 @@ class EngineMachine(RuleBasedStateMachine):
         if kind == "audio":
             self.next_seq += 1
         self._call(event_)
+
+    @rule(chunks=st.integers(1, 5))
+    def audio_lost_upstream(self, chunks: int) -> None:
+        """12. The host reports audio that never reached a model, in any state: counted."""
+        before = self.s.stats.upstream_audio_unsent
+        effects = self._call(ev.UpstreamAudioUnsent(chunks, "written into a dead connection"))
+        assert self.s.stats.upstream_audio_unsent == before + chunks
+        stored = [e.record for e in effects if isinstance(e, fx.PersistRecord)]
+        assert stored and stored[-1].stats.upstream_audio_unsent == before + chunks
+        entries = [e.entry for e in effects if isinstance(e, fx.Logged)]
+        assert any(e.kind is LogKind.AUDIO_UNSENT and e.count == chunks for e in entries)
 
     # -------------------------------------------------------------------------- restore
 

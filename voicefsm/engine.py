@@ -362,11 +362,16 @@ class Session:
             # "The current connection" means the one current when the event arrived, not one
             # a timer due in this same call is about to open.
             event = dataclasses.replace(event, connection_id=self._connection_id)
+        if event_type is ev.UpstreamAudioUnsent:
+            # Bookkeeping about the past, in any state: before the timers, so an end they cause
+            # in this call stores it with the final record.
+            handler(self, event, now)
+            return self._flush(now)
         if now >= self._timer_due and (event_type is not ev.UpstreamClosed or now >= self.deadline):
             self._fire_timers(now)  # (the cached earliest timer is never later than the true one)
         # else: a close is applied before the timers due with it, so a timer's output (the
         # wrap-up prompt, say) goes to the next connection, not to the one reported dead.
-        if self.state is not _ENDED or event_type is ev.UpstreamAudioUnsent:
+        if self.state is not _ENDED:
             handler(self, event, now)
         return self._flush(now)
 
