@@ -377,16 +377,23 @@ class Session:
 
     def next_timer(self) -> float | None:
         """When the host must next call ``handle(Tick(), now)``; ``None`` before ``start()``
-        (also for a restored session) and once ended."""
+        (also for a restored session) and once ended.
+
+        Computed at the end of the last call that was not audio. Audio only ever moves a timer
+        later (client audio, the heartbeat limit), so this is never later than the earliest
+        timer; at worst a tick comes early and finds nothing due.
+        """
         if self.state is _ENDED or self._awaiting_start:
             return None
-        return self._compute_timer()
+        return self._timer_due
 
     def snapshot(self) -> SessionRecord:
         """The record a store persists: enough to :meth:`restore` the session elsewhere."""
         if self.started_at is None:
             raise SessionError(f"session {self.session_id}: nothing to snapshot before start()")
-        return SessionRecord(
+        # Every field is given, from the session's own valid state: no validation pass, which
+        # would check each of up to max_log_entries log entries on every save.
+        return SessionRecord.model_construct(
             session_id=self.session_id,
             owner=self.owner,
             config=self.config,
