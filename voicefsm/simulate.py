@@ -21,7 +21,14 @@ from typing import Any
 from voicefsm import effects as fx
 from voicefsm import events as ev
 from voicefsm.engine import Session
-from voicefsm.model import EndReason, SessionConfig, SessionStats, State
+from voicefsm.model import (
+    EndReason,
+    SessionConfig,
+    SessionRecord,
+    SessionStats,
+    State,
+    TranscriptLine,
+)
 from voicefsm.protocol import ErrorMessage, Ping, SessionEnded, SessionWarning
 
 CHUNK_S = 0.02
@@ -119,6 +126,10 @@ class SimulationResult:
     connections: int = 0
     session_ended_messages: int = 0
     transcript_lines: list[str] = field(default_factory=list)
+    record: SessionRecord | None = None
+    """The session's final record (event log and usage included), as a store would keep it."""
+    transcript: list[TranscriptLine] = field(default_factory=list)
+    """The recorded transcript lines, as a store would keep them."""
 
     @property
     def client_chunks_lost(self) -> int:
@@ -207,6 +218,7 @@ class Simulation:
         self.model_chunks = 0
         self.ended_messages = 0
         self.lines: list[str] = []
+        self.transcript: list[TranscriptLine] = []
 
     # --------------------------------------------------------------- plumbing
 
@@ -237,6 +249,7 @@ class Simulation:
             elif isinstance(effect, fx.StateChanged):
                 self._log(now, f"{effect.previous} -> {effect.state}: {effect.why}")
             elif isinstance(effect, fx.RecordTranscript):
+                self.transcript.append(effect.line)
                 self.lines.append(f"[{effect.line.seq}] {effect.line.role}: {effect.line.text}")
             elif isinstance(effect, fx.SendToClient):
                 self._client_message(effect.message, now)
@@ -284,7 +297,18 @@ class Simulation:
         handle = f"handle-{question}-{upstream.connections}"
         upstream.issued.add(handle)
         self._feed(ev.ResumptionUpdate(handle, True), now)
-        self._feed(ev.Usage(prompt_tokens=2000 * question, total_tokens=2100 * question), now)
+        # The Live API reports usage per turn; the prompt is the whole context so far.
+        prompt, spoken = 2000 * question, 250
+        self._feed(
+            ev.Usage(
+                prompt_tokens=prompt,
+                response_tokens=spoken,
+                total_tokens=prompt + spoken,
+                prompt_by_modality=(("AUDIO", prompt - 150), ("TEXT", 150)),
+                response_by_modality=(("AUDIO", spoken),),
+            ),
+            now,
+        )
         answer = self.rng.uniform(30, 90)
         self._at(now + answer, "answer_end", question)
 
@@ -411,7 +435,8 @@ class Simulation:
                 self._apply(handle(ev.ClientAudio(chunk), now), now)
             if upstream.connected is not None and now < upstream.speaking_until:
                 self._apply(handle(ev.ModelAudio(MODEL_CHUNK), now), now)
-        ended_at = (session.snapshot().ended_at or now) - START
+        record = session.snapshot()
+        ended_at = (record.ended_at or now) - START
         self._log(ended_at + START, f"session ended: {session.end_reason} ({session.end_detail})")
         return SimulationResult(
             scenario=self.scenario.name,
@@ -420,7 +445,7 @@ class Simulation:
             end_reason=session.end_reason,
             end_detail=session.end_detail,
             ended_at_s=ended_at,
-            stats=session.snapshot().stats,
+            stats=record.stats,
             client_chunks_sent=self.client_chunk_seq,
             client_chunks_received_upstream=upstream.received,
             client_chunks_reordered=upstream.reordered,
@@ -428,6 +453,8 @@ class Simulation:
             connections=upstream.connections,
             session_ended_messages=self.ended_messages,
             transcript_lines=self.lines,
+            record=record,
+            transcript=self.transcript,
         )
 
 
