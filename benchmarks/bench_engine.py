@@ -31,7 +31,7 @@ What is measured (the module constants below give the sizes):
    (``StateChanged``, a ``SessionStateMessage`` for the client, a ``PersistRecord`` snapshot,
    the ``OpenUpstream`` of the resume). Also the bare ``transitions`` trigger on a minimal model,
    the pieces a change builds timed alone, and ablations: the same benchmark with
-   ``Session._trigger`` or ``Session._persist`` swapped out in this process only (the library is
+   ``Session._trigger`` or ``Session._save_now`` swapped out in this process only (the library is
    not modified), paired with the unmodified engine in every repeat. Floor: a dict
    ``(state, trigger) -> dest`` transition in the same dispatch as (1).
 5. ``voicefsm.simulate.simulate("interview", seed=7)``: wall time (GC on) and engine calls per
@@ -732,8 +732,8 @@ def bench_ablations(plan: Plan) -> list[tuple[str, list[float]]]:
             "`Session._trigger` as a dict lookup on `TRANSITIONS` (same effects)",
             {"_trigger": table_trigger},
         ),
-        ("`Session._persist` a no-op (no `PersistRecord` built)", {"_persist": no_persist}),
-        ("both", {"_trigger": table_trigger, "_persist": no_persist}),
+        ("`Session._save_now` a no-op (no `PersistRecord` built)", {"_save_now": no_persist}),
+        ("both", {"_trigger": table_trigger, "_save_now": no_persist}),
     ]
     ratios: list[list[float]] = [[] for _ in cases[1:]]
     for repeat in range(plan.repeats):
