@@ -17,8 +17,8 @@ Since no model turn is open, the session rotates at once: close the old connecti
 one resuming the handle.
 
 Measured, per rotation, on one ``time.monotonic()`` clock shared by the fake server's records
-(``opened_at``, ``setup_at``, ``closed_at``, audio arrival times), a timestamping handler on
-logger ``voicefsm.host`` and the client channel:
+(``opened_at``, ``setup_at``, ``closed_at``, audio arrival times), the host's ``on_note``
+observer and the client channel:
 
 * **GoAway to live**: from just before the fake writes the ``goAway`` frame to the moment the
   client channel receives ``session_state: live`` for the new connection (the host applies the
@@ -40,8 +40,8 @@ Everything (client, host, ADK, genai, the fake server) shares one event loop and
 the tests; on a 2-CPU shared machine the run-to-run spread of the medians is a few ms. The exit
 status is 1 if any client chunk was lost, duplicated or reordered; timing targets are reported,
 never enforced. The library is not modified: the instrumentation uses its public hooks (a
-``VoiceFsmGemini`` subclass, a wrapping ``Upstream``, a ``MemoryChannel`` subclass, a log handler
-on ``voicefsm.host`` that relies on the host's log format strings).
+``VoiceFsmGemini`` subclass, a wrapping ``Upstream``, a ``MemoryChannel`` subclass, the host's
+structured ``on_note`` observer).
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 from google.adk.agents import LlmAgent
 from google.adk.models.base_llm_connection import BaseLlmConnection
@@ -79,7 +78,9 @@ from google.genai import Client, types
 from voicefsm import Session, SessionConfig, SessionRecord
 from voicefsm import events as ev
 from voicefsm.adk import AdkConnection, AdkUpstream, VoiceFsmGemini
-from voicefsm.host import MemoryChannel, MemorySink, Report, SessionHost
+from voicefsm.host import SessionHost
+from voicefsm.memory import MemoryChannel, MemorySink
+from voicefsm.ports import HostNote, Report, StateNote, UpstreamCloseNote, UpstreamOpenNote
 from voicefsm.protocol import ServerMessage
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
 
@@ -97,36 +98,34 @@ TIMES = "\N{MULTIPLICATION SIGN}"
 
 
 @dataclass(frozen=True, slots=True)
-class HostLogEntry:
-    """One ``voicefsm.host`` INFO record, stamped with ``time.monotonic()`` when logged."""
+class HostEntry:
+    """One host note, stamped with ``time.monotonic()`` when the host made it."""
 
     at: float
     kind: str  # "state", "open", "close", "other"
     args: tuple[object, ...]
 
 
-class HostLogRecorder(logging.Handler):
+class NoteRecorder:
     """Keeps the host's state changes and upstream opens/closes with monotonic timestamps.
 
-    The host logs synchronously while it carries out an effect, so the stamp is the moment the
-    host acted. The format strings are the host's own (``voicefsm/host.py``).
+    Passed as ``SessionHost(on_note=...)``: the host calls it synchronously while it carries
+    out an effect, so the stamp is the moment the host acted.
     """
 
-    _KINDS: ClassVar[dict[str, str]] = {
-        "%s -> %s: %s": "state",
-        "opening upstream #%d (%s, attempt %d)": "open",
-        "closed upstream #%d: %s": "close",
-    }
-
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.entries: list[HostLogEntry] = []
+        self.entries: list[HostEntry] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def __call__(self, note: HostNote) -> None:
         now = time.monotonic()
-        args = record.args if isinstance(record.args, tuple) else ()
-        kind = self._KINDS.get(str(record.msg), "other")
-        self.entries.append(HostLogEntry(now, kind, args))
+        if isinstance(note, StateNote):
+            self.entries.append(HostEntry(now, "state", (note.previous, note.state)))
+        elif isinstance(note, UpstreamOpenNote):
+            self.entries.append(HostEntry(now, "open", (note.connection_id,)))
+        elif isinstance(note, UpstreamCloseNote):
+            self.entries.append(HostEntry(now, "close", (note.connection_id,)))
+        else:
+            self.entries.append(HostEntry(now, "other", ()))
 
     def first(self, kind: str, after: float, match: tuple[object, ...] | None = None) -> float:
         """The time of the first entry of ``kind`` at or after ``after`` (matching a prefix)."""
@@ -220,6 +219,10 @@ class TimedUpstream:
 
     def __init__(self, inner: AdkUpstream) -> None:
         self.inner = inner
+
+    async def forget(self, session_id: str) -> None:
+        """Forget the ADK session (as the wrapped upstream does)."""
+        await self.inner.forget(session_id)
 
     def open(
         self,
@@ -331,77 +334,69 @@ async def rotating_script(conn: FakeLiveConnection) -> None:
 async def run_rotations(rotations: int, interval: float, warmup: int) -> RotationRun:
     """One session, ``warmup + rotations`` GoAways, 20 ms client chunks throughout."""
     STAMPS.reset()
-    recorder = HostLogRecorder()
-    host_logger = logging.getLogger("voicefsm.host")
-    previous_level = host_logger.level
-    host_logger.setLevel(logging.INFO)
-    host_logger.addHandler(recorder)
+    recorder = NoteRecorder()
     total = warmup + rotations
     started = time.monotonic()
     lateness: list[tuple[float, float]] = []  # (when, how late) per chunk
     goaways: list[tuple[int, float]] = []
-    try:
-        async with FakeLiveServer(script=rotating_script) as server:
-            model = TimedGemini(model=MODEL, client=server.genai_client())
-            agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
-            sessions = TimedSessionService()
-            runner = Runner(
-                app_name="voicefsm", agent=agent, session_service=sessions, auto_create_session=True
-            )
-            upstream = TimedUpstream(AdkUpstream(agent, runner=runner))
-            channel = TimedChannel()
-            config = SessionConfig(time_limit_s=3600, warning_before_s=60)
-            session = Session(config, seed=1)
-            host = SessionHost(session, upstream, client=channel, sink=MemorySink())
-            task = asyncio.create_task(host.run())
+    async with FakeLiveServer(script=rotating_script) as server:
+        model = TimedGemini(model=MODEL, client=server.genai_client())
+        agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
+        sessions = TimedSessionService()
+        runner = Runner(
+            app_name="voicefsm", agent=agent, session_service=sessions, auto_create_session=True
+        )
+        upstream = TimedUpstream(AdkUpstream(agent, runner=runner))
+        channel = TimedChannel()
+        config = SessionConfig(time_limit_s=3600, warning_before_s=60)
+        session = Session(config, seed=1)
+        host = SessionHost(session, upstream, client=channel, sink=MemorySink(), on_note=recorder)
+        task = asyncio.create_task(host.run())
 
-            sent = 0
-            stop = asyncio.Event()
+        sent = 0
+        stop = asyncio.Event()
 
-            async def stream() -> None:
-                nonlocal sent
-                loop = asyncio.get_running_loop()
-                due = loop.time()
-                while not stop.is_set():
-                    now = loop.time()
-                    lateness.append((time.monotonic(), now - due))
-                    channel.push(ev.ClientAudio(chunk(sent)))
-                    sent += 1
-                    due += CHUNK_SECONDS
-                    await asyncio.sleep(max(0.0, due - loop.time()))
+        async def stream() -> None:
+            nonlocal sent
+            loop = asyncio.get_running_loop()
+            due = loop.time()
+            while not stop.is_set():
+                now = loop.time()
+                lateness.append((time.monotonic(), now - due))
+                channel.push(ev.ClientAudio(chunk(sent)))
+                sent += 1
+                due += CHUNK_SECONDS
+                await asyncio.sleep(max(0.0, due - loop.time()))
 
-            def is_live(number: int, _channel: MemoryChannel) -> bool:
-                return channel.live_count >= number
+        def is_live(number: int, _channel: MemoryChannel) -> bool:
+            return channel.live_count >= number
 
-            streamer = asyncio.create_task(stream())
-            try:
-                for number in range(1, total + 2):
-                    conn = await server.wait_for_connection(number, timeout=10)
-                    async with asyncio.timeout(10):
-                        await channel.wait_for(functools.partial(is_live, number))
-                    await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
-                    if number > total:
-                        break
-                    # The model turn and the handle were sent; the session has them before
-                    # the GoAway (one connection, wire order).
-                    await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
-                    await asyncio.sleep(interval)
-                    goaway_at = time.monotonic()
-                    await conn.send_go_away(GOAWAY_TIME_LEFT)
-                    goaways.append((number + 1, goaway_at))
-            finally:
-                stop.set()
-                await streamer
-            last = server.connections[-1]
-            earlier = sum(c.audio_chunk_count for c in server.connections[:-1])
-            with contextlib.suppress(TimeoutError):
-                await last.wait_for_audio_chunks(sent - earlier, timeout=5)
-            channel.push(ev.ClientEnd())
-            record = await asyncio.wait_for(task, 15)
-            connections = list(server.connections)
-    finally:
-        host_logger.removeHandler(recorder)
-        host_logger.setLevel(previous_level)
+        streamer = asyncio.create_task(stream())
+        try:
+            for number in range(1, total + 2):
+                conn = await server.wait_for_connection(number, timeout=10)
+                async with asyncio.timeout(10):
+                    await channel.wait_for(functools.partial(is_live, number))
+                await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
+                if number > total:
+                    break
+                # The model turn and the handle were sent; the session has them before
+                # the GoAway (one connection, wire order).
+                await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
+                await asyncio.sleep(interval)
+                goaway_at = time.monotonic()
+                await conn.send_go_away(GOAWAY_TIME_LEFT)
+                goaways.append((number + 1, goaway_at))
+        finally:
+            stop.set()
+            await streamer
+        last = server.connections[-1]
+        earlier = sum(c.audio_chunk_count for c in server.connections[:-1])
+        with contextlib.suppress(TimeoutError):
+            await last.wait_for_audio_chunks(sent - earlier, timeout=5)
+        channel.push(ev.ClientEnd())
+        record = await asyncio.wait_for(task, 15)
+        connections = list(server.connections)
     wall = time.monotonic() - started
     if record.stats.connect_attempts != len(connections):
         raise RuntimeError(
@@ -677,8 +672,8 @@ def build_report(
         f"{args.warmup} warm-up ones, each sent between turns ({args.interval:g} s after the "
         f"connection went live, with audio flowing), so the session rotates at once; the client "
         f"streams numbered 20 ms chunks in real time throughout. All times on one "
-        f"`time.monotonic()` clock: the fake's connection records, a handler on logger "
-        f"`voicefsm.host`, the client channel. Baseline: {len(baseline.connect_ms)} bare "
+        f"`time.monotonic()` clock: the fake's connection records, the host's "
+        f"`on_note` observer, the client channel. Baseline: {len(baseline.connect_ms)} bare "
         f"`client.aio.live.connect()` calls of the same `genai.Client` to a second fake."
     )
     md.append("")

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
-from live_rig import MODEL, Rig, fast_config, sequence_numbers
+from live_rig import MODEL, Rig, fast_config, sequence_numbers, upstream_tasks
 
-from voicefsm import EndReason, Session
+from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
 from voicefsm.adk import AdkUpstream
 from voicefsm.host import MemoryChannel, SessionHost
 from voicefsm.metrics import Metrics
+from voicefsm.ports import EndNote, UpstreamOpenNote, UpstreamTornDownNote
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
 
@@ -384,3 +386,44 @@ async def test_a_client_that_stops_reading_cannot_stall_the_session() -> None:
         record = await asyncio.wait_for(host.run(), 15)
     assert record.end_reason is EndReason.TIME_LIMIT  # the deadline still fired
     assert not record.client_connected
+
+
+async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_session() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(2)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server, Rig(server) as rig:
+        rig.send_audio(2)
+        await rig.wait_state("live", count=2)
+        record = await rig.end()
+        assert not upstream_tasks()
+    session_id = record.session_id
+    kinds = [
+        (type(note).__name__, getattr(note, "connection_id", None), getattr(note, "state", None))
+        for note in rig.notes
+        if not isinstance(note, UpstreamTornDownNote)
+    ]
+    assert kinds == [
+        ("UpstreamOpenNote", 1, None),
+        ("StateNote", None, State.LIVE),
+        ("UpstreamCloseNote", 1, None),
+        ("StateNote", None, State.RESUMING),
+        ("UpstreamOpenNote", 2, None),
+        ("StateNote", None, State.LIVE),
+        ("StateNote", None, State.ENDED),
+        ("EndNote", None, None),
+        ("UpstreamCloseNote", 2, None),
+    ]
+    torn_down = sorted(n.connection_id for n in rig.notes if isinstance(n, UpstreamTornDownNote))
+    assert torn_down == [1, 2]
+    opened = [n for n in rig.notes if isinstance(n, UpstreamOpenNote)]
+    assert [n.resuming for n in opened] == [False, True]
+    end = [n for n in rig.notes if isinstance(n, EndNote)]
+    assert [n.reason for n in end] == [EndReason.USER_ENDED]
+    assert all(n.session_id == session_id for n in rig.notes)
+    registry = logging.Logger.manager.loggerDict
+    assert not [name for name in registry if session_id[:12] in name]
