@@ -427,3 +427,59 @@ async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_sessio
     assert all(n.session_id == session_id for n in rig.notes)
     registry = logging.Logger.manager.loggerDict
     assert not [name for name in registry if session_id[:12] in name]
+
+
+async def test_warning_and_end_arrive_on_schedule_while_an_old_connection_hangs_closing() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        conn.hang_on_close()  # the rotated-away connection never answers the close frame
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.send_go_away("20s")
+        await conn.wait_closed(timeout=None)
+
+    config = fast_config(time_limit_s=3, warning_before_s=1.5)
+    closed_when_ended: list[float | None] = []
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server:
+        hung_close_s = 4.0  # the hung close outlasts the interview
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+        upstream = AdkUpstream(agent, client=server.genai_client(), close_timeout_s=hung_close_s)
+        async with Rig(server, config, upstream=upstream) as rig:
+            rig.host._on_note = lambda note: (
+                closed_when_ended.append(server.connections[0].closed_at)
+                if isinstance(note, EndNote)
+                else None,
+                rig.notes.append(note),
+            )
+            rig.send_audio(5)
+            record = await rig.finish()
+            assert not upstream_tasks()  # run() waited for the hung tear-down
+            hung, second = server.connections
+            await hung.wait_closed()
+    assert hung.close_frames_ignored == 1
+    types = [m.type for m in rig.channel.messages]
+    assert types.count("session_warning") == 1
+    assert types.index("session_warning") < types.index("session_ended")
+    assert record.end_reason is EndReason.TIME_LIMIT
+    # The end reached the client while the first connection was still hanging in its close.
+    assert closed_when_ended == [None]
+    assert [t.text for t in second.text_inputs] == [config.wrap_up_prompt.replace("{minutes}", "1")]
+    assert sequence_numbers(server.connections) == list(range(5))
+
+
+async def test_run_leaves_no_upstream_task_behind_when_the_last_close_hangs() -> None:
+    async def hangs_closing(conn: FakeLiveConnection) -> None:
+        conn.hang_on_close()
+        await conn.send_setup_complete()
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(scripts=[hangs_closing]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        record = await rig.end()
+        assert not upstream_tasks()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    assert conn.close_frames_ignored == 1
+    assert record.end_reason is EndReason.USER_ENDED
+    torn_down = [n for n in rig.notes if isinstance(n, UpstreamTornDownNote)]
+    assert [n.connection_id for n in torn_down] == [1]
