@@ -22,7 +22,8 @@ from voicefsm import events as ev
 from voicefsm.adk import AdkUpstream
 from voicefsm.host import MemoryChannel, SessionHost
 from voicefsm.metrics import Metrics
-from voicefsm.ports import EndNote, UpstreamOpenNote, UpstreamTornDownNote
+from voicefsm.model import LogKind
+from voicefsm.ports import EndNote, LogNote, UpstreamOpenNote, UpstreamTornDownNote
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
 
@@ -405,7 +406,7 @@ async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_sessio
     kinds = [
         (type(note).__name__, getattr(note, "connection_id", None), getattr(note, "state", None))
         for note in rig.notes
-        if not isinstance(note, UpstreamTornDownNote)
+        if not isinstance(note, UpstreamTornDownNote | LogNote)
     ]
     assert kinds == [
         ("UpstreamOpenNote", 1, None),
@@ -420,6 +421,8 @@ async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_sessio
     ]
     torn_down = sorted(n.connection_id for n in rig.notes if isinstance(n, UpstreamTornDownNote))
     assert torn_down == [1, 2]
+    logged = [n.entry.kind for n in rig.notes if isinstance(n, LogNote)]
+    assert logged.count(LogKind.ROTATION) == 1
     opened = [n for n in rig.notes if isinstance(n, UpstreamOpenNote)]
     assert [n.resuming for n in opened] == [False, True]
     end = [n for n in rig.notes if isinstance(n, EndNote)]
@@ -483,3 +486,84 @@ async def test_run_leaves_no_upstream_task_behind_when_the_last_close_hangs() ->
     assert record.end_reason is EndReason.USER_ENDED
     torn_down = [n for n in rig.notes if isinstance(n, UpstreamTornDownNote)]
     assert [n.connection_id for n in torn_down] == [1]
+
+
+def silent_config(**overrides: Any) -> Any:
+    """Short liveness settings: a silent upstream is noticed within 0.2 + 0.5 s."""
+    return fast_config(upstream_ping_interval_s=0.2, upstream_pong_timeout_s=0.5, **overrides)
+
+
+def assert_every_chunk_in_order_once_resent(server: FakeLiveServer, sent: int) -> int:
+    """Every chunk arrived; the second connection starts at or before where the first stopped.
+
+    Returns how many chunks arrived twice (re-sent although the dead peer had read them).
+    """
+    first, second = (sequence_numbers([c]) for c in server.connections)
+    assert first == list(range(len(first)))
+    assert second, "nothing reached the resumed connection"
+    assert second == list(range(second[0], second[0] + len(second)))
+    assert second[0] <= len(first)
+    assert set(first) | set(second) == set(range(sent))
+    return len(first) - second[0]
+
+
+async def streaming(rig: Rig, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        rig.send_audio(1)
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("fault", ["stop_reading", "ignore_pings"])
+async def test_a_silent_upstream_is_resumed_and_the_audio_it_swallowed_is_resent(
+    fault: str,
+) -> None:
+    async def goes_silent(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(30)
+        getattr(conn, fault)()  # from now on the connection is silent
+        await conn.wait_closed(timeout=None)
+
+    async with (
+        FakeLiveServer(scripts=[goes_silent, setup_only]) as server,
+        Rig(server, silent_config()) as rig,
+    ):
+        stop = asyncio.Event()
+        streamer = asyncio.create_task(streaming(rig, stop))
+        second = await server.wait_for_connection(2, timeout=10)
+        await rig.wait_state("live", count=2)
+        await second.wait_for_audio_chunks(20)
+        stop.set()
+        await streamer
+        first = server.connections[0]
+        await second.wait_for(lambda c: sequence_numbers([c])[-1:] == [rig.sent - 1], timeout=10)
+        record = await rig.end()
+        assert not upstream_tasks()
+    assert second.resumption_handle == "h-1"
+    assert record.stats.resumes == 1
+    duplicated = assert_every_chunk_in_order_once_resent(server, rig.sent)
+    if fault == "stop_reading":
+        assert first.reading_stopped
+    else:
+        assert first.pings_ignored >= 1
+        assert duplicated > 0  # it had read them: re-sending errs on the side of no loss
+    closes = [n.entry for n in rig.notes if isinstance(n, LogNote)]
+    silent = [e for e in closes if e.kind is LogKind.UPSTREAM_CLOSED and e.connection_id == 1]
+    assert len(silent) == 1
+    assert "no pong" in (silent[0].why or "")
+
+
+async def test_audio_still_queued_at_a_normal_end_is_counted_as_unsent() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        rig.send_audio(40)
+        rig.channel.push(ev.ClientEnd())  # the end is handled before ADK sent them all
+        record = await rig.finish()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    received = conn.audio_chunk_count
+    assert record.stats.upstream_audio_unsent > 0
+    assert received + record.stats.upstream_audio_unsent == 40
+    assert rig.sink.records[record.session_id].stats.upstream_audio_unsent == (
+        record.stats.upstream_audio_unsent
+    )

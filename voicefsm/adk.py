@@ -284,7 +284,7 @@ class VoiceFsmGemini(Gemini):
 def _start_liveness_check(link: _Link) -> asyncio.Task[None] | None:
     interval = link.config.upstream_ping_interval_s
     websocket = link.websocket
-    if interval is None or websocket is None:
+    if websocket is None:
         return None
     name = f"voicefsm-upstream-{link.log.session_id[:12]}-{link.connection_id}-ping"
     return asyncio.create_task(_check_liveness(link, websocket, interval), name=name)

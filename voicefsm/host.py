@@ -35,6 +35,7 @@ from voicefsm.ports import (
     EndNote,
     HostNote,
     HostObserver,
+    LogNote,
     Report,
     SessionSink,
     StateNote,
@@ -120,7 +121,6 @@ class SessionHost:
         self._current: UpstreamConnection | None = None
         self._carry: list[bytes] = []
         self._teardowns: set[asyncio.Task[int]] = set()
-        self._unsent_after_end = 0
         self._pending_client = client
         self._observer = observer
         self._on_note = on_note
@@ -219,6 +219,7 @@ class SessionHost:
                 task.cancel()
             if stuck:
                 await asyncio.wait(stuck, timeout=TEARDOWN_GRACE_S)
+        await self._count_late_unsent()
         if self.session.ended or self.detached:
             try:
                 await self.upstream.forget(self.session.session_id)
@@ -228,6 +229,27 @@ class SessionHost:
             self._client_reader.cancel()
             await asyncio.wait({self._client_reader})  # never raises, unlike awaiting it
             self._client_reader = None
+
+    async def _count_late_unsent(self) -> None:
+        """Hand the engine the unsent-audio counts that arrived after its loop stopped."""
+        late: list[ev.UpstreamAudioUnsent] = []
+        while not self._inbox.empty():
+            event = self._inbox.get_nowait()
+            if isinstance(event, ev.UpstreamAudioUnsent):
+                late.append(event)
+        if self._carry:
+            late.append(ev.UpstreamAudioUnsent(len(self._carry), "the host stopped"))
+            self._carry = []
+        if self.detached and not self.session.ended:
+            # The next worker owns the record now; only say what this one could not send.
+            for event in late:
+                self._log.warning("%d audio chunks unsent: %s", event.chunks, event.reason)
+            return
+        for event in late:
+            try:
+                await self._apply(self.session.handle(event, self._clock()))
+            except Exception as error:
+                self._log.warning("recording unsent audio failed: %r", error)
 
     # ------------------------------------------------------------------ effects
 
@@ -253,6 +275,8 @@ class SessionHost:
                 await self.sink.save(effect.record)
             elif isinstance(effect, fx.StateChanged):
                 self._state_changed(effect)
+            elif isinstance(effect, fx.Logged) and self._on_note is not None:
+                self._note(LogNote(self.session.session_id, effect.entry))
 
     def _note(self, note: HostNote) -> None:
         if self._on_note is not None:
@@ -360,8 +384,10 @@ class SessionHost:
     def _count_unsent(self, chunks: int, reason: str) -> None:
         if chunks <= 0:
             return
-        self._log.warning("%d audio chunks never reached the model: %s", chunks, reason)
-        self._unsent_after_end += chunks
+        self._log.warning("%d audio chunks may never have reached the model: %s", chunks, reason)
+        # Through the inbox, so the consumer stays the only caller of the engine; whatever is
+        # still queued when the loop stops is handled by _shutdown.
+        self.post(ev.UpstreamAudioUnsent(chunks, reason))
 
     async def _to_client(
         self, effect: fx.SendAudioToClient | fx.SendToClient | fx.CloseClient

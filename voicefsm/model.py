@@ -85,16 +85,6 @@ class SessionConfig(BaseModel):
     connect_timeout_s: float = Field(
         10, gt=0, description="How long an upstream connection may take to become ready."
     )
-    upstream_ping_interval_s: float | None = Field(
-        2.0,
-        gt=0,
-        description="How often the host pings the upstream websocket (None: no liveness check).",
-    )
-    upstream_pong_timeout_s: float = Field(
-        5.0,
-        gt=0,
-        description="A ping unanswered this long makes the upstream a resumable close (1006).",
-    )
     resume_backoff_base_s: float = Field(0.25, gt=0, description="First retry delay.")
     resume_backoff_cap_s: float = Field(8, gt=0, description="Largest retry delay.")
     resume_backoff_jitter: float = Field(

@@ -8,7 +8,8 @@
   (:class:`voicefsm.adk.AdkUpstream`, or a direct google-genai one),
 * a :class:`SessionSink` that persists records and transcript lines (a store), and
 * optionally a :class:`HostObserver` that receives structured :data:`HostNote` s (state
-  changes, upstream opens and closes, the end) for metrics, benchmarks and examples.
+  changes, upstream opens, closes and tear-downs, the end, and every engine log entry) for
+  metrics, benchmarks and examples.
 
 A new upstream, web framework or store plugs in by implementing these; nothing here imports
 ADK, genai or a web framework.
@@ -21,7 +22,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from voicefsm import events as ev
-from voicefsm.model import EndReason, SessionConfig, SessionRecord, State, TranscriptLine
+from voicefsm.model import (
+    EndReason,
+    LogEntry,
+    SessionConfig,
+    SessionRecord,
+    State,
+    TranscriptLine,
+)
 from voicefsm.protocol import ServerMessage
 
 ClientInput = ev.ClientAudio | ev.ClientText | ev.ClientEnd | ev.HeartbeatAck | ev.Fatal
@@ -189,7 +197,17 @@ class EndNote:
     at: float
 
 
-HostNote = StateNote | UpstreamOpenNote | UpstreamCloseNote | UpstreamTornDownNote | EndNote
+@dataclass(frozen=True, slots=True)
+class LogNote:
+    """An entry the engine added to the session's event log (``fx.Logged``), passed on as is."""
+
+    session_id: str
+    entry: LogEntry
+
+
+HostNote = (
+    StateNote | UpstreamOpenNote | UpstreamCloseNote | UpstreamTornDownNote | EndNote | LogNote
+)
 """Anything a :class:`HostObserver` receives."""
 
 HostObserver = Callable[[HostNote], None]
@@ -201,6 +219,7 @@ __all__ = [
     "EndNote",
     "HostNote",
     "HostObserver",
+    "LogNote",
     "Report",
     "SessionSink",
     "StateNote",
