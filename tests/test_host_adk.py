@@ -19,7 +19,7 @@ from live_rig import MODEL, Rig, fast_config, sequence_numbers, upstream_tasks
 
 from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
-from voicefsm.adk import AdkUpstream
+from voicefsm.adk import AdkUpstream, BoundedSessionService
 from voicefsm.host import MemoryChannel, SessionHost
 from voicefsm.metrics import Metrics
 from voicefsm.model import LogKind
@@ -567,3 +567,43 @@ async def test_audio_still_queued_at_a_normal_end_is_counted_as_unsent() -> None
     assert rig.sink.records[record.session_id].stats.upstream_audio_unsent == (
         record.stats.upstream_audio_unsent
     )
+
+
+async def test_the_adk_session_stays_small_over_many_rotations() -> None:
+    rotations = 30
+    copied: list[int] = []
+
+    class CountingService(BoundedSessionService):
+        async def get_session(self, **kwargs: Any) -> Any:
+            session = await super().get_session(**kwargs)
+            copied.append(len(session.events) if session is not None else -1)
+            return session
+
+    async def talkative(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        for n in range(3):
+            await conn.send_output_transcription(f"Question {conn.number}.{n}?", finished=True)
+            await conn.send_turn_complete()
+            await conn.send_input_transcription(f"Answer {conn.number}.{n}.", finished=True)
+        await conn.send_resumption_update(f"h-{conn.number}")
+        if conn.number <= rotations:
+            await conn.send_go_away("5s")
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(script=talkative) as server:
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+        service = CountingService()
+        upstream = AdkUpstream(agent, client=server.genai_client())
+        upstream.runner.session_service = service
+        async with Rig(server, upstream=upstream) as rig:
+            await rig.wait_state("live", count=rotations + 1, within=60)
+            await server.connections[-1].wait_for(lambda c: bool(c.issued_handles))
+            key = {"app_name": upstream.runner.app_name, "user_id": upstream.user_id}
+            stored = service.sessions[key["app_name"]][key["user_id"]][rig.session.session_id]
+            stored_events = len(stored.events)
+            record = await rig.end()
+    assert record.stats.resumes == rotations
+    assert len(rig.sink.transcripts[record.session_id]) >= 6 * rotations
+    assert stored_events < 2 * service.keep  # not ~6 events per connection, for ever
+    # A new run_live copies none of ADK's history (the first finds no session and makes one).
+    assert copied[-rotations:] == [0] * rotations

@@ -33,12 +33,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
+from google.adk.events import Event
 from google.adk.models.base_llm_connection import BaseLlmConnection
 from google.adk.models.google_llm import Gemini
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.adk.runners import Runner
 from google.adk.sessions import InMemorySessionService
+from google.adk.sessions import Session as AdkSession
+from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import errors, types
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -412,6 +415,45 @@ class AdkConnection:
             link.report_closed(*_close_code(error))
 
 
+ADK_EVENTS_KEPT = 64
+"""Events an ADK session keeps under :class:`AdkUpstream`'s own session service (see there)."""
+
+
+class BoundedSessionService(InMemorySessionService):
+    """ADK's in-memory session service, keeping only each session's last ``keep`` events.
+
+    ADK appends every finished transcript, turn and tool event of a live conversation to its
+    session, deep-copies the whole session at the start of every ``run_live`` (every upstream
+    connection) and scans it on every append. Over a 45-minute interview that is memory growing
+    with the transcript and rotations that get slower as the interview goes on. voicefsm needs
+    none of that history: the transcript is in voicefsm's store and a resumed connection gets
+    its context from the server, not from replayed history. So both the stored session and the
+    running ``run_live``'s copy are cut back to the newest ``keep`` events (enough for ADK to pair
+    a tool call with its response); the session's ``state`` is untouched.
+    """
+
+    def __init__(self, keep: int = ADK_EVENTS_KEPT) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        super().__init__()
+        self.keep = keep
+
+    async def append_event(self, session: AdkSession, event: Event) -> Event:
+        """Append as ADK does, then cut both copies of the session back to ``keep`` events."""
+        result = await super().append_event(session=session, event=event)
+        self._trim(session)
+        stored = self.sessions.get(session.app_name, {}).get(session.user_id, {}).get(session.id)
+        if stored is not None and stored is not session:
+            self._trim(stored)
+        return result
+
+    def _trim(self, session: AdkSession) -> None:
+        # Cut in batches (down to `keep` once there are twice as many): amortised O(1).
+        events = session.events
+        if len(events) >= 2 * self.keep:
+            del events[: len(events) - self.keep]
+
+
 class AdkUpstream:
     """Opens upstream connections for sessions through an ADK agent (:class:`Upstream`).
 
@@ -453,16 +495,23 @@ class AdkUpstream:
         self.agent = agent
         self.user_id = user_id
         self.app_name = app_name
-        # An ADK session per interview lives in this in-memory service; when we own it we also
-        # delete it when the interview ends (see `forget`), or a long-running server leaks them.
+        # An ADK session per interview lives in this in-memory service, holding only its newest
+        # events (see BoundedSessionService); when we own it we also delete it when the
+        # interview ends (see `forget`), or a long-running server leaks them.
         self._owns_sessions = runner is None
         self.runner = runner or Runner(
             app_name=app_name,
             agent=agent,
-            session_service=InMemorySessionService(),
+            session_service=BoundedSessionService(),
             auto_create_session=True,
         )
         base = run_config or RunConfig()
+        if base.get_session_config is None:
+            # Each connection resumes the server's context: it needs none of ADK's history, and
+            # copying it at every run_live is what made rotations slower over an interview.
+            base = base.model_copy(
+                update={"get_session_config": GetSessionConfig(num_recent_events=0)}
+            )
         self.run_config = base.model_copy(
             update={
                 "response_modalities": base.response_modalities or [types.Modality.AUDIO],
