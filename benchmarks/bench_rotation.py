@@ -62,12 +62,13 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.adk.agents import LlmAgent
+from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
 from google.adk.models.base_llm_connection import BaseLlmConnection
+from google.adk.models.google_llm import Gemini
 from google.adk.models.llm_request import LlmRequest
 from google.adk.runners import Runner
 from google.adk.sessions import InMemorySessionService
@@ -312,6 +313,7 @@ class RotationRun:
     connections: int
     wall_s: float
     adk_gets: list[tuple[int, float]]  # per run_live: (ADK session events, get_session ms)
+    side: SideRun  # the measured rotations' gaps, for the comparison with bare ADK
 
 
 @dataclass
@@ -447,6 +449,7 @@ async def run_rotations(rotations: int, interval: float, warmup: int) -> Rotatio
         len(connections),
         wall,
         sessions.gets[-len(goaways) :][warmup:],
+        gaps_from("voicefsm", connections, goaways[warmup:]),
     )
 
 
@@ -520,6 +523,123 @@ async def run_baseline(count: int, warmup: int) -> BaselineRun:
                 result.connect_ms.append((ready - start) * 1000.0)
                 result.close_ms.append((closed - ready) * 1000.0)
     return result
+
+
+# --------------------------------------------------------------------------- bare ADK
+
+
+@dataclass
+class SideRun:
+    """Per-rotation gaps of one run, in milliseconds, in rotation order."""
+
+    label: str
+    to_setup_ms: list[float] = field(default_factory=list)  # goAway sent -> next setup frame
+    to_chunk_ms: list[float] = field(default_factory=list)  # goAway sent -> first client chunk
+
+
+def gaps_from(
+    label: str, connections: Sequence[FakeLiveConnection], goaways: Sequence[tuple[int, float]]
+) -> SideRun:
+    """The GoAway-to-next-connection gaps, measured on the fake's records."""
+    run = SideRun(label)
+    for number, goaway_at in goaways:
+        new = connections[number - 1]
+        setup = new.setup_at if new.setup_at is not None else NAN
+        first = next((e.at for e in new.timeline if e.kind == "audio"), NAN)
+        run.to_setup_ms.append((setup - goaway_at) * 1000.0)
+        run.to_chunk_ms.append((first - goaway_at) * 1000.0)
+    return run
+
+
+async def drive_rotations(
+    server: FakeLiveServer,
+    total: int,
+    interval: float,
+    is_live: Callable[[int], bool],
+    changed: Callable[[], Awaitable[None]],
+) -> list[tuple[int, float]]:
+    """Send a GoAway on each of ``total`` connections once it is live and has audio."""
+    goaways: list[tuple[int, float]] = []
+    for number in range(1, total + 2):
+        conn = await server.wait_for_connection(number, timeout=10)
+        async with asyncio.timeout(10):
+            while not is_live(number):
+                await changed()
+        await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
+        if number > total:
+            break
+        await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
+        await asyncio.sleep(interval)
+        goaway_at = time.monotonic()
+        await conn.send_go_away(GOAWAY_TIME_LEFT)
+        goaways.append((number + 1, goaway_at))
+    return goaways
+
+
+async def run_bare_adk(rotations: int, interval: float, warmup: int) -> SideRun:
+    """Bare ADK: one ``run_live`` with resumption on; ADK reconnects by itself on each GoAway."""
+    async with FakeLiveServer(script=rotating_script) as server:
+        model = Gemini(model=MODEL, client=server.genai_client())
+        agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
+        runner = Runner(
+            app_name="bare",
+            agent=agent,
+            session_service=InMemorySessionService(),
+            auto_create_session=True,
+        )
+        run_config = RunConfig(
+            response_modalities=[types.Modality.AUDIO],
+            session_resumption=types.SessionResumptionConfig(),
+            input_audio_transcription=types.AudioTranscriptionConfig(),
+            output_audio_transcription=types.AudioTranscriptionConfig(),
+        )
+        queue = LiveRequestQueue()
+
+        async def drain() -> None:
+            stream = runner.run_live(
+                user_id="candidate",
+                session_id="bare-1",
+                live_request_queue=queue,
+                run_config=run_config,
+            )
+            async with contextlib.aclosing(stream) as events:
+                async for _ in events:
+                    pass
+
+        consumer = asyncio.create_task(drain())
+        stop = asyncio.Event()
+
+        async def stream_audio() -> None:
+            loop = asyncio.get_running_loop()
+            due = loop.time()
+            seq = 0
+            while not stop.is_set():
+                queue.send_realtime(types.Blob(data=chunk(seq), mime_type="audio/pcm;rate=16000"))
+                seq += 1
+                due += CHUNK_SECONDS
+                await asyncio.sleep(max(0.0, due - loop.time()))
+
+        streamer = asyncio.create_task(stream_audio())
+
+        def setup_done(number: int) -> bool:
+            return len(server.connections) >= number and bool(
+                server.connections[number - 1].session_id
+            )
+
+        async def changed() -> None:
+            await asyncio.sleep(0.002)
+
+        try:
+            goaways = await drive_rotations(
+                server, warmup + rotations, interval, setup_done, changed
+            )
+        finally:
+            stop.set()
+            await streamer
+            queue.close()
+            consumer.cancel()
+            await asyncio.wait({consumer}, timeout=15)
+        return gaps_from("bare ADK", server.connections, goaways[warmup:])
 
 
 # --------------------------------------------------------------------------- report
@@ -787,7 +907,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
     )
     parser.add_argument(
-        "--rotations", type=int, default=50, help="rotations to measure (default 50)"
+        "--rotations", type=int, default=100, help="rotations to measure per run (default 100)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of each side, interleaved with the other side's (default 2)",
     )
     parser.add_argument(
         "--warmup", type=int, default=2, help="rotations run first and not measured (default 2)"
@@ -809,15 +935,77 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--verbose", action="store_true", help="log voicefsm and the fake server at INFO"
     )
     args = parser.parse_args(argv)
-    if args.rotations < 1 or args.warmup < 0 or args.interval < 0:
-        parser.error("--rotations must be >= 1, --warmup and --interval >= 0")
+    if args.rotations < 1 or args.repeats < 1 or args.warmup < 0 or args.interval < 0:
+        parser.error("--rotations and --repeats must be >= 1, --warmup and --interval >= 0")
     return args
 
 
-async def amain(args: argparse.Namespace) -> tuple[RotationRun, BaselineRun]:
+@dataclass
+class Comparison:
+    """Every run of both sides, in the order they ran (interleaved)."""
+
+    voicefsm: list[SideRun] = field(default_factory=list)
+    bare: list[SideRun] = field(default_factory=list)
+
+
+async def amain(args: argparse.Namespace) -> tuple[RotationRun, BaselineRun, Comparison]:
     baseline = await run_baseline(args.rotations, warmup=3)
-    run = await run_rotations(args.rotations, args.interval, args.warmup)
-    return run, baseline
+    comparison = Comparison()
+    run: RotationRun | None = None
+    for repeat in range(args.repeats):
+        order = ("bare", "voicefsm") if repeat % 2 == 0 else ("voicefsm", "bare")
+        for side in order:
+            if side == "bare":
+                comparison.bare.append(
+                    await run_bare_adk(args.rotations, args.interval, args.warmup)
+                )
+            else:
+                run = await run_rotations(args.rotations, args.interval, args.warmup)
+                comparison.voicefsm.append(run.side)
+    assert run is not None
+    return run, baseline, comparison
+
+
+def side_by_side(comparison: Comparison, window: int) -> tuple[list[str], list[str]]:
+    """Terminal lines and Markdown lines comparing voicefsm with bare ADK."""
+
+    def pooled(runs: list[SideRun], attr: str, part: slice) -> float:
+        values = [v for run in runs for v in getattr(run, attr)[part]]
+        clean = [v for v in values if v == v]
+        return statistics.median(clean) if clean else NAN
+
+    first, last, every = slice(0, window), slice(-window, None), slice(None)
+    rows: list[tuple[str, list[float]]] = []
+    for label, attr in (
+        ("GoAway → next setup frame at the fake", "to_setup_ms"),
+        ("GoAway → first client chunk at the new connection", "to_chunk_ms"),
+    ):
+        for part_label, part in (
+            (f"first {window}", first),
+            (f"last {window}", last),
+            ("all", every),
+        ):
+            ours = pooled(comparison.voicefsm, attr, part)
+            bare = pooled(comparison.bare, attr, part)
+            rows.append((f"{label}, {part_label}", [ours, bare, ours / bare if bare else NAN]))
+    runs = len(comparison.voicefsm)
+    count = len(comparison.voicefsm[0].to_setup_ms) if comparison.voicefsm else 0
+    head = (
+        f"voicefsm against bare ADK, {count} rotations per run, {runs} interleaved runs each "
+        f"(medians pooled over the runs):"
+    )
+    width = max(len(label) for label, _ in rows) + 2
+    text = [head, "", f"{'gap (ms)'.ljust(width)}{'voicefsm':>10}{'bare ADK':>10}{'ratio':>8}"]
+    md = [
+        head,
+        "",
+        "| gap | voicefsm | bare ADK | voicefsm ÷ bare |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for label, (ours, bare, quotient) in rows:
+        text.append(f"{label.ljust(width)}{fmt(ours):>10}{fmt(bare):>10}{fmt(quotient):>8}")
+        md.append(f"| {label} | {fmt(ours)} ms | {fmt(bare)} ms | {fmt(quotient)}{TIMES} |")
+    return text, md
 
 
 def write_section(path: Path, section: str) -> bool:
@@ -856,11 +1044,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.INFO, format="%(relativeCreated)8.0f %(name)s %(message)s"
         )
     started = time.monotonic()
-    run, baseline = asyncio.run(amain(args))
+    run, baseline, comparison = asyncio.run(amain(args))
     args.elapsed = time.monotonic() - started
     shown = ["python", "benchmarks/bench_rotation.py"]
-    if args.rotations != 50:
+    if args.rotations != 100:
         shown += ["--rotations", str(args.rotations)]
+    if args.repeats != 2:
+        shown += ["--repeats", str(args.repeats)]
     if args.warmup != 2:
         shown += ["--warmup", str(args.warmup)]
     if args.interval != 0.25:
@@ -869,6 +1059,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown += ["--markdown", str(args.markdown)]
     command = shlex.join(shown)
     text, markdown = build_report(run, baseline, args, command)
+    side_text, side_md = side_by_side(comparison, min(10, max(1, args.rotations // 2)))
+    text = "\n".join(side_text) + "\n\n" + text
+    heading, _, rest = markdown.partition("\n")
+    markdown = f"{heading}\n\n" + "\n".join(side_md) + "\n" + rest
     print(text)
     if args.markdown is not None:
         replaced = write_section(args.markdown, markdown)

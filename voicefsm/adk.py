@@ -347,7 +347,7 @@ class AdkConnection:
         self._queue.send_content(types.Content(role="user", parts=[types.Part(text=text)]))
 
     def close(self) -> list[bytes]:
-        """Stop at once: nothing more is sent or reported; the ``run_live`` task is cancelled.
+        """Stop at once: nothing more is sent or reported. The socket work is :meth:`wait_closed`.
 
         Returns the chunks never written, preceded, if the liveness check found the connection
         dead, by those written since its last pong (the peer may never have read them); a dead
@@ -357,21 +357,21 @@ class AdkConnection:
         if link.closing:
             return []
         link.closing = True
-        self._queue.close()
         handed_back = list(link.unsent)
         link.unsent.clear()
         if link.dead:
             handed_back[:0] = link.unconfirmed
             link.confirm(link.written)  # handed back: no longer this connection's to count
             link.abort()
-        self._task.cancel()
         return handed_back
 
     async def wait_closed(self) -> int:
-        """Wait for ``run_live`` to stop: the closing handshake gets ``close_timeout_s``, then
-        the socket is aborted. Returns the chunks written but never confirmed by the peer."""
+        """Stop ``run_live``: the closing handshake gets ``close_timeout_s``, then the socket is
+        aborted. Returns the chunks written but never confirmed by the peer."""
         link = self._link
         task = self._task
+        self._queue.close()
+        task.cancel()
         done, _ = await asyncio.wait({task}, timeout=link.close_timeout_s + 0.5)
         if not done:
             link.log.warning(

@@ -62,6 +62,14 @@ __all__ = [
     "UpstreamConnection",
 ]
 
+TEARDOWN_DEFER_S = 0.5
+"""Longest a closed connection's tear-down waits for the next connection to become ready.
+
+A rotation's new TLS and websocket handshakes would otherwise share the event loop with the old
+connection's closing handshake (on loopback that doubled the GoAway-to-setup gap); the socket
+work of a closed connection waits until the next one is ready, the session ends, or this long.
+"""
+
 TEARDOWN_GRACE_S = 2.0
 """How long ``run()`` waits, past the upstream's own bound, for a tear-down before cancelling it."""
 
@@ -121,6 +129,8 @@ class SessionHost:
         self._current: UpstreamConnection | None = None
         self._carry: list[bytes] = []
         self._teardowns: set[asyncio.Task[int]] = set()
+        self._deferred: list[tuple[UpstreamConnection, int, float]] = []
+        self._deferred_timer: asyncio.TimerHandle | None = None
         self._pending_client = client
         self._observer = observer
         self._on_note = on_note
@@ -166,6 +176,8 @@ class SessionHost:
                 if self._detach_reason is not None:
                     break
                 await self._apply(session.handle(event, self._clock()))
+                if self._deferred and type(event) is ev.UpstreamReady:
+                    self._start_teardowns()
             if self._detach_reason is not None and not session.ended:
                 self._log.warning("detached without ending the session: %s", self._detach_reason)
                 client, self._client = self._client, None
@@ -211,6 +223,7 @@ class SessionHost:
         for connection_id in list(self._connections):
             self._close_upstream(connection_id, "the host is stopping")
         self._current = None
+        self._start_teardowns()
         if self._teardowns:
             # Each tear-down is bounded by its upstream; this is a second, outer bound.
             _, stuck = await asyncio.wait(self._teardowns, timeout=TEARDOWN_GRACE_S + 10.0)
@@ -358,10 +371,25 @@ class SessionHost:
         self._note(
             UpstreamCloseNote(self.session.session_id, connection_id, reason, len(handed_back))
         )
-        name = f"voicefsm-upstream-{self.session.session_id[:12]}-{connection_id}-teardown"
-        task = asyncio.create_task(self._tear_down(connection, connection_id, started), name=name)
-        self._teardowns.add(task)
-        task.add_done_callback(self._teardowns.discard)
+        self._deferred.append((connection, connection_id, started))
+        if self.session.ended:
+            self._start_teardowns()
+        elif self._deferred_timer is None:
+            loop = asyncio.get_running_loop()
+            self._deferred_timer = loop.call_later(TEARDOWN_DEFER_S, self._start_teardowns)
+
+    def _start_teardowns(self) -> None:
+        """Start the tear-down of every closed connection (beside the consumer)."""
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
+        deferred, self._deferred = self._deferred, []
+        for connection, connection_id, started in deferred:
+            name = f"voicefsm-upstream-{self.session.session_id[:12]}-{connection_id}-teardown"
+            coro = self._tear_down(connection, connection_id, started)
+            task = asyncio.create_task(coro, name=name)
+            self._teardowns.add(task)
+            task.add_done_callback(self._teardowns.discard)
 
     async def _tear_down(
         self, connection: UpstreamConnection, connection_id: int, started: float

@@ -62,8 +62,10 @@ class ClientChannel(Protocol):
 class UpstreamConnection(Protocol):
     """One upstream connection, opened by :meth:`Upstream.open`.
 
-    The host calls :meth:`close` exactly once and never awaits anything else of it on its
-    consumer; :meth:`wait_closed` runs beside the consumer.
+    The host calls :meth:`close` exactly once, then :meth:`wait_closed` once, in a task beside
+    its consumer and possibly a little later (once the next connection is ready, or at most
+    :data:`voicefsm.host.TEARDOWN_DEFER_S`), so that the closing handshake of an old connection
+    does not compete with the opening handshake of the new one.
     """
 
     def send_audio(self, data: bytes) -> None:
@@ -75,7 +77,7 @@ class UpstreamConnection(Protocol):
         ...
 
     def close(self) -> list[bytes]:
-        """Stop sending at once and start tearing the connection down beside the caller.
+        """Stop sending and reporting at once; leave the socket work to :meth:`wait_closed`.
 
         Returns the audio the next connection must send instead, in order: chunks accepted but
         never written to the socket, plus, when the connection proved dead (its liveness check
@@ -85,7 +87,7 @@ class UpstreamConnection(Protocol):
         ...
 
     async def wait_closed(self) -> int:
-        """Wait until the tear-down finished (bounded by the upstream's close timeout).
+        """Tear the connection down (bounded by the upstream's close timeout) and wait for it.
 
         Returns how many audio chunks were written to the socket without the peer confirming
         them (a closing handshake or a pong) and that :meth:`close` did not hand back: audio
