@@ -93,6 +93,37 @@ async def test_an_oversize_frame_is_refused_by_the_server_1009_and_the_session_s
     assert (await next_json(again, "session_ended"))["reason"] == "user_ended"
 
 
+async def test_the_starlette_adapter_warns_when_uvicorn_allows_bigger_frames(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from websockets.asyncio.client import connect
+
+    from voicefsm.web.starlette import interview_route
+
+    service = InterviewService(_NoUpstream(), AUTH, config=SessionConfig())
+    app = Starlette(routes=[interview_route(service)])
+    port = free_port()
+    # An embedder's plain configuration: uvicorn's default 16 MiB frame limit.
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="error")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        await until(lambda: server.started)
+        with caplog.at_level(logging.WARNING, logger="voicefsm.web.starlette"):
+            ws = await connect(
+                f"ws://127.0.0.1:{port}/interview",
+                subprotocols=["bearer.not-a-jwt"],  # type: ignore[list-item]
+            )
+            assert await close_code(ws) == 4401
+        assert "ws_max_size=262144" in caplog.text
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of process ``pid``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -14,7 +14,7 @@ import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from voicefsm.auth import JWTAuthenticator
+from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.model import SessionConfig
 from voicefsm.service import InterviewService
@@ -67,6 +68,8 @@ class ServeSettings:
     """CA certificate (PEM) that signed ``live_base_url``'s certificate."""
     demo_hosts: tuple[str, ...] = ()
     """Host names, besides the loopback ones, for which ``/demo/token`` hands out tokens."""
+    service_limits: ServiceLimits = field(default_factory=ServiceLimits)
+    """Connections and sessions one worker takes on (``docs/protocol.md``, Limits)."""
 
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -128,6 +131,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 lease_ttl_s=settings.lease_ttl_s,
                 metrics=metrics,
                 origins=settings.origins or None,
+                service_limits=settings.service_limits,
             )
             state["service"] = service
             app.state.service = service

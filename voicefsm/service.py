@@ -227,6 +227,10 @@ class InterviewService:
             return
         try:
             await self._handle(transport, offered)
+        except Exception as error:  # nothing a client causes may escape as a bare 1006
+            logger.exception("serving a client connection failed (%s)", type(error).__name__)
+            with contextlib.suppress(Exception):
+                await transport.close(1011, "the server failed to serve this connection")
         finally:
             self.admission.disconnect()
 
