@@ -49,7 +49,10 @@ def _serve(args: argparse.Namespace) -> int:
         live_base_url=args.live_base_url,
         live_ca_file=args.live_ca_file,
     )
-    run(settings, host=args.host, port=args.port)
+    try:
+        run(settings, host=args.host, port=args.port)
+    except KeyboardInterrupt:  # Ctrl+C before the server was up: nothing to drain
+        return 130
     return 0
 
 

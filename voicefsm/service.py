@@ -26,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,6 +56,18 @@ from voicefsm.stores import (
 )
 
 logger = logging.getLogger("voicefsm.service")
+
+MEMORY_STORE_WARNING = (
+    "sessions are kept in memory (MemoryStore): stopping or restarting this process ends every "
+    "running interview (reason 'error'); pass a durable store (SQLite or Redis, see "
+    "voicefsm.stores.open_store) to hand them over instead"
+)
+"""Logged once at start-up by a service on the memory store."""
+MEMORY_SHUTDOWN_DETAIL = (
+    "the server shut down, and sessions kept in memory (MemoryStore) cannot continue after a "
+    "restart"
+)
+"""The end detail of a session ended by the shutdown of a service on the memory store."""
 
 SUBPROTOCOL = "voicefsm.v1"
 """The subprotocol the server selects when the client offers it."""
@@ -159,6 +171,8 @@ class LiveSession:
     channel: WebChannel | None = None
     observer: SessionObserver | None = None
     created_at: float = field(default_factory=time.time)
+    release_on_detach: bool = False
+    """Handed over on shutdown: save the record and release the lease for the next worker."""
 
 
 class InterviewService:
@@ -185,6 +199,7 @@ class InterviewService:
         metrics: Metrics | None = None,
         auth_timeout_s: float = 10.0,
         session_factory: Callable[[SessionConfig], Session] = Session,
+        drain_timeout_s: float = 10.0,
     ) -> None:
         self.upstream = upstream
         self.authenticator = authenticator
@@ -199,14 +214,24 @@ class InterviewService:
         self._session_factory = session_factory
         self.sessions: dict[str, LiveSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        if not drain_timeout_s > 0:
+            raise ValueError(f"drain_timeout_s must be positive, not {drain_timeout_s!r}")
+        self.drain_timeout_s = drain_timeout_s
+        self._started = False
+        self._draining = False
+        self._background: list[Callable[[], Awaitable[None]]] = []
 
     async def handle(self, transport: Transport) -> None:
         """Serve one client connection until it closes or its session ends."""
+        await self.start()
         offered = list(transport.subprotocols)
         await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
         if self.origins is not None and transport.origin not in self.origins:
             logger.warning("refused a connection from origin %r", transport.origin)
             await transport.close(4403, "origin not allowed")
+            return
+        if self._draining:
+            await self._refuse_while_draining(transport)
             return
         principal = await self._authenticate(transport, offered)
         if principal is None:
@@ -229,28 +254,83 @@ class InterviewService:
         if not channel.done.is_set():
             await channel.close(1011, "the session stopped")
 
-    async def shutdown(self, *, detach: bool | None = None) -> None:
-        """Stop every session this worker drives, and wait for them.
+    @property
+    def durable(self) -> bool:
+        """Whether sessions outlive this process: the store is not a :class:`MemoryStore`."""
+        return not isinstance(self.store, MemoryStore)
 
-        With ``detach`` (the default when the store is durable) sessions are handed back to the
-        store un-ended: clients get 4410 and can reconnect to this service after a restart, or
-        to another worker. Otherwise each session ends with ``error``.
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`shutdown` has begun: new connections are refused from then on."""
+        return self._draining
+
+    async def start(self) -> None:
+        """Begin serving (idempotent): say at start-up what a restart does to running sessions.
+
+        The lifespan helpers (:mod:`voicefsm.web.lifespan`) call it; :meth:`handle` calls it
+        too, so a service that nobody started still works.
         """
+        if self._started:
+            return
+        self._started = True
+        if self.durable:
+            logger.info(
+                "worker %s: sessions are kept in %r; on shutdown they are handed over "
+                "(clients get 4410 and reconnect) and continue after a restart or on another "
+                "worker",
+                self.worker_id,
+                self.store,
+            )
+        else:
+            logger.warning(MEMORY_STORE_WARNING)
+
+    async def shutdown(self, *, detach: bool | None = None, timeout_s: float | None = None) -> None:
+        """Stop every session this worker drives, within a bounded drain, and wait for them.
+
+        New connections are refused from the first call on. With ``detach`` (the default when
+        the store is durable) each session is handed over un-ended: its record is saved, its
+        lease released and its client closed with 4410 ("reconnect"); the reconnecting client
+        continues it here after a restart, or on another worker. Otherwise (the memory store)
+        each session ends with ``error`` and a detail that says why. Sessions still running
+        after ``timeout_s`` (default ``drain_timeout_s``) are cancelled.
+        """
+        self._draining = True
         if detach is None:
-            detach = not isinstance(self.store, MemoryStore)
-        tasks = [live.task for live in self.sessions.values()]
-        for live in self.sessions.values():
-            if detach:
-                live.host.detach("the server is shutting down; reconnect to continue")
-            else:
-                live.task.cancel()
+            detach = self.durable
+        for stop in self._background:
+            await stop()
+        self._background.clear()
+        timeout = self.drain_timeout_s if timeout_s is None else timeout_s
+        sessions = list(self.sessions.values())
+        for live in sessions:
+            self._stop_for_shutdown(live, detach=detach)
+        tasks = [live.task for live in sessions]
         if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=15)
+            logger.info(
+                "draining %d session(s) (%s, at most %g s)",
+                len(tasks),
+                "handing them over" if detach else "ending them",
+                timeout,
+            )
+            _, stuck = await asyncio.wait(tasks, timeout=timeout)
             for task in stuck:
                 task.cancel()
             if stuck:
-                logger.warning("%d session(s) did not stop in 15 s; cancelled", len(stuck))
+                logger.warning("%d session(s) did not stop in %g s; cancelled", len(stuck), timeout)
                 await asyncio.wait(stuck, timeout=5)
+
+    def _stop_for_shutdown(self, live: LiveSession, *, detach: bool) -> None:
+        if detach:
+            live.release_on_detach = True
+            live.host.detach("the server is shutting down; reconnect to continue")
+        else:
+            live.host.post(ev.Fatal(MEMORY_SHUTDOWN_DETAIL))
+
+    async def _refuse_while_draining(self, transport: Transport) -> None:
+        if transport.query.get("session"):
+            await transport.close(4410, "the server is shutting down; reconnect to continue")
+        else:
+            await transport.close(1013, "the server is shutting down; retry")
 
     # ------------------------------------------------------------------ steps
 
@@ -336,6 +416,8 @@ class InterviewService:
         )
         self.sessions[session.session_id] = live
         live.task.add_done_callback(lambda _: self._forget(session.session_id, live))
+        if self._draining:  # it began as the drain started: stop it the same way
+            self._stop_for_shutdown(live, detach=self.durable)
         return live
 
     async def _drive(self, live: LiveSession, sink: RetryingSink) -> SessionRecord:
@@ -347,11 +429,14 @@ class InterviewService:
         try:
             async with LeaseKeeper(self.store, live.lease, on_lost=lost):
                 record = await host.run()
+                if host.detached and live.release_on_detach and record.state is not State.ENDED:
+                    with contextlib.suppress(Exception):
+                        await sink.save(record)  # the newest record, for the next worker
         finally:
             await sink.aclose(grace_s=10)
             if host.detached and live.observer is not None:
                 live.observer.detached(host.session.state)
-        if not host.detached:
+        if not host.detached or live.release_on_detach:
             with contextlib.suppress(Exception):
                 await self.store.release_lease(live.lease)
         return record
