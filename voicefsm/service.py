@@ -200,6 +200,7 @@ class InterviewService:
         auth_timeout_s: float = 10.0,
         session_factory: Callable[[SessionConfig], Session] = Session,
         drain_timeout_s: float = 10.0,
+        orphan_sweep_s: float | None = 30.0,
     ) -> None:
         self.upstream = upstream
         self.authenticator = authenticator
@@ -217,6 +218,7 @@ class InterviewService:
         if not drain_timeout_s > 0:
             raise ValueError(f"drain_timeout_s must be positive, not {drain_timeout_s!r}")
         self.drain_timeout_s = drain_timeout_s
+        self.orphan_sweep_s = orphan_sweep_s
         self._started = False
         self._draining = False
         self._background: list[Callable[[], Awaitable[None]]] = []
@@ -283,6 +285,25 @@ class InterviewService:
             )
         else:
             logger.warning(MEMORY_STORE_WARNING)
+        if self.durable and self.orphan_sweep_s is not None:
+            self._start_orphan_sweeper(self.orphan_sweep_s)
+
+    def _start_orphan_sweeper(self, every_s: float) -> None:
+        from voicefsm.orphans import OrphanSweeper
+
+        def count(record: SessionRecord) -> None:
+            if record.end_reason is not None:
+                self.metrics.ended.labels(reason=record.end_reason.value).inc()
+
+        sweeper = OrphanSweeper(
+            self.store,
+            self.worker_id,
+            every_s=every_s,
+            lease_ttl_s=self.lease_ttl_s,
+            on_finalised=count,
+        )
+        sweeper.start()
+        self._background.append(sweeper.stop)
 
     async def shutdown(self, *, detach: bool | None = None, timeout_s: float | None = None) -> None:
         """Stop every session this worker drives, within a bounded drain, and wait for them.
