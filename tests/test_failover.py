@@ -773,3 +773,97 @@ async def test_a_worker_fenced_out_while_alive_detaches_and_writes_nothing_more(
     finally:
         for store in (store_a, store_b, reader):
             await store.close()
+
+
+# ----------------------------------------------------------------------------- 5: rolling deploy
+
+
+async def resuming(upstream: Upstream, handle: str) -> FakeLiveConnection:
+    """The upstream connection that resumed ``handle``, once its own handle went out."""
+
+    async def found() -> FakeLiveConnection | None:
+        return next((c for c in upstream.server.connections if c.resumption_handle == handle), None)
+
+    conn = await eventually(found, f"a connection resuming {handle}", within=30)
+    return await upstream.connection(conn.number)
+
+
+async def test_a_rolling_restart_of_two_workers_on_redis_loses_no_interview(
+    redis_server: RedisServer, upstream: Upstream, workers: WorkerPool
+) -> None:
+    """Two sessions, one per worker; each worker is restarted in turn (SIGTERM, start again).
+
+    Every client is told 4410 and continues on the other worker: same deadline, the upstream
+    resumed with the newest handle, the whole transcript; both interviews end as the user ends
+    them, and the store holds no ``error``.
+    """
+    common = ["--store", redis_server.url, "--lease-ttl", "3", *live_args(upstream)]
+    worker_a = workers.add("A", free_port(), [*common, "--worker-id", "worker-a"])
+    worker_b = workers.add("B", free_port(), [*common, "--worker-id", "worker-b"])
+    await start_workers(worker_a, worker_b)
+    store = RedisStore(redis_server.url)
+    script = [("interviewer", f"Question {n}?") if n % 2 == 0 else ("user", f"Answer {n}.")
+              for n in range(8)]  # fmt: skip
+    said: dict[str, int] = {}
+    try:
+        async with clients() as opened:
+            c1, s1, _ = await start_session(worker_a.url, opened)
+            conn1 = await upstream.connection(1)
+            c2, s2, _ = await start_session(worker_b.url, opened)
+            conn2 = await upstream.connection(2)
+            handles = {s1: upstream.handle_of(1), s2: upstream.handle_of(2)}
+            deadlines: dict[str, float] = {}
+            for session_id, conn in ((s1, conn1), (s2, conn2)):
+                await upstream.say(conn, script[:2])
+                said[session_id] = 2
+                await stored_lines(store, session_id, 2)
+                record = await stored_record(
+                    store, session_id, lambda r, h=handles[session_id]: r.resumption_handle == h,
+                    "its first handle",
+                )  # fmt: skip
+                deadlines[session_id] = record.deadline
+
+            async def move(client: Client, session_id: str, to: WorkerProcess) -> Client:
+                """The client was told 4410: it reconnects to ``to``; two more lines there."""
+                assert await client.close_code() == 4410
+                assert client.of_type("session_ended") == []
+                again = await Client.connect(to.url, session_id=session_id)
+                opened.append(again)
+                live = await again.live(within=30)
+                remaining = deadlines[session_id] - time.time()
+                assert live["remaining_s"] == pytest.approx(remaining, abs=3.0)
+                conn = await resuming(upstream, handles[session_id])
+                handles[session_id] = upstream.handle_of(conn.number)
+                await upstream.say(conn, script[said[session_id] : said[session_id] + 2])
+                said[session_id] += 2
+                lines = await stored_lines(store, session_id, said[session_id])
+                assert as_lines(lines) == numbered(script[: said[session_id]])
+                return again
+
+            # Worker A restarts: its session moves to B; A comes back.
+            assert await asyncio.to_thread(worker_a.terminate) == 0
+            c1 = await move(c1, s1, worker_b)
+            await start_workers(worker_a)
+            # Worker B restarts: both sessions move to A; B comes back.
+            assert await asyncio.to_thread(worker_b.terminate) == 0
+            c1 = await move(c1, s1, worker_a)
+            c2 = await move(c2, s2, worker_a)
+            await start_workers(worker_b)
+
+            for client, session_id in ((c1, s1), (c2, s2)):
+                ended = await client.end()
+                assert ended["reason"] == "user_ended"
+                final = await stored_record(
+                    store, session_id, lambda r: r.state is State.ENDED, "state ended"
+                )
+                assert final.end_reason == "user_ended"
+                assert final.deadline == deadlines[session_id]
+                lines = await store.read_transcript(session_id)
+                assert as_lines(lines) == numbered(script[: said[session_id]])
+            summaries = await store.list_sessions()
+            assert sorted(s.session_id for s in summaries) == sorted([s1, s2])
+            assert {s.end_reason for s in summaries} == {"user_ended"}
+        for worker in (worker_a, worker_b):
+            assert "host was cancelled" not in worker.log_text()
+    finally:
+        await store.close()
