@@ -199,9 +199,9 @@ def test_serve_settings_work_with_defaults() -> None:
     create_app(settings)  # builds; nothing starts before the server does
 
 
-@pytest.mark.parametrize("mounted", [False, True], ids=["standalone", "mounted"])
+@pytest.mark.parametrize("how", ["standalone", "mounted", "mounted-with-lifespan"])
 async def test_create_app_serves_interviews_standalone_and_mounted(
-    upstream: Upstream, mounted: bool
+    upstream: Upstream, how: str
 ) -> None:
     settings = ServeSettings(
         store_url="memory://",
@@ -210,9 +210,11 @@ async def test_create_app_serves_interviews_standalone_and_mounted(
         live_ca_file=str(upstream.server.ca_pem_path),
     )
     voice = create_app(settings)
+    mounted = how != "standalone"
     prefix = "/voice" if mounted else ""
     if mounted:
-        parent = FastAPI()  # its lifespan knows nothing of the sub-app's
+        # The parent's lifespan knows nothing of the sub-app's, unless the parent runs it.
+        parent = FastAPI(lifespan=voice.router.lifespan_context if how.endswith("span") else None)
         parent.mount("/voice", voice)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -236,3 +238,12 @@ async def run_interview_through(app: Any, prefix: str, upstream: Upstream) -> No
             assert health == {"ok": True, "sessions": 1}
             ended = await client.end()
             assert ended["reason"] == "user_ended"
+
+
+def test_the_embedding_docs_show_the_example_apps_word_for_word() -> None:
+    """``docs/embedding.md`` shows the two apps the tests above run, unchanged."""
+    text = (ROOT / "docs" / "embedding.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    shown = [block.split("```")[0] for block in blocks]
+    for example in ("fastapi_app.py", "aiohttp_app.py"):
+        assert (ROOT / "examples" / example).read_text() in shown, example

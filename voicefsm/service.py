@@ -180,9 +180,14 @@ class InterviewService:
 
     ``upstream`` opens model connections (an :class:`~voicefsm.adk.AdkUpstream`);
     ``authenticator`` checks tokens (required: use a :class:`~voicefsm.auth.JWTAuthenticator`);
-    ``store`` keeps records and transcripts (default: a :class:`~voicefsm.stores.MemoryStore`);
-    ``worker_id`` names this worker in leases (keep it stable across restarts of one process
-    slot, e.g. ``host:port``); ``origins`` is an optional allow-list of ``Origin`` values.
+    ``store`` keeps records and transcripts (default: a :class:`~voicefsm.stores.MemoryStore`,
+    which a restart empties); ``worker_id`` names this worker in leases (keep it stable across
+    restarts of one process slot, e.g. ``host:port``); ``origins`` is an optional allow-list of
+    ``Origin`` values. Tie it to the server's lifetime with :mod:`voicefsm.web.lifespan` (see
+    ``docs/embedding.md`` for every option); :meth:`shutdown` drains it by hand.
+    ``drain_timeout_s`` bounds that drain; ``orphan_sweep_s`` is how often (seconds; ``None``:
+    never) this worker finalises sessions of a durable store that nobody drives any more
+    (:mod:`voicefsm.orphans`).
     """
 
     def __init__(
