@@ -44,10 +44,12 @@ from test_failover import (
 from test_failover import upstream as upstream  # the fixture
 from worker_process import WorkerPool, WorkerProcess
 
+from voicefsm.auth import JWTAuthenticator
 from voicefsm.model import SessionConfig, State
 from voicefsm.serve import ServeSettings, create_app
-from voicefsm.service import MEMORY_SHUTDOWN_DETAIL
-from voicefsm.stores import SQLiteStore
+from voicefsm.service import MEMORY_SHUTDOWN_DETAIL, InterviewService
+from voicefsm.stores import MemoryStore, SQLiteStore
+from voicefsm.web.lifespan import ServiceLifecycle
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_LIMIT_S = 45 * 60  # the examples' interview length
@@ -247,3 +249,75 @@ def test_the_embedding_docs_show_the_example_apps_word_for_word() -> None:
     shown = [block.split("```")[0] for block in blocks]
     for example in ("fastapi_app.py", "aiohttp_app.py"):
         assert (ROOT / "examples" / example).read_text() in shown, example
+
+
+# ----------------------------------------------------------------------------- signal ordering
+
+
+class RecordingService(InterviewService):
+    """A service whose drain is recorded (and can be held up) instead of stopping sessions."""
+
+    def __init__(self, events: list[str], hold: asyncio.Event) -> None:
+        super().__init__(
+            NoUpstream(), JWTAuthenticator(SECRET), store=MemoryStore(), orphan_sweep_s=None
+        )
+        self.events = events
+        self.hold = hold
+        self.started_draining = asyncio.Event()
+
+    async def shutdown(self, *, detach: bool | None = None, timeout_s: float | None = None) -> None:
+        self.events.append("drain started")
+        self.started_draining.set()
+        await self.hold.wait()
+        self.events.append("drained")
+
+
+class NoUpstream:
+    def open(self, **_: object) -> object:
+        raise AssertionError("no session runs here")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_drains_the_service_before_the_server_hears_of_it(
+    sig: signal.Signals,
+) -> None:
+    events: list[str] = []
+    hold = asyncio.Event()
+    server_heard = asyncio.Event()
+
+    def server_handler(signum: int, frame: object) -> None:  # stands in for uvicorn's
+        events.append(f"server got {signal.Signals(signum).name}")
+        server_heard.set()
+
+    original = signal.signal(sig, server_handler)
+    try:
+        service = RecordingService(events, hold)
+        lifecycle = ServiceLifecycle(service)
+        await lifecycle.start()
+        signal.raise_signal(sig)
+        async with asyncio.timeout(10):
+            await service.started_draining.wait()
+        assert events == ["drain started"]  # the server has not heard of it yet
+        hold.set()
+        async with asyncio.timeout(10):
+            await server_heard.wait()
+        assert events == ["drain started", "drained", f"server got {sig.name}"]
+
+        # A second signal during a (slow) drain reaches the server at once.
+        events.clear()
+        server_heard.clear()
+        hold.clear()
+        slow = RecordingService(events, hold)
+        again = ServiceLifecycle(slow)
+        await again.start()
+        signal.raise_signal(sig)
+        async with asyncio.timeout(10):
+            await slow.started_draining.wait()
+        signal.raise_signal(sig)
+        assert events == ["drain started", f"server got {sig.name}"]
+        hold.set()
+        await again.stop()
+        await lifecycle.stop()
+        assert signal.getsignal(sig) == server_handler  # put back as it was
+    finally:
+        signal.signal(sig, original)

@@ -780,6 +780,31 @@ async def test_retrying_sink_stops_a_fenced_out_session_and_says_so(
     await sink.aclose()
 
 
+async def test_retrying_sink_with_on_refused_reports_once_and_then_discards() -> None:
+    backend = FlakySink()
+    refused: list[tuple[str, str]] = []
+
+    def on_refused(session_id: str, error: BaseException) -> None:
+        refused.append((session_id, type(error).__name__))
+
+    sink = RetryingSink(backend, on_refused=on_refused)
+    backend.refuse = StaleFencingToken("s-1", 1, 2, "worker-b")
+    await sink.save(record_of())
+    await sink.append_transcript("s-1", line_of(0))
+    async with asyncio.timeout(5):
+        await sink.flush()
+    assert refused == [("s-1", "StaleFencingToken")]
+    backend.refuse = None
+    await sink.append_transcript("s-1", line_of(1))  # no raise: the host detaches meanwhile
+    await sink.save(record_of())
+    await sink.flush()
+    assert (backend.landed, sink.discarded, refused) == ([], 2, [("s-1", "StaleFencingToken")])
+    await sink.save(record_of("s-2"))  # other sessions carry on
+    await sink.flush()
+    assert backend.landed == [("save", 0)]
+    await sink.aclose()
+
+
 async def test_retrying_sink_is_bounded_and_drops_only_superseded_saves() -> None:
     backend = FlakySink()
     backend.down = True

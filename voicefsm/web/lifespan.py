@@ -71,6 +71,7 @@ class ServiceLifecycle:
         self.close_store = close_store
         self._previous: dict[signal.Signals, _Handler] = {}
         self._drain: asyncio.Task[None] | None = None
+        self._signalled = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -114,11 +115,17 @@ class ServiceLifecycle:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         loop = self._loop
         sig = signal.Signals(signum)
-        if self._drain is not None or loop is None or loop.is_closed():
+        if self._signalled or loop is None or loop.is_closed():
             self._pass_on(sig, frame)  # a second signal: the server's own handling, now
             return
+        self._signalled = True
+        # Python runs signal handlers between bytecodes of the main thread: the loop may be
+        # asleep in select(), so schedule through its self-pipe, which wakes it.
+        loop.call_soon_threadsafe(self._begin_drain, sig)
+
+    def _begin_drain(self, sig: signal.Signals) -> None:
         logger.info("%s: handing running sessions over before the server shuts down", sig.name)
-        self._drain = loop.create_task(self._drain_then_pass_on(sig))
+        self._drain = asyncio.get_running_loop().create_task(self._drain_then_pass_on(sig))
 
     async def _drain_then_pass_on(self, sig: signal.Signals) -> None:
         try:
