@@ -7,10 +7,12 @@ and on the page, so the whole stack runs on a fresh machine with no key.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +31,7 @@ from voicefsm.model import SessionConfig
 from voicefsm.service import InterviewService
 from voicefsm.stores import open_store
 from voicefsm.web.headers import SecurityHeadersMiddleware
+from voicefsm.web.lifespan import ServiceLifecycle
 from voicefsm.web.logs import install_token_redaction
 from voicefsm.web.starlette import interview_endpoint, uvicorn_options
 
@@ -47,7 +50,8 @@ INTERVIEWER_INSTRUCTION = (
 class ServeSettings:
     """How ``voicefsm serve`` runs (the command line fills it in)."""
 
-    config: SessionConfig
+    config: SessionConfig = field(default_factory=SessionConfig)
+    """The sessions' configuration (default: 45-minute interviews)."""
     model: str = DEFAULT_MODEL
     fake: bool | None = None
     """Use the fake interviewer; ``None``: only when ``GOOGLE_API_KEY`` is not set."""
@@ -114,9 +118,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     demo_tokens = settings.demo_tokens if settings.demo_tokens is not None else generated
     metrics = Metrics()
     state: dict[str, Any] = {}
+    starting = asyncio.Lock()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def running() -> AsyncIterator[InterviewService]:
         async with contextlib.AsyncExitStack() as stack:
             upstream = await stack.enter_async_context(_upstream(settings, use_fake))
             store = open_store(settings.store_url)
@@ -133,12 +138,36 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 origins=settings.origins or None,
                 service_limits=settings.service_limits,
             )
+            await stack.enter_async_context(ServiceLifecycle(service))
+            yield service
+
+    async def service_now() -> InterviewService:
+        """The running service; started here when the lifespan did not run (a mounted app)."""
+        service: InterviewService | None = state.get("service")
+        if service is not None:
+            return service
+        async with starting:
+            if "service" not in state:
+                logger.info(
+                    "starting on the first request: this app's lifespan did not run (mounted "
+                    "as a sub-app?); SIGTERM still hands sessions over. To stop it with the "
+                    "parent app, run this app's router.lifespan_context in the parent's lifespan"
+                )
+                stack = contextlib.AsyncExitStack()
+                state["service"] = await stack.enter_async_context(running())
+                state["stack"] = stack
+        started: InterviewService = state["service"]
+        return started
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with running() as service:
             state["service"] = service
             app.state.service = service
             try:
                 yield
             finally:
-                await service.shutdown()
+                state.pop("service", None)
 
     app = FastAPI(
         title="voicefsm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
@@ -153,7 +182,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.websocket("/interview")
     async def interview(websocket: WebSocket) -> None:
-        await interview_endpoint(state["service"])(websocket)
+        await interview_endpoint(await service_now())(websocket)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -191,9 +220,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        service: InterviewService | None = state.get("service")
-        sessions = len(service.sessions) if service is not None else 0
-        return JSONResponse({"ok": service is not None, "sessions": sessions})
+        service = await service_now()
+        return JSONResponse({"ok": not service.draining, "sessions": len(service.sessions)})
 
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
     if use_fake:
@@ -264,13 +292,18 @@ def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> N
     install_token_redaction()
     config = uvicorn.Config(app, host=host, port=port, log_level="info", **uvicorn_options())
 
-    class DetachingServer(uvicorn.Server):
-        """Hands sessions back (clients get 4410) before uvicorn closes every websocket (1012)."""
-
-        async def shutdown(self, sockets: Any = None) -> None:
-            service: InterviewService | None = getattr(app.state, "service", None)
-            if service is not None:
-                await service.shutdown()
-            await super().shutdown(sockets)
-
-    DetachingServer(config).run()
+    # The app's lifespan hands sessions over (4410) on SIGTERM/SIGINT before uvicorn closes the
+    # websockets. uvicorn re-raises the signal once it has stopped; caught here, so a clean stop
+    # exits 0 instead of dying of SIGTERM or printing a KeyboardInterrupt traceback.
+    caught: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        logger.info("stopped by %s", signal.Signals(caught[-1]).name)

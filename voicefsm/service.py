@@ -29,7 +29,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +52,18 @@ from voicefsm.stores import (
 from voicefsm.web.decoder import AuthMessage, ClientDecoder, ProtocolLimits, ProtocolViolation
 
 logger = logging.getLogger("voicefsm.service")
+
+MEMORY_STORE_WARNING = (
+    "sessions are kept in memory (MemoryStore): stopping or restarting this process ends every "
+    "running interview (reason 'error'); pass a durable store (SQLite or Redis, see "
+    "voicefsm.stores.open_store) to hand them over instead"
+)
+"""Logged once at start-up by a service on the memory store."""
+MEMORY_SHUTDOWN_DETAIL = (
+    "the server shut down, and sessions kept in memory (MemoryStore) cannot continue after a "
+    "restart"
+)
+"""The end detail of a session ended by the shutdown of a service on the memory store."""
 
 SUBPROTOCOL = "voicefsm.v1"
 """The subprotocol the server selects when the client offers it."""
@@ -173,6 +185,8 @@ class LiveSession:
     observer: SessionObserver | None = None
     created_at: float = field(default_factory=time.time)
     reservation: Reservation | None = None
+    release_on_detach: bool = False
+    """Handed over on shutdown: save the record and release the lease for the next worker."""
 
 
 class InterviewService:
@@ -180,9 +194,14 @@ class InterviewService:
 
     ``upstream`` opens model connections (an :class:`~voicefsm.adk.AdkUpstream`);
     ``authenticator`` checks tokens (required: use a :class:`~voicefsm.auth.JWTAuthenticator`);
-    ``store`` keeps records and transcripts (default: a :class:`~voicefsm.stores.MemoryStore`);
-    ``worker_id`` names this worker in leases (keep it stable across restarts of one process
-    slot, e.g. ``host:port``); ``origins`` is an optional allow-list of ``Origin`` values.
+    ``store`` keeps records and transcripts (default: a :class:`~voicefsm.stores.MemoryStore`,
+    which a restart empties); ``worker_id`` names this worker in leases (keep it stable across
+    restarts of one process slot, e.g. ``host:port``); ``origins`` is an optional allow-list of
+    ``Origin`` values. Tie it to the server's lifetime with :mod:`voicefsm.web.lifespan` (see
+    ``docs/embedding.md`` for every option); :meth:`shutdown` drains it by hand.
+    ``drain_timeout_s`` bounds that drain; ``orphan_sweep_s`` is how often (seconds; ``None``:
+    never) this worker finalises sessions of a durable store that nobody drives any more
+    (:mod:`voicefsm.orphans`).
     """
 
     def __init__(
@@ -200,6 +219,8 @@ class InterviewService:
         auth_timeout_s: float = 10.0,
         session_factory: Callable[[SessionConfig], Session] = Session,
         service_limits: ServiceLimits | None = None,
+        drain_timeout_s: float = 10.0,
+        orphan_sweep_s: float | None = 30.0,
     ) -> None:
         self.upstream = upstream
         self.authenticator = authenticator
@@ -216,9 +237,17 @@ class InterviewService:
         self._locks: dict[str, _SessionLock] = {}
         self.admission = Admission(service_limits)
         """Connections and sessions of this worker, counted against ``service_limits``."""
+        if not drain_timeout_s > 0:
+            raise ValueError(f"drain_timeout_s must be positive, not {drain_timeout_s!r}")
+        self.drain_timeout_s = drain_timeout_s
+        self.orphan_sweep_s = orphan_sweep_s
+        self._started = False
+        self._draining = False
+        self._background: list[Callable[[], Awaitable[None]]] = []
 
     async def handle(self, transport: Transport) -> None:
         """Serve one client connection until it closes or its session ends."""
+        await self.start()
         offered = list(transport.subprotocols)
         refusal = self.admission.connect()
         if refusal is not None:
@@ -235,6 +264,10 @@ class InterviewService:
             self.admission.disconnect()
 
     async def _handle(self, transport: Transport, offered: list[str]) -> None:
+        if self._draining:
+            await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+            await self._refuse_while_draining(transport)
+            return
         principal = await self._admit(transport, offered)
         if principal is None:
             return
@@ -256,28 +289,102 @@ class InterviewService:
         if not channel.done.is_set():
             await channel.close(1011, "the session stopped")
 
-    async def shutdown(self, *, detach: bool | None = None) -> None:
-        """Stop every session this worker drives, and wait for them.
+    @property
+    def durable(self) -> bool:
+        """Whether sessions outlive this process: the store is not a :class:`MemoryStore`."""
+        return not isinstance(self.store, MemoryStore)
 
-        With ``detach`` (the default when the store is durable) sessions are handed back to the
-        store un-ended: clients get 4410 and can reconnect to this service after a restart, or
-        to another worker. Otherwise each session ends with ``error``.
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`shutdown` has begun: new connections are refused from then on."""
+        return self._draining
+
+    async def start(self) -> None:
+        """Begin serving (idempotent): say at start-up what a restart does to running sessions.
+
+        The lifespan helpers (:mod:`voicefsm.web.lifespan`) call it; :meth:`handle` calls it
+        too, so a service that nobody started still works.
         """
+        if self._started:
+            return
+        self._started = True
+        if self.durable:
+            logger.info(
+                "worker %s: sessions are kept in %r; on shutdown they are handed over "
+                "(clients get 4410 and reconnect) and continue after a restart or on another "
+                "worker",
+                self.worker_id,
+                self.store,
+            )
+        else:
+            logger.warning(MEMORY_STORE_WARNING)
+        if self.durable and self.orphan_sweep_s is not None:
+            self._start_orphan_sweeper(self.orphan_sweep_s)
+
+    def _start_orphan_sweeper(self, every_s: float) -> None:
+        from voicefsm.orphans import OrphanSweeper
+
+        def count(record: SessionRecord) -> None:
+            if record.end_reason is not None:
+                self.metrics.ended.labels(reason=record.end_reason.value).inc()
+
+        sweeper = OrphanSweeper(
+            self.store,
+            self.worker_id,
+            every_s=every_s,
+            lease_ttl_s=self.lease_ttl_s,
+            on_finalised=count,
+        )
+        sweeper.start()
+        self._background.append(sweeper.stop)
+
+    async def shutdown(self, *, detach: bool | None = None, timeout_s: float | None = None) -> None:
+        """Stop every session this worker drives, within a bounded drain, and wait for them.
+
+        New connections are refused from the first call on. With ``detach`` (the default when
+        the store is durable) each session is handed over un-ended: its record is saved, its
+        lease released and its client closed with 4410 ("reconnect"); the reconnecting client
+        continues it here after a restart, or on another worker. Otherwise (the memory store)
+        each session ends with ``error`` and a detail that says why. Sessions still running
+        after ``timeout_s`` (default ``drain_timeout_s``) are cancelled.
+        """
+        self._draining = True
         if detach is None:
-            detach = not isinstance(self.store, MemoryStore)
-        tasks = [live.task for live in self.sessions.values()]
-        for live in self.sessions.values():
-            if detach:
-                live.host.detach("the server is shutting down; reconnect to continue")
-            else:
-                live.task.cancel()
+            detach = self.durable
+        for stop in self._background:
+            await stop()
+        self._background.clear()
+        timeout = self.drain_timeout_s if timeout_s is None else timeout_s
+        sessions = list(self.sessions.values())
+        for live in sessions:
+            self._stop_for_shutdown(live, detach=detach)
+        tasks = [live.task for live in sessions]
         if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=15)
+            logger.info(
+                "draining %d session(s) (%s, at most %g s)",
+                len(tasks),
+                "handing them over" if detach else "ending them",
+                timeout,
+            )
+            _, stuck = await asyncio.wait(tasks, timeout=timeout)
             for task in stuck:
                 task.cancel()
             if stuck:
-                logger.warning("%d session(s) did not stop in 15 s; cancelled", len(stuck))
+                logger.warning("%d session(s) did not stop in %g s; cancelled", len(stuck), timeout)
                 await asyncio.wait(stuck, timeout=5)
+
+    def _stop_for_shutdown(self, live: LiveSession, *, detach: bool) -> None:
+        if detach:
+            live.release_on_detach = True
+            live.host.detach("the server is shutting down; reconnect to continue")
+        else:
+            live.host.post(ev.Fatal(MEMORY_SHUTDOWN_DETAIL))
+
+    async def _refuse_while_draining(self, transport: Transport) -> None:
+        if transport.query.get("session"):
+            await transport.close(4410, "the server is shutting down; reconnect to continue")
+        else:
+            await transport.close(1013, "the server is shutting down; retry")
 
     # ------------------------------------------------------------------ steps
 
@@ -363,7 +470,17 @@ class InterviewService:
         *,
         attach: bool,
     ) -> LiveSession:
-        sink = RetryingSink(self.store.fenced(lease), name=session.session_id[:12])
+        host_of: list[SessionHost] = []
+
+        def refused(session_id: str, error: BaseException) -> None:
+            # Fenced out (another worker took the session): stop writing and hand it over;
+            # the session lives on there, so it must not end here.
+            if host_of and not host_of[0].session.ended:
+                host_of[0].detach("another worker took the session over; reconnect to continue")
+
+        sink = RetryingSink(
+            self.store.fenced(lease), name=session.session_id[:12], on_refused=refused
+        )
         observer = self.metrics.observer()
         host = SessionHost(
             session,
@@ -372,6 +489,7 @@ class InterviewService:
             sink=sink,
             observer=observer,
         )
+        host_of.append(host)
         if attach:
             host.attach(channel)
         live = LiveSession(
@@ -382,6 +500,8 @@ class InterviewService:
         )
         self.sessions[session.session_id] = live
         live.task.add_done_callback(lambda _: self._forget(session.session_id, live))
+        if self._draining:  # it began as the drain started: stop it the same way
+            self._stop_for_shutdown(live, detach=self.durable)
         return live
 
     async def _drive(self, live: LiveSession, sink: RetryingSink) -> SessionRecord:
@@ -393,11 +513,14 @@ class InterviewService:
         try:
             async with LeaseKeeper(self.store, live.lease, on_lost=lost):
                 record = await host.run()
+                if host.detached and live.release_on_detach and record.state is not State.ENDED:
+                    with contextlib.suppress(Exception):
+                        await sink.save(record)  # the newest record, for the next worker
         finally:
             await sink.aclose(grace_s=10)
             if host.detached and live.observer is not None:
                 live.observer.detached(host.session.state)
-        if not host.detached:
+        if not host.detached or live.release_on_detach:
             with contextlib.suppress(Exception):
                 await self.store.release_lease(live.lease)
         return record
