@@ -19,13 +19,13 @@ def _simulate(args: argparse.Namespace) -> int:
         for name, scenario in SCENARIOS.items():
             print(f"{name:<18} {scenario.description}")
         return 0
-    scenario = args.scenario_name or args.scenario or "interview"
+    chosen = args.scenario_name or args.scenario or "interview"
     if args.scenario_name and args.scenario and args.scenario_name != args.scenario:
         raise ValueError(
             f"two scenarios given ({args.scenario_name!r} and --scenario {args.scenario!r})"
         )
     started = time.perf_counter()
-    result = simulate(scenario, args.seed, on_line=None if args.quiet else print)
+    result = simulate(chosen, args.seed, on_line=None if args.quiet else print)
     elapsed = time.perf_counter() - started
     print()
     print(result.summary())
