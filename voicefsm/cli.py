@@ -162,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     transcript.add_argument("--store", default=_default_store(), help="session store URL")
     transcript.set_defaults(func=_transcript)
 
+    from voicefsm import interview_cli  # light: its heavy imports wait until it runs
+
+    interview = commands.add_parser(
+        "interview",
+        help="run one spoken interview in the terminal (Gemini with GOOGLE_API_KEY, or --fake)",
+        description=interview_cli.DESCRIPTION,
+        epilog=interview_cli.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    interview_cli.add_arguments(interview)
+    interview.set_defaults(func=interview_cli.run)
+
     diag = commands.add_parser(
         "diagram",
         help="print the state diagram",
