@@ -8,6 +8,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+EXIT_BROKEN_PIPE = 141
+"""Exit status when the reader of stdout went away: what a shell reports for SIGPIPE (128 + 13)."""
+
 
 def _simulate(args: argparse.Namespace) -> int:
     from voicefsm.simulate import SCENARIOS, simulate
@@ -16,8 +19,13 @@ def _simulate(args: argparse.Namespace) -> int:
         for name, scenario in SCENARIOS.items():
             print(f"{name:<18} {scenario.description}")
         return 0
+    chosen = args.scenario_name or args.scenario or "interview"
+    if args.scenario_name and args.scenario and args.scenario_name != args.scenario:
+        raise ValueError(
+            f"two scenarios given ({args.scenario_name!r} and --scenario {args.scenario!r})"
+        )
     started = time.perf_counter()
-    result = simulate(args.scenario, args.seed, on_line=None if args.quiet else print)
+    result = simulate(chosen, args.seed, on_line=None if args.quiet else print)
     elapsed = time.perf_counter() - started
     print()
     print(result.summary())
@@ -163,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a whole 45-minute interview in virtual time through the real engine",
         description="Run a scripted interview in virtual time and print its timeline.",
     )
-    sim.add_argument("--scenario", default="interview", help="scenario name (see --list)")
+    sim.add_argument(
+        "scenario_name",
+        nargs="?",
+        metavar="SCENARIO",
+        help="scenario name (see --list; default: interview)",
+    )
+    sim.add_argument("--scenario", help="the same, as an option")
     sim.add_argument("--seed", type=int, default=7, help="seed for timings and jitter")
     sim.add_argument("--quiet", action="store_true", help="print only the end summary")
     sim.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -225,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sessions.set_defaults(func=_sessions)
 
+    from voicefsm import interview_cli  # light: its heavy imports wait until it runs
+
+    interview = commands.add_parser(
+        "interview",
+        help="run one spoken interview in the terminal (Gemini with GOOGLE_API_KEY, or --fake)",
+        description=interview_cli.DESCRIPTION,
+        epilog=interview_cli.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    interview_cli.add_arguments(interview)
+    interview.set_defaults(func=interview_cli.run)
+
     diag = commands.add_parser(
         "diagram",
         help="print the state diagram",
@@ -241,8 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that left must not fail the exit flush
     except ValueError as error:
         parser.error(str(error))
+    except BrokenPipeError:
+        # The reader went away (`voicefsm simulate | head`): not an error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return code
 
 

@@ -142,7 +142,8 @@ class SimulationResult:
                 f"  client audio {self.client_chunks_sent} chunks sent, "
                 f"{self.client_chunks_received_upstream} reached the upstream, "
                 f"{stats.chunks_buffered} buffered while resuming, {stats.chunks_flushed} flushed, "
-                f"{stats.chunks_overflowed} overflowed, {self.client_chunks_lost} lost, "
+                f"{stats.chunks_overflowed} overflowed, "
+                f"{stats.chunks_unsent_at_end} unsent at the end, {self.client_chunks_lost} lost, "
                 f"{self.client_chunks_reordered} out of order",
                 f"  model audio  {self.model_chunks_played} chunks played",
                 f"  transcript   {stats.transcript_lines} lines",
