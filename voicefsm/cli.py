@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl,
         live_base_url=args.live_base_url,
         live_ca_file=args.live_ca_file,
+        upstream=args.upstream,
     )
     run(settings, host=args.host, port=args.port)
     return 0
@@ -137,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lease-ttl", type=float, default=15.0, help="session lease seconds")
     serve.add_argument("--live-base-url", help="Live API endpoint to use instead of Google's")
     serve.add_argument("--live-ca-file", help="CA certificate (PEM) for --live-base-url")
+    serve.add_argument(
+        "--upstream",
+        choices=["auto", "adk", "genai"],
+        default="auto",
+        help="model connection: ADK, direct google-genai, or auto (ADK when installed)",
+    )
     serve.set_defaults(func=_serve)
 
     transcript = commands.add_parser(

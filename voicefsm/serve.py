@@ -63,6 +63,8 @@ class ServeSettings:
     """Talk to this Live endpoint instead (e.g. a shared fake server: ``https://127.0.0.1:PORT``)."""
     live_ca_file: str | None = None
     """CA certificate (PEM) that signed ``live_base_url``'s certificate."""
+    upstream: str = "auto"
+    """``adk``, ``genai`` (direct google-genai, no ADK) or ``auto``: ADK when installed."""
 
 
 def _static_dir() -> str:
@@ -163,18 +165,39 @@ def create_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
-@contextlib.asynccontextmanager
-async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[Any]:
+def upstream_kind(requested: str) -> str:
+    """The upstream ``voicefsm serve`` uses: ``adk`` or ``genai`` (``auto``: ADK if installed)."""
+    if requested not in ("auto", "adk", "genai"):
+        raise ValueError(f"unknown upstream {requested!r}: use adk, genai or auto")
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "adk" if importlib.util.find_spec("google.adk") is not None else "genai"
+
+
+def _make_upstream(settings: ServeSettings, client: Any) -> Any:
+    if upstream_kind(settings.upstream) == "genai":
+        from voicefsm.genai_live import GenaiUpstream
+
+        logger.info("upstream: direct google-genai (%s)", settings.model)
+        return GenaiUpstream(settings.model, client=client, instruction=INTERVIEWER_INSTRUCTION)
     from google.adk.agents import LlmAgent
 
     from voicefsm.adk import AdkUpstream
 
+    logger.info("upstream: ADK (%s)", settings.model)
     agent = LlmAgent(name="interviewer", model=settings.model, instruction=INTERVIEWER_INSTRUCTION)
+    return AdkUpstream(agent, client=client)
+
+
+@contextlib.asynccontextmanager
+async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[Any]:
     if settings.live_base_url is not None:
-        yield AdkUpstream(agent, client=_external_client(settings))
+        yield _make_upstream(settings, _external_client(settings))
         return
     if not use_fake:
-        yield AdkUpstream(agent)
+        yield _make_upstream(settings, None)
         return
     from voicefsm.testing import FakeLiveServer, Interviewer
 
@@ -187,7 +210,7 @@ async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[An
         script=interviewer, record_payloads=False, enforce_resumption_handles=False
     ) as server:
         logger.info("fake Live server for demo mode at %s", server.base_url)
-        yield AdkUpstream(agent, client=server.genai_client())
+        yield _make_upstream(settings, server.genai_client())
 
 
 def _external_client(settings: ServeSettings) -> Any:
