@@ -676,6 +676,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fake-cpu", type=int, default=None, help="pin the fake's process")
     parser.add_argument("--quick", action="store_true", help="small sizes, one short repeat")
     parser.add_argument("--markdown", type=Path, help="write the section into this file")
+    parser.add_argument("--profile", type=Path, help="cProfile this process into this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.warmup, args.window = "10,30", 1, 1.0, 3.0
@@ -697,6 +698,9 @@ async def amain(
     hello = pipe.recv()
     factory = Factory(hello["base_url"], hello["ca_pem"])
     ids = itertools.count()
+    # First runs pay one-off costs (lazy imports, pydantic schema builds): one discarded round.
+    for system in args.systems:
+        await run_once(factory, pipe, system, 2, 0.2, 0.5, ids)
     results: list[RunResult] = []
     for n in args.sizes:
         for repeat in range(args.repeats):
@@ -725,7 +729,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     try:
-        results = asyncio.run(amain(args, parent))
+        if args.profile is not None:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            results = profiler.runcall(asyncio.run, amain(args, parent))
+            profiler.dump_stats(args.profile)
+        else:
+            results = asyncio.run(amain(args, parent))
     finally:
         with contextlib.suppress(Exception):
             parent.send("stop")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 
 from genai_rig import GenaiRig, fast_config, sequence_numbers, upstream_tasks
@@ -470,3 +471,47 @@ def test_classify_tags_goaway_and_reads_resumption_updates() -> None:
     ]
     bookkeeping = types.LiveServerMessage(setup_complete=types.LiveServerSetupComplete())
     assert GenaiClassifier().classify(bookkeeping) == []
+
+
+async def test_audio_keeps_its_order_when_the_websocket_applies_flow_control() -> None:
+    """Sends run in the caller's turn while the socket takes them; once the peer stops
+    reading, they queue (or one is left suspended for the sender task), in order."""
+    release = asyncio.Event()
+
+    async def slow_reader(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        transport = conn._require_ws().transport
+        transport.pause_reading()
+        await release.wait()
+        transport.resume_reading()
+        await conn.wait_closed(timeout=None)
+
+    big = 64 * 1024
+    count = 300  # ~26 MB of JSON: more than loopback socket buffers hold
+    async with FakeLiveServer(scripts=[slow_reader]) as server:
+        upstream = GenaiRig(server).upstream
+        ready = asyncio.Event()
+        connection = upstream.open(
+            connection_id=1,
+            handle=None,
+            session_id="s-1",
+            config=fast_config(),
+            report=lambda event: ready.set() if isinstance(event, ev.UpstreamReady) else None,
+        )
+        async with asyncio.timeout(10):
+            await ready.wait()
+        backed_up = suspended = False
+        for seq in range(count):
+            # Random bytes: permessage-deflate would shrink a repeated pattern to nothing.
+            connection.send_audio(seq.to_bytes(4, "big") + os.urandom(big - 4))
+            backed_up = backed_up or bool(connection._outbox.items)
+            suspended = suspended or connection._inflight is not None
+            if seq % 20 == 0:
+                await asyncio.sleep(0)  # let the loop run, as the host's consumer would
+        assert backed_up and suspended  # flow control did kick in, mid-send too
+        release.set()
+        conn = server.connections[0]
+        await conn.wait_for_audio_chunks(count, timeout=60)
+        unsent = await connection.close()
+    assert unsent == []
+    assert [int.from_bytes(chunk[:4], "big") for chunk in conn.audio_chunks] == list(range(count))

@@ -27,12 +27,13 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from typing import Any, Final, cast
 
 from google import genai
 from google.genai import errors, types
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 
 from voicefsm import events as ev
 from voicefsm.classify import FIELD_RULES
@@ -169,6 +170,47 @@ def close_code(error: BaseException) -> tuple[int | None, str]:
 _CONNECTION_ERRORS = (errors.APIError, ConnectionClosed, InvalidStatus, OSError)
 
 
+def _takes_a_frame_now(ws: Any) -> bool:
+    """Whether websockets would write a frame to ``ws`` without suspending.
+
+    True for an open connection whose transport is not closing and not flow-controlled: then
+    ``send()`` writes and returns with no await that suspends, and no timeout context (those
+    belong to the closing path) is entered.
+    """
+    try:
+        return bool(
+            ws.protocol.state is State.OPEN and not ws.transport.is_closing() and not ws.paused
+        )
+    except AttributeError:  # not the websockets connection this was written for
+        return False
+
+
+class _Resume:
+    """Awaiting it finishes a coroutine that suspended (on ``yielded``) outside any task."""
+
+    __slots__ = ("_coroutine", "_yielded")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self._coroutine = coroutine
+        self._yielded = yielded
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coroutine, yielded = self._coroutine, self._yielded
+        while True:
+            try:
+                yield yielded  # the awaiting task waits on it as the coroutine would have
+            except BaseException as error:  # e.g. the task is cancelled: pass it in
+                try:
+                    yielded = coroutine.throw(error)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    yielded = coroutine.send(None)
+                except StopIteration:
+                    return
+
+
 class GenaiTool:
     """A function the model may call: its declaration and its handler."""
 
@@ -238,6 +280,8 @@ class GenaiConnection:
         self._ws: Any = None
         self._session: Any = None
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
+        self._sender_busy = False
+        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
         self._task = asyncio.create_task(
             self._run(upstream.connect_config(handle, config), config.connect_timeout_s),
             name=f"voicefsm-upstream-{session_id[:12]}-{connection_id}",
@@ -246,14 +290,14 @@ class GenaiConnection:
     # ------------------------------------------------------------------ the host's side
 
     def send_audio(self, data: bytes) -> None:
-        """Queue candidate audio; it counts as unsent until the websocket took it."""
+        """Send candidate audio, in order; it counts as unsent until the websocket took it."""
         if not self._closing:
-            self._outbox.put(data)
+            self._put(data)
 
     def send_text(self, text: str) -> None:
-        """Queue a text turn (the candidate's, or the wrap-up prompt)."""
+        """Send a text turn (the candidate's, or the wrap-up prompt), in order."""
         if not self._closing:
-            self._outbox.put(text)
+            self._put(text)
 
     async def close(self) -> list[bytes]:
         """Stop for good; return the audio never handed to the websocket.
@@ -278,6 +322,9 @@ class GenaiConnection:
                 done, _ = await asyncio.wait({task}, timeout=self._upstream.close_timeout_s)
                 if not done:
                     logger.warning("upstream #%d did not stop after abort", self.connection_id)
+        if self._inflight is not None:  # suspended in a send the sender never finished
+            self._inflight[0].close()
+            self._inflight = None
         return unsent
 
     @property
@@ -286,6 +333,63 @@ class GenaiConnection:
         return self._task.done()
 
     # ------------------------------------------------------------------ internals
+
+    def _put(self, item: bytes | str) -> None:
+        """Send ``item`` in the caller's turn when the websocket takes it at once, else queue it.
+
+        A frame to an open websocket with room in its write buffer is written without
+        suspending, so running the send coroutine here saves the sender task's wake-up per
+        chunk. If it does suspend (flow control), the sender task finishes it before the next
+        item; while anything is queued or in flight, items queue behind it, keeping the order.
+        """
+        session = self._session
+        ws = self._ws
+        if (
+            session is None
+            or self._outbox.items
+            or self._sender_busy
+            or self._inflight is not None
+            or ws is None
+            or not _takes_a_frame_now(ws)
+        ):
+            self._outbox.put(item)
+            return
+        sending = self._send_one(session, item)
+        try:
+            yielded = sending.send(None)
+        except StopIteration:
+            return
+        except _CONNECTION_ERRORS as error:
+            self._outbox.items.appendleft(item)
+            self._send_failed(error)
+            return
+        except Exception as error:  # anything else is this connection's end, never the host's
+            self._outbox.items.appendleft(item)
+            self._send_failed(error)
+            return
+        self._inflight = (sending, yielded)
+        self._outbox.wakeup.set()
+
+    def _send_one(self, session: Any, item: bytes | str) -> Coroutine[Any, Any, None]:
+        if isinstance(item, bytes):
+            return cast(
+                Coroutine[Any, Any, None],
+                session.send_realtime_input(
+                    audio=types.Blob(data=item, mime_type=INPUT_AUDIO_MIME)
+                ),
+            )
+        return cast(
+            Coroutine[Any, Any, None],
+            session.send_client_content(
+                turns=types.Content(role="user", parts=[types.Part(text=item)]),
+                turn_complete=True,
+            ),
+        )
+
+    def _send_failed(self, error: BaseException) -> None:
+        self._report_closed(*close_code(error))
+        if self._ws is not None:
+            self._abort()  # the receive loop then ends too
 
     def _emit(self, event: ev.Event) -> None:
         if not self._closing:
@@ -366,6 +470,14 @@ class GenaiConnection:
         items = outbox.items
         try:
             while True:
+                if self._inflight is not None:
+                    sending, yielded = self._inflight
+                    self._sender_busy = True
+                    try:
+                        await _Resume(sending, yielded)
+                    finally:
+                        self._inflight = None
+                        self._sender_busy = False
                 if not items:
                     outbox.wakeup.clear()
                     await outbox.wakeup.wait()
@@ -373,23 +485,16 @@ class GenaiConnection:
                 # Taken out first: websockets writes a frame before its first await, so a send
                 # cancelled by close() has gone out; one that failed is put back as unsent.
                 item = items.popleft()
+                self._sender_busy = True
                 try:
-                    if isinstance(item, bytes):
-                        await session.send_realtime_input(
-                            audio=types.Blob(data=item, mime_type=INPUT_AUDIO_MIME)
-                        )
-                    else:
-                        await session.send_client_content(
-                            turns=types.Content(role="user", parts=[types.Part(text=item)]),
-                            turn_complete=True,
-                        )
+                    await self._send_one(session, item)
                 except _CONNECTION_ERRORS:
                     items.appendleft(item)
                     raise
+                finally:
+                    self._sender_busy = False
         except _CONNECTION_ERRORS as error:
-            self._report_closed(*close_code(error))
-            if self._ws is not None:
-                self._abort()  # the receive loop then ends too
+            self._send_failed(error)
 
     def _start_tools(self, session: Any, tool_call: types.LiveServerToolCall) -> None:
         for call in tool_call.function_calls or ():
