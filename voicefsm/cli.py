@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         live_base_url=args.live_base_url,
         live_ca_file=args.live_ca_file,
         upstream=args.upstream,
+        max_loop_lag_ms=args.max_loop_lag_ms,
     )
     run(settings, host=args.host, port=args.port)
     return 0
@@ -143,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "adk", "genai"],
         default="auto",
         help="model connection: ADK, direct google-genai, or auto (ADK when installed)",
+    )
+    serve.add_argument(
+        "--max-loop-lag-ms",
+        type=float,
+        default=25.0,
+        help="refuse new sessions (1013, server busy) while the event loop lags more (0: never)",
     )
     serve.set_defaults(func=_serve)
 

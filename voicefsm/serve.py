@@ -22,6 +22,7 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from voicefsm.admission import Admission
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.model import SessionConfig
@@ -65,6 +66,8 @@ class ServeSettings:
     """CA certificate (PEM) that signed ``live_base_url``'s certificate."""
     upstream: str = "auto"
     """``adk``, ``genai`` (direct google-genai, no ADK) or ``auto``: ADK when installed."""
+    max_loop_lag_ms: float = 25.0
+    """Refuse new sessions (1013) while the event loop lags more than this; 0: never."""
 
 
 def _static_dir() -> str:
@@ -99,7 +102,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 lease_ttl_s=settings.lease_ttl_s,
                 metrics=metrics,
                 origins=settings.origins or None,
+                admission=(
+                    Admission(settings.max_loop_lag_ms / 1000)
+                    if settings.max_loop_lag_ms > 0
+                    else None
+                ),
             )
+            if service.admission is not None:
+                service.admission.start()
             state["service"] = service
             app.state.service = service
             try:

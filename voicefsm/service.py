@@ -8,8 +8,8 @@ frames, counting protocol errors, metrics — lives here, once.
 Close codes a client can see: 4401 (not authenticated), 4403 (origin not allowed, or the session
 belongs to someone else), 4404 (no such session), 4408 (heartbeat timeout), 4409 (replaced by a
 newer connection to the same session), 4410 (this worker gave the session up: reconnect), 1013
-(another worker still holds the session: retry soon), 1011 (the server could not start or
-keep the session), 1000 (the session ended).
+(another worker still holds the session, or this worker is too busy for a new one: retry soon),
+1011 (the server could not start or keep the session), 1000 (the session ended).
 
 Sessions live in a :class:`~voicefsm.stores.SessionStore`. The worker that drives a session holds
 its lease and writes through the fenced view, so a client that reconnects to *another* worker (or
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from voicefsm import events as ev
+from voicefsm.admission import Admission
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
 from voicefsm.host import ClientInput, SessionHost, Upstream
@@ -185,6 +186,7 @@ class InterviewService:
         metrics: Metrics | None = None,
         auth_timeout_s: float = 10.0,
         session_factory: Callable[[SessionConfig], Session] = Session,
+        admission: Admission | None = None,
     ) -> None:
         self.upstream = upstream
         self.authenticator = authenticator
@@ -197,6 +199,7 @@ class InterviewService:
         self.metrics = metrics or Metrics()
         self.auth_timeout_s = auth_timeout_s
         self._session_factory = session_factory
+        self.admission = admission
         self.sessions: dict[str, LiveSession] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -236,6 +239,8 @@ class InterviewService:
         store un-ended: clients get 4410 and can reconnect to this service after a restart, or
         to another worker. Otherwise each session ends with ``error``.
         """
+        if self.admission is not None:
+            await self.admission.monitor.stop()
         if detach is None:
             detach = not isinstance(self.store, MemoryStore)
         tasks = [live.task for live in self.sessions.values()]
@@ -284,6 +289,14 @@ class InterviewService:
         return decoded.token if isinstance(decoded, AuthMessage) else None
 
     async def _start(self, principal: Principal, channel: WebChannel) -> LiveSession | None:
+        if self.admission is not None:  # new sessions only: running ones are never refused
+            self.admission.start()
+            busy = self.admission.refusal(len(self.sessions))
+            if busy is not None:
+                logger.warning("refused a new session: %s", busy)
+                await channel.send_message(ErrorMessage(code="server_busy", message=busy))
+                await channel.close(1013, "server busy, retry")
+                return None
         session = self._session_factory(self.config)
         session.owner = principal.user_id
         lease = await self.store.acquire_lease(session.session_id, self.worker_id, self.lease_ttl_s)
