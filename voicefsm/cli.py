@@ -56,6 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl,
         live_base_url=args.live_base_url,
         live_ca_file=args.live_ca_file,
+        upstream=args.upstream,
+        max_loop_lag_ms=args.max_loop_lag_ms,
     )
     try:
         run(settings, host=args.host, port=args.port)
@@ -209,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lease-ttl", type=float, default=15.0, help="session lease seconds")
     serve.add_argument("--live-base-url", help="Live API endpoint to use instead of Google's")
     serve.add_argument("--live-ca-file", help="CA certificate (PEM) for --live-base-url")
+    serve.add_argument(
+        "--upstream",
+        choices=["auto", "adk", "genai"],
+        default="auto",
+        help="model connection: ADK, direct google-genai, or auto (ADK when installed)",
+    )
+    serve.add_argument(
+        "--max-loop-lag-ms",
+        type=float,
+        default=25.0,
+        help="refuse new sessions (1013, server busy) while the event loop lags more (0: never)",
+    )
     serve.set_defaults(func=_serve)
 
     transcript = commands.add_parser(

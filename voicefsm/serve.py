@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from voicefsm.admission import Admission as OverloadGuard
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics
@@ -74,6 +75,10 @@ class ServeSettings:
     """Host names, besides the loopback ones, for which ``/demo/token`` hands out tokens."""
     service_limits: ServiceLimits = field(default_factory=ServiceLimits)
     """Connections and sessions one worker takes on (``docs/protocol.md``, Limits)."""
+    upstream: str = "auto"
+    """``adk``, ``genai`` (direct google-genai, no ADK) or ``auto``: ADK when installed."""
+    max_loop_lag_ms: float = 25.0
+    """Refuse new sessions (1013) while the event loop lags more than this; 0: never."""
 
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -137,6 +142,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 metrics=metrics,
                 origins=settings.origins or None,
                 service_limits=settings.service_limits,
+                overload=(
+                    OverloadGuard(settings.max_loop_lag_ms / 1000)
+                    if settings.max_loop_lag_ms > 0
+                    else None
+                ),
             )
             await stack.enter_async_context(ServiceLifecycle(service))
             yield service
@@ -236,18 +246,39 @@ def create_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
-@contextlib.asynccontextmanager
-async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[Any]:
+def upstream_kind(requested: str) -> str:
+    """The upstream ``voicefsm serve`` uses: ``adk`` or ``genai`` (``auto``: ADK if installed)."""
+    if requested not in ("auto", "adk", "genai"):
+        raise ValueError(f"unknown upstream {requested!r}: use adk, genai or auto")
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "adk" if importlib.util.find_spec("google.adk") is not None else "genai"
+
+
+def _make_upstream(settings: ServeSettings, client: Any) -> Any:
+    if upstream_kind(settings.upstream) == "genai":
+        from voicefsm.genai_live import GenaiUpstream
+
+        logger.info("upstream: direct google-genai (%s)", settings.model)
+        return GenaiUpstream(settings.model, client=client, instruction=INTERVIEWER_INSTRUCTION)
     from google.adk.agents import LlmAgent
 
     from voicefsm.adk import AdkUpstream
 
+    logger.info("upstream: ADK (%s)", settings.model)
     agent = LlmAgent(name="interviewer", model=settings.model, instruction=INTERVIEWER_INSTRUCTION)
+    return AdkUpstream(agent, client=client)
+
+
+@contextlib.asynccontextmanager
+async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[Any]:
     if settings.live_base_url is not None:
-        yield AdkUpstream(agent, client=_external_client(settings))
+        yield _make_upstream(settings, _external_client(settings))
         return
     if not use_fake:
-        yield AdkUpstream(agent)
+        yield _make_upstream(settings, None)
         return
     from voicefsm.testing import FakeLiveServer, Interviewer
 
@@ -260,7 +291,7 @@ async def _upstream(settings: ServeSettings, use_fake: bool) -> AsyncIterator[An
         script=interviewer, record_payloads=False, enforce_resumption_handles=False
     ) as server:
         logger.info("fake Live server for demo mode at %s", server.base_url)
-        yield AdkUpstream(agent, client=server.genai_client())
+        yield _make_upstream(settings, server.genai_client())
 
 
 def _external_client(settings: ServeSettings) -> Any:

@@ -9,10 +9,10 @@ Close codes a client can see: 4401 (not authenticated, or not within ``auth_time
 (origin not allowed, or the session belongs to someone else), 4404 (no such session), 4408
 (heartbeat timeout), 4409 (replaced by a newer connection to the same session), 4410 (this worker
 gave the session up: reconnect), 4429 (the user runs too many sessions), 1013 (another worker
-still holds the session, or this worker is at a :class:`~voicefsm.limits.ServiceLimits` limit:
-retry soon), 1009 (a frame over the limit, refused by the websocket server), 1011 (the server
-could not start or keep the session, or could not read from the client), 1000 (the session
-ended).
+still holds the session, this worker is at a :class:`~voicefsm.limits.ServiceLimits` limit, or its
+``overload`` guard finds it too busy for a new one: retry soon), 1009 (a frame over the limit,
+refused by the websocket server), 1011 (the server could not start or keep the session, or could
+not read from the client), 1000 (the session ended).
 
 Sessions live in a :class:`~voicefsm.stores.SessionStore`. The worker that drives a session holds
 its lease and writes through the fenced view, so a client that reconnects to *another* worker (or
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from voicefsm import events as ev
+from voicefsm.admission import Admission as OverloadGuard
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
 from voicefsm.host import ClientInput, SessionHost, Upstream
@@ -221,6 +222,7 @@ class InterviewService:
         service_limits: ServiceLimits | None = None,
         drain_timeout_s: float = 10.0,
         orphan_sweep_s: float | None = 30.0,
+        overload: OverloadGuard | None = None,
     ) -> None:
         self.upstream = upstream
         self.authenticator = authenticator
@@ -233,6 +235,8 @@ class InterviewService:
         self.metrics = metrics or Metrics()
         self.auth_timeout_s = auth_timeout_s
         self._session_factory = session_factory
+        self.overload = overload
+        """Refuses new sessions while this worker's event loop lags (:mod:`voicefsm.admission`)."""
         self.sessions: dict[str, LiveSession] = {}
         self._locks: dict[str, _SessionLock] = {}
         self.admission = Admission(service_limits)
@@ -349,6 +353,8 @@ class InterviewService:
         after ``timeout_s`` (default ``drain_timeout_s``) are cancelled.
         """
         self._draining = True
+        if self.overload is not None:
+            await self.overload.monitor.stop()
         if detach is None:
             detach = self.durable
         for stop in self._background:
@@ -433,6 +439,14 @@ class InterviewService:
         return decoded.token if isinstance(decoded, AuthMessage) else None
 
     async def _start(self, principal: Principal, channel: WebChannel) -> LiveSession | None:
+        if self.overload is not None:  # new sessions only: running ones are never refused
+            self.overload.start()
+            busy = self.overload.refusal(len(self.sessions))
+            if busy is not None:
+                logger.warning("refused a new session: %s", busy)
+                await channel.send_message(ErrorMessage(code="server_busy", message=busy))
+                await channel.close(1013, "server busy, retry")
+                return None
         reservation = self.admission.reserve(principal.user_id)
         if isinstance(reservation, Refusal):
             logger.info(
