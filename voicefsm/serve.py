@@ -27,6 +27,7 @@ from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.model import SessionConfig
 from voicefsm.service import InterviewService
 from voicefsm.stores import open_store
+from voicefsm.web.operator import operator_router
 from voicefsm.web.starlette import interview_endpoint
 
 logger = logging.getLogger("voicefsm.serve")
@@ -150,6 +151,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         sessions = len(service.sessions) if service is not None else 0
         return JSONResponse({"ok": service is not None, "sessions": sessions})
 
+    app.include_router(
+        operator_router(lambda: getattr(state.get("service"), "store", None), authenticator)
+    )
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
     if use_fake:
         logger.warning("no GOOGLE_API_KEY: sessions use the scripted fake interviewer (demo mode)")
