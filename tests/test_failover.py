@@ -686,3 +686,88 @@ async def test_a_redis_outage_mid_session_loses_nothing_and_is_logged(
     assert any("expired while the store was unreachable" in message for _, _, message in said)
     for _, _, message in said:  # counts and error types, never what was said
         assert not any(text in message for _, _, text in everything), message
+
+
+# ----------------------------------------------------------------------------- 4: fenced out
+
+
+async def test_a_worker_fenced_out_while_alive_detaches_and_writes_nothing_more(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Worker A's lease runs out (as B sees it) while A still drives the session; B takes it.
+
+    A learns it was fenced out from its next write: it must hand the session over (4410 to its
+    client, upstream closed), not end it as ``error`` — the session lives on at B.
+    """
+    database = tmp_path / "fenced.db"
+    skew_s = 120.0  # B's clock runs ahead: A's lease (ttl 30 s) has expired for B
+    store_a = SQLiteStore(database)
+    store_b = SQLiteStore(database, clock=lambda: time.time() + skew_s)
+    reader = SQLiteStore(database)
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+
+    def service(store: SessionStore, worker_id: str) -> InterviewService:
+        return InterviewService(
+            AdkUpstream(agent, client=upstream.server.genai_client()),
+            AUTH,
+            config=fast_config(time_limit_s=300, warning_before_s=10, client_grace_s=60),
+            store=store,
+            worker_id=worker_id,
+            lease_ttl_s=30.0,  # renewed every 10 s: the refused write comes first
+        )
+
+    service_a, service_b = service(store_a, "worker-a"), service(store_b, "worker-b")
+    try:
+        async with (
+            starlette_service(service_a, free_port()) as url_a,
+            starlette_service(service_b, free_port()) as url_b,
+            clients() as opened,
+        ):
+            client_a, session_id, _ = await start_session(url_a, opened)
+            first = await upstream.connection(1)
+            await upstream.say(first, BEFORE[:2])
+            assert as_lines(await stored_lines(reader, session_id, 2)) == numbered(BEFORE[:2])
+
+            # The client shows up at B (say, after a network blip); B takes the session over.
+            client_b = await Client.connect(url_b, session_id=session_id)
+            opened.append(client_b)
+            await client_b.live(within=30)
+            second = await upstream.connection(2)
+            assert second.resumption_handle == upstream.handle_of(1)
+            taken = await stored_record(
+                reader,
+                session_id,
+                lambda r: r.resumption_handle == upstream.handle_of(2),
+                "B's upstream handle",
+            )
+            assert taken.state is State.LIVE
+
+            # A is alive and its upstream still talks: its next writes are refused.
+            await upstream.say(
+                first, [("interviewer", "A zombie question?"), ("user", "A zombie answer.")]
+            )
+            assert await client_a.close_code() == 4410
+            assert "reconnect" in (client_a.ws.close_reason or "")
+            assert client_a.of_type("session_ended") == []
+            await first.wait_closed(timeout=15)
+            await eventually(
+                _true_when(lambda: session_id not in service_a.sessions), "A to let go"
+            )
+
+            # The session lives on at B, untouched by A.
+            await upstream.say(second, BEFORE[2:])
+            lines = await stored_lines(reader, session_id, len(BEFORE))
+            assert as_lines(lines) == numbered(BEFORE)
+            current = await reader.load(session_id)
+            assert current is not None and current.record.state is State.LIVE
+            assert current.record.end_reason is None
+            ended = await client_b.end()
+            assert ended["reason"] == "user_ended"
+            final = await stored_record(
+                reader, session_id, lambda r: r.state is State.ENDED, "state ended"
+            )
+            assert final.end_reason == "user_ended"
+            assert as_lines(await reader.read_transcript(session_id)) == numbered(BEFORE)
+    finally:
+        for store in (store_a, store_b, reader):
+            await store.close()

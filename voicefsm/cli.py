@@ -164,6 +164,61 @@ def _operator_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from voicefsm.model import State
+    from voicefsm.stores import open_store
+
+    states = None
+    if args.state:
+        try:
+            states = [State(value) for value in args.state]
+        except ValueError:
+            raise ValueError(
+                f"--state takes one of {', '.join(str(s) for s in State)}, not {args.state}"
+            ) from None
+
+    async def listed() -> list[list[str]]:
+        store = open_store(args.store)
+        try:
+            summaries = await store.list_sessions(
+                state=states, owner=args.owner, limit=args.limit, newest_first=True
+            )
+        finally:
+            await store.close()
+        now = time.time()
+        return [
+            [
+                s.session_id,
+                s.owner or "-",
+                str(s.state),
+                _when(s.started_at),
+                _when(s.deadline),
+                str(s.end_reason) if s.end_reason is not None else "-",
+                s.worker if s.lease_live(now) and s.worker else "-",
+            ]
+            for s in summaries
+        ]
+
+    rows = asyncio.run(listed())
+    if not rows:
+        print(f"no sessions in {args.store}", file=sys.stderr)
+        return 0
+    header = ["SESSION", "OWNER", "STATE", "STARTED (UTC)", "DEADLINE (UTC)", "END", "WORKER"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
+
+
 def _diagram(args: argparse.Namespace) -> int:
     from voicefsm.machine import diagram
 
@@ -258,6 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--user", default="operator", help="the operator's user id (sub)")
     token.add_argument("--ttl", type=float, default=8 * 3600, help="lifetime in seconds")
     token.set_defaults(func=_operator_token)
+
+    sessions = commands.add_parser(
+        "sessions",
+        help="list the sessions in a store, newest first",
+        description="List the sessions kept in a store, newest first: id, owner (the user), "
+        "state, start, deadline, end reason, and the worker that drives it now (if any).",
+    )
+    sessions.add_argument("--store", default=_default_store(), help="session store URL")
+    sessions.add_argument(
+        "--state",
+        action="append",
+        help="only sessions in this state: connecting, live, warning, resuming or ended "
+        "(repeatable)",
+    )
+    sessions.add_argument("--owner", help="only the sessions of this user")
+    sessions.add_argument(
+        "--limit", type=int, default=None, help="at most this many sessions (default: all)"
+    )
+    sessions.set_defaults(func=_sessions)
 
     diag = commands.add_parser(
         "diagram",

@@ -306,7 +306,17 @@ class InterviewService:
         *,
         attach: bool,
     ) -> LiveSession:
-        sink = RetryingSink(self.store.fenced(lease), name=session.session_id[:12])
+        host_of: list[SessionHost] = []
+
+        def refused(session_id: str, error: BaseException) -> None:
+            # Fenced out (another worker took the session): stop writing and hand it over;
+            # the session lives on there, so it must not end here.
+            if host_of and not host_of[0].session.ended:
+                host_of[0].detach("another worker took the session over; reconnect to continue")
+
+        sink = RetryingSink(
+            self.store.fenced(lease), name=session.session_id[:12], on_refused=refused
+        )
         observer = self.metrics.observer()
         host = SessionHost(
             session,
@@ -315,6 +325,7 @@ class InterviewService:
             sink=sink,
             observer=observer,
         )
+        host_of.append(host)
         if attach:
             host.attach(channel)
         live = LiveSession(
