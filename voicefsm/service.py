@@ -34,18 +34,10 @@ from voicefsm import events as ev
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
 from voicefsm.host import ClientInput, SessionHost, Upstream
+from voicefsm.limits import Admission, Refusal, Reservation, ServiceLimits
 from voicefsm.metrics import Metrics, SessionObserver
 from voicefsm.model import SessionConfig, SessionRecord, State
-from voicefsm.protocol import (
-    AuthMessage,
-    ClientDecoder,
-    ErrorMessage,
-    ProtocolLimits,
-    ProtocolViolation,
-    ServerMessage,
-    SessionCreated,
-    SessionEnded,
-)
+from voicefsm.protocol import ErrorMessage, ServerMessage, SessionCreated, SessionEnded
 from voicefsm.stores import (
     Lease,
     LeaseKeeper,
@@ -54,6 +46,7 @@ from voicefsm.stores import (
     RetryingSink,
     SessionStore,
 )
+from voicefsm.web.decoder import AuthMessage, ClientDecoder, ProtocolLimits, ProtocolViolation
 
 logger = logging.getLogger("voicefsm.service")
 
@@ -107,7 +100,23 @@ class WebChannel:
         self._closed = False
 
     async def receive(self) -> ClientInput | None:
-        """The next client event (bad frames are answered and skipped)."""
+        """The next client event (bad frames are answered and skipped).
+
+        Never raises: a transport that fails is closed with 1011 and reported as the client
+        leaving, so the session knows at once and the client sees why.
+        """
+        try:
+            return await self._receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            logger.warning("client link failed (%s); closing it with 1011", type(error).__name__)
+            with contextlib.suppress(Exception):
+                await self.close(1011, "the server could not read from this connection")
+            self.done.set()
+            return None
+
+    async def _receive(self) -> ClientInput | None:
         while not self._closed:
             frame = await self.transport.receive()
             if frame is None:
@@ -116,8 +125,9 @@ class WebChannel:
             decoded = self.decoder.decode(frame, time.monotonic())
             if isinstance(decoded, ProtocolViolation):
                 self._metrics.client_errors.labels(code=decoded.code).inc()
-                with contextlib.suppress(Exception):
-                    await self.transport.send_text(decoded.to_message().model_dump_json())
+                if decoded.tell_client:
+                    with contextlib.suppress(Exception):
+                        await self.transport.send_text(decoded.to_message().model_dump_json())
                 if self.decoder.too_many_errors:
                     return ev.Fatal(
                         f"the client broke the protocol {self.decoder.errors} times "
@@ -159,6 +169,7 @@ class LiveSession:
     channel: WebChannel | None = None
     observer: SessionObserver | None = None
     created_at: float = field(default_factory=time.time)
+    reservation: Reservation | None = None
 
 
 class InterviewService:
@@ -185,6 +196,7 @@ class InterviewService:
         metrics: Metrics | None = None,
         auth_timeout_s: float = 10.0,
         session_factory: Callable[[SessionConfig], Session] = Session,
+        service_limits: ServiceLimits | None = None,
     ) -> None:
         self.upstream = upstream
         self.authenticator = authenticator
@@ -198,17 +210,25 @@ class InterviewService:
         self.auth_timeout_s = auth_timeout_s
         self._session_factory = session_factory
         self.sessions: dict[str, LiveSession] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _SessionLock] = {}
+        self.admission = Admission(service_limits)
+        """Connections and sessions of this worker, counted against ``service_limits``."""
 
     async def handle(self, transport: Transport) -> None:
         """Serve one client connection until it closes or its session ends."""
         offered = list(transport.subprotocols)
-        await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
-        if self.origins is not None and transport.origin not in self.origins:
-            logger.warning("refused a connection from origin %r", transport.origin)
-            await transport.close(4403, "origin not allowed")
+        refusal = self.admission.connect()
+        if refusal is not None:
+            await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+            await _refuse(transport, refusal)
             return
-        principal = await self._authenticate(transport, offered)
+        try:
+            await self._handle(transport, offered)
+        finally:
+            self.admission.disconnect()
+
+    async def _handle(self, transport: Transport, offered: list[str]) -> None:
+        principal = await self._admit(transport, offered)
         if principal is None:
             return
         session_id = transport.query.get("session")
@@ -254,6 +274,24 @@ class InterviewService:
 
     # ------------------------------------------------------------------ steps
 
+    async def _admit(self, transport: Transport, offered: list[str]) -> Principal | None:
+        """Handshake, origin and token within ``auth_timeout_s`` of the app seeing the socket."""
+        try:
+            async with asyncio.timeout(self.auth_timeout_s):
+                await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+                if self.origins is not None and transport.origin not in self.origins:
+                    logger.warning("refused a connection from origin %r", transport.origin)
+                    await transport.close(4403, "origin not allowed")
+                    return None
+                return await self._authenticate(transport, offered)
+        except TimeoutError:
+            logger.info("refused a connection that did not authenticate in time")
+            with contextlib.suppress(Exception):
+                await transport.close(
+                    4401, f"no valid token within {self.auth_timeout_s:g} s of connecting"
+                )
+            return None
+
     async def _authenticate(self, transport: Transport, offered: list[str]) -> Principal | None:
         token = next(
             (
@@ -273,28 +311,40 @@ class InterviewService:
             return None
 
     async def _first_message_token(self, transport: Transport) -> str | None:
-        try:
-            async with asyncio.timeout(self.auth_timeout_s):
-                frame = await transport.receive()
-        except TimeoutError:
-            return None
+        # The deadline is _admit's: it covers the handshake and this first frame together.
+        frame = await transport.receive()
         if frame is None:
             return None
         decoded = ClientDecoder(self.limits).decode(frame, time.monotonic())
         return decoded.token if isinstance(decoded, AuthMessage) else None
 
     async def _start(self, principal: Principal, channel: WebChannel) -> LiveSession | None:
-        session = self._session_factory(self.config)
-        session.owner = principal.user_id
-        lease = await self.store.acquire_lease(session.session_id, self.worker_id, self.lease_ttl_s)
-        if lease is None:  # a fresh random id: only a broken store says no
-            await channel.close(1011, "could not take the new session's lease")
+        reservation = self.admission.reserve(principal.user_id)
+        if isinstance(reservation, Refusal):
+            logger.info(
+                "refused a new session of user %r: %s", principal.user_id, reservation.reason
+            )
+            await _refuse(channel.transport, reservation)
             return None
-        await channel.send_message(
-            SessionCreated(session_id=session.session_id, time_limit_s=self.config.time_limit_s)
-        )
-        live = self._run(session, principal, lease, channel, attach=False)
-        logger.info("session %s started for user %s", session.session_id, principal.user_id)
+        try:
+            session = self._session_factory(self.config)
+            session.owner = principal.user_id
+            lease = await self.store.acquire_lease(
+                session.session_id, self.worker_id, self.lease_ttl_s
+            )
+            if lease is None:  # a fresh random id: only a broken store says no
+                await channel.close(1011, "could not take the new session's lease")
+                reservation.release()
+                return None
+            await channel.send_message(
+                SessionCreated(session_id=session.session_id, time_limit_s=self.config.time_limit_s)
+            )
+            live = self._run(session, principal, lease, channel, attach=False)
+        except BaseException:
+            reservation.release()
+            raise
+        live.reservation = reservation
+        logger.info("session %s started for user %r", session.session_id, principal.user_id)
         return live
 
     def _run(
@@ -357,19 +407,27 @@ class InterviewService:
         return record
 
     def _forget(self, session_id: str, live: LiveSession) -> None:
+        if live.reservation is not None:
+            live.reservation.release()
         if self.sessions.get(session_id) is live:
             del self.sessions[session_id]
 
     async def _reattach(
         self, session_id: str, principal: Principal, channel: WebChannel
     ) -> LiveSession | None:
-        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        entry = self._locks.get(session_id)
+        if entry is None:
+            entry = self._locks[session_id] = _SessionLock()
+        # The entry lives while anyone holds *or waits for* it: dropping it while reconnects
+        # are queued would let a later one take a fresh lock and run beside them.
+        entry.users += 1
         try:
-            async with lock:  # two reconnects at once must not start two hosts
+            async with entry.lock:  # two reconnects at once must not start two hosts
                 return await self._reattach_locked(session_id, principal, channel)
         finally:
-            if not lock.locked():
-                self._locks.pop(session_id, None)
+            entry.users -= 1
+            if entry.users == 0 and self._locks.get(session_id) is entry:
+                del self._locks[session_id]
 
     async def _reattach_locked(
         self, session_id: str, principal: Principal, channel: WebChannel
@@ -411,6 +469,24 @@ class InterviewService:
         if record.state is State.ENDED:
             await self._tell_ended(record, channel)
             return None
+        reservation = self.admission.reserve(principal.user_id, new=False)
+        if isinstance(reservation, Refusal):
+            await _refuse(channel.transport, reservation)
+            return None
+        try:
+            live = await self._take_over_reserved(session_id, principal, channel)
+        except BaseException:
+            reservation.release()
+            raise
+        if live is None:
+            reservation.release()
+        else:
+            live.reservation = reservation
+        return live
+
+    async def _take_over_reserved(
+        self, session_id: str, principal: Principal, channel: WebChannel
+    ) -> LiveSession | None:
         lease = await self._acquire_when_free(session_id)
         if lease is None:
             await channel.send_message(
@@ -474,6 +550,24 @@ class InterviewService:
         self, session_id: str, principal: Principal, channel: WebChannel
     ) -> None:
         logger.warning(
-            "user %s tried to attach to session %s of another user", principal.user_id, session_id
+            "user %r tried to attach to session %s of another user", principal.user_id, session_id
         )
         await channel.close(4403, "this session belongs to another user")
+
+
+@dataclass
+class _SessionLock:
+    """A per-session lock and how many reconnects hold or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+async def _refuse(transport: Transport, refusal: Refusal) -> None:
+    """Tell the client why (an ``error`` message), then close with the refusal's code."""
+    with contextlib.suppress(Exception):
+        await transport.send_text(
+            ErrorMessage(code=refusal.error_code, message=refusal.reason).model_dump_json()
+        )
+    with contextlib.suppress(Exception):
+        await transport.close(refusal.close_code, refusal.reason[:120])
