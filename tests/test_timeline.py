@@ -423,6 +423,8 @@ async def test_the_operator_pages_need_the_operator_role(
     listing = await operator_client.get("/operator/", headers=_bearer(operator))
     assert listing.status_code == 200
     assert f'href="/operator/sessions/{session_id}"' in listing.text
+    priced = estimate_cost(usage_tokens(_record(interview).usage), PRICES)
+    assert f"${priced.total:.4f}" in listing.text and "test prices" in listing.text
     assert listing.headers["cache-control"] == "no-store"
     assert "script-src" not in listing.headers["content-security-policy"]
     page = await operator_client.get(f"/operator/sessions/{session_id}", headers=_bearer(operator))
@@ -500,6 +502,11 @@ async def test_timeline_and_transcript_commands_read_the_store(
     cost = estimate_cost(usage_tokens(record.usage), DEFAULT_PRICES)
     assert f"{record.usage.prompt_tokens:,} prompt" in printed
     assert f"cost {cost.describe()}" in printed
+    assert await _in_thread(["sessions", "--store", url, "--prices", str(prices)]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.endswith("EST. COST (prices of 2026-12-01)")
+    priced = estimate_cost(usage_tokens(record.usage), PRICES)
+    assert row.startswith(record.session_id) and row.endswith(f"${priced.total:.4f}")
 
 
 async def _in_thread(argv: list[str]) -> int:
@@ -523,8 +530,13 @@ def test_usage_and_gaps_reach_prometheus_once(interview: SimulationResult) -> No
     observer = metrics.observer()
     for entry in record.log:
         observer.logged(entry)
-    half = record.usage.model_copy(
-        update={"prompt_tokens": record.usage.prompt_tokens // 2, "client_audio_bytes": 32_000}
+    usage = record.usage
+    half = usage.model_copy(
+        update={
+            "prompt_tokens": usage.prompt_tokens // 2,
+            "total_tokens": usage.total_tokens // 2,
+            "client_audio_bytes": 32_000,
+        }
     )
     observer.usage(half)
     observer.usage(record.usage)

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from voicefsm.model import SessionRecord
+    from voicefsm.model import SessionRecord, SessionUsage
+    from voicefsm.pricing import TokenPrices
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -170,6 +171,15 @@ def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
 
 
+def _cost(usage: SessionUsage | None, prices: TokenPrices) -> str:
+    from voicefsm.pricing import estimate_cost, format_money, usage_tokens
+
+    if usage is None:
+        return "-"
+    cost = estimate_cost(usage_tokens(usage), prices)
+    return format_money(cost.total, cost.currency)
+
+
 def _sessions(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -184,6 +194,10 @@ def _sessions(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--state takes one of {', '.join(str(s) for s in State)}, not {args.state}"
             ) from None
+
+    from voicefsm.pricing import load_prices
+
+    prices = load_prices(args.prices)
 
     async def listed() -> list[list[str]]:
         store = open_store(args.store)
@@ -203,6 +217,7 @@ def _sessions(args: argparse.Namespace) -> int:
                 _when(s.deadline),
                 str(s.end_reason) if s.end_reason is not None else "-",
                 s.worker if s.lease_live(now) and s.worker else "-",
+                _cost(s.usage, prices),
             ]
             for s in summaries
         ]
@@ -212,6 +227,7 @@ def _sessions(args: argparse.Namespace) -> int:
         print(f"no sessions in {args.store}", file=sys.stderr)
         return 0
     header = ["SESSION", "OWNER", "STATE", "STARTED (UTC)", "DEADLINE (UTC)", "END", "WORKER"]
+    header.append(f"EST. COST (prices of {prices.as_of})")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -331,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument(
         "--limit", type=int, default=None, help="at most this many sessions (default: all)"
     )
+    sessions.add_argument("--prices", metavar="FILE.json", help=_PRICES_HELP)
     sessions.set_defaults(func=_sessions)
 
     diag = commands.add_parser(

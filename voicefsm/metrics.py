@@ -93,7 +93,7 @@ class SessionObserver:
         self._resuming_since: float | None = None
         self._started = False
         self._gap_cause: str | None = None
-        self._usage_seen = SessionUsage()
+        self._seen: dict[tuple[str, str], float] = {}  # high-water marks of the usage sums
 
     def logged(self, entry: LogEntry) -> None:
         """Record one event-log entry (a :class:`voicefsm.effects.Logged` effect's)."""
@@ -114,27 +114,32 @@ class SessionObserver:
         """Count what ``usage`` (a session's running sums) adds to what this observer saw.
 
         Call it with the record's usage as often as convenient (each persisted record, the final
-        one): only the growth since the previous call is counted. For a session restored from
+        one): only growth beyond the highest value seen is counted. For a session restored from
         its record, call :meth:`usage_baseline` first, so what another worker already counted
         is not counted again.
         """
         metrics = self._metrics
-        before = usage_tokens(self._usage_seen)
+        seen = self._seen
         for (direction, modality), count in usage_tokens(usage).items():
-            grown = count - before.get((direction, modality), 0)
+            grown = count - seen.get((direction, modality), 0)
             if grown > 0:
                 metrics.tokens.labels(direction=direction, modality=modality).inc(grown)
-        audio_in = usage.client_audio_s - self._usage_seen.client_audio_s
-        audio_out = usage.model_audio_s - self._usage_seen.model_audio_s
-        if audio_in > 0:
-            metrics.audio_seconds.labels(direction="in").inc(audio_in)
-        if audio_out > 0:
-            metrics.audio_seconds.labels(direction="out").inc(audio_out)
-        self._usage_seen = usage.model_copy()
+                seen[(direction, modality)] = count
+        for way, seconds in (("in", usage.client_audio_s), ("out", usage.model_audio_s)):
+            grown_s = seconds - seen.get(("audio", way), 0.0)
+            if grown_s > 0:
+                metrics.audio_seconds.labels(direction=way).inc(grown_s)
+                seen[("audio", way)] = seconds
 
     def usage_baseline(self, usage: SessionUsage) -> None:
         """Take ``usage`` as already counted (a restored session's sums from its record)."""
-        self._usage_seen = usage.model_copy()
+        seen: dict[tuple[str, str], float] = {
+            (direction, modality): count
+            for (direction, modality), count in usage_tokens(usage).items()
+        }
+        seen[("audio", "in")] = usage.client_audio_s
+        seen[("audio", "out")] = usage.model_audio_s
+        self._seen = seen
 
     def detached(self, state: State) -> None:
         """The session left this worker un-ended (another worker drives it now)."""

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from voicefsm.auth import Authenticator, AuthError, Principal
-from voicefsm.pricing import TokenPrices, load_prices
+from voicefsm.pricing import TokenPrices, estimate_cost, format_money, load_prices, usage_tokens
 from voicefsm.stores import SessionStore
 from voicefsm.timeline import render_timeline
 
@@ -32,6 +32,7 @@ OPERATOR_ROLE = "operator"
 """The role a token must carry (in its ``roles`` claim) to see the operator pages."""
 COOKIE = "voicefsm_operator"
 """The cookie that carries the operator token after a ``?token=`` visit."""
+_DASH = "\u2013"
 RECENT_LIMIT = 100
 """How many sessions the list shows (the newest)."""
 
@@ -64,7 +65,7 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
 
 def _when(at: float | None) -> str:
     if at is None:
-        return "\u2013"
+        return _DASH
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -146,22 +147,27 @@ def operator_router(
         return endpoint
 
     async def sessions(request: Request, current: SessionStore) -> Response:
-        summaries = sorted(
-            await current.list_sessions(), key=lambda s: (s.started_at, s.session_id), reverse=True
-        )[:limit]
-        rows = "".join(
-            f'<tr><td><a href="{prefix}/sessions/{quote(s.session_id, safe="")}">'
-            f"{html.escape(s.session_id)}</a></td><td>{s.state}</td>"
-            f"<td>{_when(s.started_at)}</td><td>{_when(s.deadline)}</td>"
-            f"<td>{s.end_reason or '&#8211;'}</td>"
-            f'<td class="n">{s.transcript_lines}</td></tr>'
-            for s in summaries
-        )
+        summaries = await current.list_sessions(limit=limit, newest_first=True)
+        rows = []
+        for s in summaries:
+            cost = (
+                estimate_cost(usage_tokens(s.usage), chosen_prices) if s.usage is not None else None
+            )
+            rows.append(
+                f'<tr><td><a href="{prefix}/sessions/{quote(s.session_id, safe="")}">'
+                f"{html.escape(s.session_id)}</a></td><td>{html.escape(s.owner or _DASH)}</td>"
+                f"<td>{s.state}</td><td>{_when(s.started_at)}</td><td>{_when(s.deadline)}</td>"
+                f"<td>{s.end_reason or _DASH}</td>"
+                f'<td class="n">{s.transcript_lines}</td><td class="n">'
+                f"{format_money(cost.total, cost.currency) if cost else _DASH}</td></tr>"
+            )
         body = (
-            f"<p>The {len(summaries)} most recent sessions (of at most {limit}), newest first; "
-            "times in UTC.</p><table><thead><tr><th>session</th><th>state</th><th>started</th>"
-            '<th>deadline</th><th>end reason</th><th class="n">lines</th></tr></thead>'
-            f"<tbody>{rows}</tbody></table>"
+            f"<p>The {len(summaries)} most recent sessions (at most {limit}), newest first; times "
+            f"in UTC; costs are estimates from prices as of {html.escape(chosen_prices.as_of)} "
+            f"({html.escape(chosen_prices.source)}).</p><table><thead><tr><th>session</th>"
+            "<th>candidate</th><th>state</th><th>started</th><th>deadline</th><th>end reason</th>"
+            '<th class="n">lines</th><th class="n">est. cost</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
             if summaries
             else "<p>No sessions in the store yet.</p>"
         )
