@@ -558,3 +558,96 @@ def test_usage_and_gaps_reach_prometheus_once(interview: SimulationResult) -> No
     assert _sample(metrics, "voicefsm_tokens_total", labels) == usage_tokens(record.usage).get(
         ("input", "unspecified"), 0
     )
+
+
+async def test_a_served_interview_feeds_usage_and_gap_metrics_and_its_timeline() -> None:
+    """Real uvicorn, websocket client, ADK and genai against the fake Live server: the metrics
+    and the stored record's timeline follow what the upstream reported."""
+    import asyncio
+    import socket
+
+    from google.adk.agents import LlmAgent
+    from live_rig import MODEL, chunk, fast_config, starlette_service
+    from websockets.asyncio.client import connect
+
+    from voicefsm.adk import AdkUpstream
+    from voicefsm.service import InterviewService
+    from voicefsm.testing import FakeLiveConnection, FakeLiveServer
+
+    usage = {
+        "promptTokenCount": 1200,
+        "responseTokenCount": 300,
+        "totalTokenCount": 1500,
+        "promptTokensDetails": [
+            {"modality": "AUDIO", "tokenCount": 1000},
+            {"modality": "TEXT", "tokenCount": 200},
+        ],
+        "responseTokensDetails": [{"modality": "AUDIO", "tokenCount": 300}],
+    }
+
+    async def script(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update(f"h-{conn.number}")
+        await conn.wait_for_audio_chunks(5)
+        await conn.send_model_audio(bytes(4800))  # 0.1 s at 24 kHz
+        await conn.send({"usageMetadata": usage})
+        await conn.send_turn_complete()
+        if conn.number == 1:
+            await conn.send_go_away("5s")  # between turns: rotate now
+        await conn.wait_closed(timeout=None)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    auth = JWTAuthenticator(SECRET)
+    async with FakeLiveServer(script=script) as fake:
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+        service = InterviewService(
+            AdkUpstream(agent, client=fake.genai_client()), auth, config=fast_config()
+        )
+        async with starlette_service(service, port) as url:
+            token = auth.issue("cand-1")
+            async with connect(url, subprotocols=[f"bearer.{token}"], open_timeout=5) as ws:  # type: ignore[list-item]
+                created = json.loads(await ws.recv())
+                session_id = created["session_id"]
+                (live,) = service.sessions.values()
+                sent = 0
+                second = asyncio.create_task(fake.wait_for_connection(2))
+                while not second.done() or fake.connections[-1].audio_chunk_count < 5:
+                    await ws.send(chunk(sent))
+                    sent += 1
+                    await asyncio.sleep(0.02)  # a microphone's pace
+                    assert sent < 2000, "the rotation never happened"
+                await ws.send(json.dumps({"end_session": True}))
+                async with asyncio.timeout(15):
+                    record = await live.task
+            stored = await service.store.load(session_id)
+            assert stored is not None
+    assert record.end_reason is EndReason.USER_ENDED
+    assert record.usage.reports == 2
+    assert record.usage.prompt_tokens_by_modality == {"AUDIO": 2000, "TEXT": 400}
+    metrics = service.metrics
+    assert (
+        _sample(metrics, "voicefsm_tokens_total", {"direction": "input", "modality": "audio"})
+        == 2000
+    )
+    assert (
+        _sample(metrics, "voicefsm_tokens_total", {"direction": "output", "modality": "audio"})
+        == 600
+    )
+    audio_out = _sample(metrics, "voicefsm_audio_seconds_total", {"direction": "out"})
+    assert audio_out == pytest.approx(record.usage.model_audio_s) == pytest.approx(0.2)
+    audio_in = _sample(metrics, "voicefsm_audio_seconds_total", {"direction": "in"})
+    assert audio_in == pytest.approx(record.usage.client_audio_s)
+    assert audio_in > 0
+    assert _sample(metrics, "voicefsm_upstream_gap_seconds_count", {"cause": "rotation"}) == 1
+    ended = _sample(metrics, "voicefsm_sessions_ended_total", {"reason": "user_ended"})
+    assert ended == 1
+    timeline = build_timeline(stored.record, prices=PRICES)
+    assert [m.kind for m in timeline.markers if m.kind in ("goaway", "rotation", "end")] == [
+        "goaway",
+        "rotation",
+        "end",
+    ]
+    assert timeline.cost is not None
+    assert timeline.cost.total == pytest.approx((2000 * 10 + 400 * 1 + 600 * 40) / 1e6)

@@ -9,11 +9,13 @@ modality, audio seconds each way), which only grow, so the observer adds what is
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from voicefsm import effects as fx
-from voicefsm.model import LogEntry, LogKind, SessionUsage, State
+from voicefsm.model import LogEntry, LogKind, SessionRecord, SessionUsage, State, TranscriptLine
 from voicefsm.pricing import usage_tokens
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -94,6 +96,27 @@ class SessionObserver:
         self._started = False
         self._gap_cause: str | None = None
         self._seen: dict[tuple[str, str], float] = {}  # high-water marks of the usage sums
+        self._log_seen = 0  # log entries ever appended to the records followed so far
+
+    def baseline(self, record: SessionRecord) -> None:
+        """Take what ``record`` holds as already counted: a session restored from its record
+        (another worker, or this one before a restart, counted it)."""
+        self._log_seen = len(record.log) + record.log_dropped
+        self.usage_baseline(record.usage)
+
+    def record(self, record: SessionRecord) -> None:
+        """Follow a persisted record: count the log entries it added and its usage growth."""
+        appended = len(record.log) + record.log_dropped
+        fresh = min(appended - self._log_seen, len(record.log))
+        if fresh > 0:
+            for entry in record.log[-fresh:]:
+                self.logged(entry)
+        self._log_seen = max(self._log_seen, appended)
+        self.usage(record.usage)
+
+    def following(self, sink: _Sink) -> ObservedSink:
+        """``sink`` with every saved record also shown to :meth:`record` (give it to the host)."""
+        return ObservedSink(sink, self)
 
     def logged(self, entry: LogEntry) -> None:
         """Record one event-log entry (a :class:`voicefsm.effects.Logged` effect's)."""
@@ -164,3 +187,26 @@ class SessionObserver:
             metrics.resumes.inc()
             metrics.resume_seconds.observe(max(0.0, change.at - self._resuming_since))
             self._resuming_since = None
+
+
+class _Sink(Protocol):
+    async def save(self, record: SessionRecord) -> object: ...
+
+    async def append_transcript(self, session_id: str, line: TranscriptLine) -> object: ...
+
+
+class ObservedSink:
+    """A host sink that shows each saved record to a :class:`SessionObserver`, then saves it."""
+
+    def __init__(self, sink: _Sink, observer: SessionObserver) -> None:
+        self._sink = sink
+        self._observer = observer
+
+    async def save(self, record: SessionRecord) -> object:
+        """Count what the record adds, then save it."""
+        self._observer.record(record)
+        return await self._sink.save(record)
+
+    async def append_transcript(self, session_id: str, line: TranscriptLine) -> object:
+        """Append one transcript line."""
+        return await self._sink.append_transcript(session_id, line)
