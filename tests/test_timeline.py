@@ -274,7 +274,7 @@ async def _boxes(page: Any, selector: str) -> list[dict[str, Any]]:
         """els => els.map(e => {
             const r = e.getBoundingClientRect();
             return {left: r.left, right: r.right, cx: (r.left + r.right) / 2, width: r.width,
-                    data: Object.assign({}, e.closest('[data-kind]').dataset)};
+                    data: Object.assign({}, (e.closest('[data-kind]') || e).dataset)};
         })""",
     )
     return result
@@ -301,14 +301,13 @@ async def test_the_picture_matches_the_record_in_chromium(interview: SimulationR
             def x(at: float) -> float:
                 return float(axis["left"] + (at - start) / (end - start) * axis["width"])
 
-            # state bands: count, order, both edges (a resuming band is drawn at least 2 px wide)
+            # state bands: count, order, both edges
             bands = await _boxes(page, '[data-kind="band"]')
             want = expected_bands(record)
             assert [b["data"]["state"] for b in bands] == [s.value for s, _, _ in want]
             for box, (state, band_start, band_end) in zip(bands, want, strict=True):
                 assert box["left"] == pytest.approx(x(band_start), abs=TOLERANCE_PX), state
-                if x(band_end) - x(band_start) > 2 or state is not State.RESUMING:
-                    assert box["right"] == pytest.approx(x(band_end), abs=TOLERANCE_PX), state
+                assert box["right"] == pytest.approx(x(band_end), abs=TOLERANCE_PX), state
                 assert float(box["data"]["start"]) == pytest.approx(band_start - start, abs=1e-3)
             colours = await page.eval_on_selector_all(
                 '[data-kind="band"]', "els => els.map(e => getComputedStyle(e).fill)"
@@ -319,6 +318,9 @@ async def test_the_picture_matches_the_record_in_chromium(interview: SimulationR
                 ".legend .key i[style]", "els => els.map(e => getComputedStyle(e).backgroundColor)"
             )
             assert set(by_state.values()) < set(legend[:5]) and len(set(legend[:5])) == 5
+            marks = await _boxes(page, ".resume-mark")  # each short resume stays visible
+            assert len(marks) == record.stats.resumes
+            assert all(mark["width"] >= 3 for mark in marks)
 
             # rotation gaps: one per resume, starting where the upstream went
             gaps = await _boxes(page, '[data-kind="rotation"] .gap')
@@ -339,7 +341,7 @@ async def test_the_picture_matches_the_record_in_chromium(interview: SimulationR
             assert len(away) == len(expected_away(record)) == 1
             for box, (left, back) in zip(away, expected_away(record), strict=True):
                 assert box["left"] == pytest.approx(x(left), abs=TOLERANCE_PX)
-                assert box["right"] == pytest.approx(max(x(back), x(left) + 3), abs=TOLERANCE_PX)
+                assert box["right"] == pytest.approx(max(x(back), x(left) + 4), abs=TOLERANCE_PX)
 
             (warning,) = await _boxes(page, '[data-kind="warning"] .anchor')
             (warned,) = kinds(record, LogKind.WARNING)

@@ -166,9 +166,9 @@ _LANES = {  # y, height
     "user": (208.0, 18.0),
 }
 _HEIGHT = 290.0
-_MIN_BAND_PX = 2.0  # the width a resuming band is drawn at least with (it grows to the right)
+_MIN_BAND_PX = 3.0  # a narrower resuming band gets a mark this wide on top
 _TIP_WIDTH = 360.0  # the hover box of a transcript turn
-_MIN_SPAN_PX = 3.0  # a 60 ms gap on a 45-minute axis is far below a pixel; draw it visibly
+_MIN_SPAN_PX = 4.0  # a 60 ms gap on a 45-minute axis is far below a pixel; draw it visibly
 
 
 def clock(seconds: float) -> str:
@@ -258,8 +258,6 @@ def _bands(timeline: Timeline, axis: _Axis) -> list[str]:
     out = []
     for band in timeline.bands:
         x0, x1 = axis.x(band.start), axis.x(band.end)
-        if band.state is State.RESUMING:  # usually far below a pixel: keep it visible
-            x1 = max(x1, x0 + _MIN_BAND_PX)
         tip = f"{band.state} {clock(band.start - axis.start)}{_DASH}{clock(band.end - axis.start)}"
         tip += f" ({_duration(band.end - band.start)})" + (f": {band.why}" if band.why else "")
         data = _data("band", axis, band.start, band.end, state=band.state)
@@ -268,6 +266,13 @@ def _bands(timeline: Timeline, axis: _Axis) -> list[str]:
             f'width="{max(x1 - x0, 0.0):.3f}" height="{height}" '
             f'fill="{STATE_COLOURS[band.state]}"><title>{_esc(tip)}</title></rect>'
         )
+    # Resuming usually lasts far below a pixel: mark it, on top of its neighbours, visibly.
+    out += [
+        f'<rect class="resume-mark" x="{axis.x(band.start):.3f}" y="{y}" '
+        f'width="{_MIN_BAND_PX}" height="{height}" fill="{STATE_COLOURS[State.RESUMING]}"/>'
+        for band in timeline.bands
+        if band.state is State.RESUMING and axis.x(band.end) - axis.x(band.start) < _MIN_BAND_PX
+    ]
     return out
 
 
@@ -330,9 +335,12 @@ def _away(timeline: Timeline, axis: _Axis) -> list[str]:
             f": {span.detail}" if span.detail else ""
         )
         data = _data("away", axis, span.start, span.end, returned=str(span.returned).lower())
+        label = f"away {_duration(span.end - span.start)}" + ("" if span.returned else ", gone")
         out.append(
             f'<rect class="away" {data} x="{x0:.3f}" y="{y}" width="{width:.3f}" height="{height}">'
             f"<title>{_esc(tip)}</title></rect>"
+            f'<text class="marker-label" x="{x0 + width + 3:.3f}" y="{y + height / 2 + 4:.1f}">'
+            f"{_esc(label)}</text>"
         )
     return out
 
@@ -542,7 +550,8 @@ table { border-collapse: collapse; } td, th { padding: 2px 10px 2px 0; vertical-
 .plot { fill: #fafafa; stroke: #bbb; }
 .tick { stroke: #ddd; } .tick-label { text-anchor: middle; fill: #555; }
 .lane-label { text-anchor: end; } .lane-rule { stroke: #eee; }
-.band { stroke: none; } .band:hover, .marker:hover .anchor, .away:hover
+.band { stroke: none; } .resume-mark { pointer-events: none; }
+.band:hover, .marker:hover .anchor, .away:hover
   { stroke: #000; stroke-width: 1.5; }
 .marker-rotation .gap { fill: #d62828; } .marker-goaway .anchor { fill: #f77f00; }
 .marker-close .anchor { fill: #fff; stroke: #d62828; stroke-width: 2; }

@@ -16,6 +16,7 @@ content security policy that allows no scripts and nothing from elsewhere.
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -181,7 +182,10 @@ def operator_router(
                 "No such session", f"<p>No session {html.escape(session_id)} in the store.</p>", 404
             )
         transcript = await current.read_transcript(session_id)
-        page = render_timeline(stored.record, transcript, prices=chosen_prices)
+        record = stored.record
+        # A running session's last band reaches the present (never past the deadline).
+        now = None if record.ended_at is not None else min(time.time(), record.deadline)
+        page = render_timeline(record, transcript, prices=chosen_prices, now=now)
         return HTMLResponse(page, headers=_HEADERS)
 
     router.add_api_route("/", guarded(sessions), methods=["GET"], include_in_schema=False)
