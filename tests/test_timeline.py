@@ -81,7 +81,11 @@ def _record(result: SimulationResult) -> SessionRecord:
 
 def expected_bands(record: SessionRecord) -> list[tuple[State, float, float]]:
     """State intervals straight from the log's state changes, then ``ended`` to the deadline."""
-    changes = [e for e in record.log if e.kind is LogKind.STATE and e.at > record.started_at]
+    changes = [
+        e
+        for e in record.log
+        if e.kind in (LogKind.STATE, LogKind.RESTORED) and e.at > record.started_at
+    ]
     bands = []
     state, since = State.CONNECTING, record.started_at
     for change in changes:
@@ -231,6 +235,51 @@ def test_a_record_without_a_log_still_draws_its_start_and_end() -> None:
     assert "older voicefsm" in render_html(timeline)
 
 
+def test_a_restored_session_draws_its_take_over_and_counts_its_gap_once() -> None:
+    from voicefsm import events as ev
+    from voicefsm.engine import Session
+
+    start = 1_800_000_000.0
+    first = Session(SessionConfig(), session_id="moved", seed=1)
+    first.start(start)
+    first.handle(ev.UpstreamReady(connection_id=1), start + 0.1)
+    first.handle(ev.ResumptionUpdate("h-1", True), start + 5)
+    first.handle(ev.Usage(prompt_tokens=100, total_tokens=100), start + 6)
+    stored = first.snapshot()  # the worker dies here; another one takes over at +300 s
+    metrics = Metrics()
+    observer = metrics.observer()
+    observer.baseline(stored)
+    second = Session.restore(stored, start + 300, seed=2)
+    second.start(start + 300)
+    second.handle(ev.UpstreamReady(), start + 300.2)
+    second.handle(ev.Usage(prompt_tokens=50, total_tokens=50), start + 310)
+    second.handle(ev.ClientEnd(), start + 320)
+    record = second.snapshot()
+    observer.record(record)
+
+    timeline = build_timeline(record)
+    assert [(b.state, b.start, b.end) for b in timeline.bands] == expected_bands(record)
+    assert [b.state for b in timeline.bands] == [
+        State.CONNECTING,
+        State.LIVE,
+        State.RESUMING,
+        State.LIVE,
+        State.ENDED,
+    ]
+    (gap,) = [m for m in timeline.markers if m.kind == "rotation"]
+    assert (gap.at, gap.end) == pytest.approx((start + 300, start + 300.2))
+    assert "restored from the record" in gap.detail
+    assert [m.kind for m in timeline.markers if m.kind in ("restored", "end")] == [
+        "restored",
+        "end",
+    ]
+    restores = _sample(metrics, "voicefsm_upstream_gap_seconds_count", {"cause": "restore"})
+    assert restores == 1
+    assert _sample(metrics, "voicefsm_upstream_gap_seconds_count", {"cause": "drop"}) == 0
+    labels = {"direction": "input", "modality": "unspecified"}
+    assert _sample(metrics, "voicefsm_tokens_total", labels) == 50  # not the first worker's 100
+
+
 def test_the_timeline_follows_the_log(interview: SimulationResult) -> None:
     record = _record(interview)
     timeline = build_timeline(record, interview.transcript, prices=PRICES)
@@ -336,6 +385,10 @@ async def test_the_picture_matches_the_record_in_chromium(interview: SimulationR
                 [x(e.at) for e in kinds(record, LogKind.GOAWAY)], abs=TOLERANCE_PX
             )
             assert len(goaways) == record.stats.goaways
+            closes = await _boxes(page, '[data-kind="close"] .anchor')
+            closed = kinds(record, LogKind.UPSTREAM_CLOSED)
+            assert len(closes) == len(closed) == 2  # the 1011 drop, then the refused reconnect
+            assert [c["cx"] for c in closes] == pytest.approx([x(e.at) for e in closed], abs=1.0)
 
             away = await _boxes(page, '[data-kind="away"]')
             assert len(away) == len(expected_away(record)) == 1

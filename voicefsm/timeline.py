@@ -685,7 +685,7 @@ def build_timeline(
     """
     started = record.started_at
     log = sorted(record.log, key=lambda entry: entry.at)
-    running_until = now if now is not None else max([started, *(e.at for e in log)])
+    running_until = max([started, *(e.at for e in log), *([now] if now is not None else [])])
     end_at = record.ended_at if record.ended_at is not None else running_until
 
     bands: list[Band] = []
@@ -698,7 +698,9 @@ def build_timeline(
 
     for entry in log:
         kind = entry.kind
-        if kind is LogKind.STATE and entry.state_to is not None:
+        if kind is LogKind.RESTORED:
+            last_loss = (entry.at, "restored from the record")
+        if kind in (LogKind.STATE, LogKind.RESTORED) and entry.state_to is not None:
             if entry.at > since:
                 bands.append(Band(state, since, entry.at, why))
             state, since, why = entry.state_to, entry.at, entry.why or ""
@@ -717,8 +719,6 @@ def build_timeline(
             if last_loss is None:
                 code = "no close code" if entry.close_code is None else f"code {entry.close_code}"
                 last_loss = (entry.at, f"upstream closed ({code})")
-        elif kind is LogKind.RESTORED:
-            last_loss = (entry.at, "restored from the record")
         elif kind is LogKind.UPSTREAM_READY and entry.gap_s is not None and last_loss is not None:
             what = last_loss[1]
             gap_start = entry.at - entry.gap_s
