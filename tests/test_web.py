@@ -107,22 +107,29 @@ class Stack:
         return ws
 
 
-@pytest.fixture(params=sorted(SERVERS))
-async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
-    config: SessionConfig = getattr(request, "param_config", None) or fast_config(client_grace_s=5)
+@asynccontextmanager
+async def open_stack(kind: str, config: SessionConfig | None = None) -> AsyncIterator[Stack]:
+    """The fake Live server, a service on it, and the ``kind`` adapter's server in front."""
     async with FakeLiveServer(script=live_until_closed) as fake:
         agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
         service = InterviewService(
             AdkUpstream(agent, client=fake.genai_client()),
             AUTH,
-            config=config,
+            config=config or fast_config(client_grace_s=5),
             limits=ProtocolLimits(
                 messages_per_second=100, burst=60, max_errors=12, max_frame_bytes=64 * 1024
             ),
             origins=None,
         )
-        async with SERVERS[request.param](service) as port:
+        async with SERVERS[kind](service) as port:
             yield Stack(fake, service, f"ws://127.0.0.1:{port}/interview")
+
+
+@pytest.fixture(params=sorted(SERVERS))
+async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    config: SessionConfig | None = getattr(request, "param_config", None)
+    async with open_stack(request.param, config) as opened:
+        yield opened
 
 
 async def next_json(

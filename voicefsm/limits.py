@@ -35,7 +35,7 @@ class ServiceLimits(BaseModel):
         "take-over beyond it is closed with 1013.",
     )
     max_sessions_per_user: int = Field(
-        2,
+        3,
         gt=0,
         description="Running sessions of one user (token `sub`) on this worker; a new session "
         "beyond it is closed with 4429. Re-attaching to a running session is always allowed.",

@@ -14,21 +14,24 @@ import secrets
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from voicefsm.auth import JWTAuthenticator
+from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.model import SessionConfig
 from voicefsm.service import InterviewService
 from voicefsm.stores import open_store
+from voicefsm.web.headers import SecurityHeadersMiddleware
+from voicefsm.web.logs import install_token_redaction
 from voicefsm.web.operator import operator_router
-from voicefsm.web.starlette import interview_endpoint
+from voicefsm.web.starlette import interview_endpoint, uvicorn_options
 
 logger = logging.getLogger("voicefsm.serve")
 
@@ -64,6 +67,37 @@ class ServeSettings:
     """Talk to this Live endpoint instead (e.g. a shared fake server: ``https://127.0.0.1:PORT``)."""
     live_ca_file: str | None = None
     """CA certificate (PEM) that signed ``live_base_url``'s certificate."""
+    demo_hosts: tuple[str, ...] = ()
+    """Host names, besides the loopback ones, for which ``/demo/token`` hands out tokens."""
+    service_limits: ServiceLimits = field(default_factory=ServiceLimits)
+    """Connections and sessions one worker takes on (``docs/protocol.md``, Limits)."""
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+"""Host names that always count as the server's own for demo tokens."""
+
+
+def _host_name(host_header: str) -> str:
+    """The host name of a ``Host`` header value (``[::1]:8000`` → ``::1``), lower-cased."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_own_request(request: Request, own_hosts: frozenset[str]) -> bool:
+    """Whether ``request`` is for this server by one of its own names, from its own page.
+
+    A DNS-rebinding page reaches a loopback server under the attacker's host name: its
+    ``Host`` (and ``Origin``) name the attacker, so it is refused.
+    """
+    host = request.headers.get("host", "")
+    if _host_name(host) not in own_hosts:
+        return False
+    origin = request.headers.get("origin")
+    if origin is not None and origin.lower() not in {f"http://{host}", f"https://{host}"}:
+        return False
+    return request.headers.get("sec-fetch-site", "same-origin") in {"same-origin", "none"}
 
 
 def _static_dir() -> str:
@@ -98,6 +132,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 lease_ttl_s=settings.lease_ttl_s,
                 metrics=metrics,
                 origins=settings.origins or None,
+                service_limits=settings.service_limits,
             )
             state["service"] = service
             app.state.service = service
@@ -106,7 +141,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
             finally:
                 await service.shutdown()
 
-    app = FastAPI(title="voicefsm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="voicefsm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.add_middleware(SecurityHeadersMiddleware)
+    own_hosts = LOOPBACK_HOSTS | {name.lower() for name in settings.demo_hosts}
     label = (
         "Demo mode: a scripted fake interviewer (no GOOGLE_API_KEY set)"
         if use_fake
@@ -137,7 +176,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
     if demo_tokens:
 
         @app.get("/demo/token")
-        async def demo_token() -> JSONResponse:
+        async def demo_token(request: Request) -> JSONResponse:
+            if not is_own_request(request, own_hosts):
+                logger.warning("refused a demo token for host %r", request.headers.get("host"))
+                return JSONResponse(
+                    {"error": "demo tokens are only for this server's own page on its own host"},
+                    status_code=403,
+                )
             user_id = f"demo-{uuid.uuid4().hex[:12]}"
             return JSONResponse({"token": authenticator.issue(user_id), "user_id": user_id})
 
@@ -218,10 +263,10 @@ def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> N
     if settings.worker_id is None:
         settings = replace(settings, worker_id=f"{socket.gethostname()}:{port}")
     app = create_app(settings)
-    # No access log: a client may put its token in the query string (?token=...).
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", ws="websockets-sansio", access_log=False
-    )
+    # uvicorn's frame limit follows the protocol's; no access log; tokens redacted from the
+    # rest (uvicorn logs every websocket URL, ?token= included, at INFO).
+    install_token_redaction()
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", **uvicorn_options())
 
     class DetachingServer(uvicorn.Server):
         """Hands sessions back (clients get 4410) before uvicorn closes every websocket (1012)."""

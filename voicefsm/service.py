@@ -5,11 +5,14 @@ websocket into a :class:`Transport` and call :meth:`InterviewService.handle`; ev
 the origin check, authentication, session ownership, re-attaching a returning client, decoding
 frames, counting protocol errors, metrics — lives here, once.
 
-Close codes a client can see: 4401 (not authenticated), 4403 (origin not allowed, or the session
-belongs to someone else), 4404 (no such session), 4408 (heartbeat timeout), 4409 (replaced by a
-newer connection to the same session), 4410 (this worker gave the session up: reconnect), 1013
-(another worker still holds the session: retry soon), 1011 (the server could not start or
-keep the session), 1000 (the session ended).
+Close codes a client can see: 4401 (not authenticated, or not within ``auth_timeout_s``), 4403
+(origin not allowed, or the session belongs to someone else), 4404 (no such session), 4408
+(heartbeat timeout), 4409 (replaced by a newer connection to the same session), 4410 (this worker
+gave the session up: reconnect), 4429 (the user runs too many sessions), 1013 (another worker
+still holds the session, or this worker is at a :class:`~voicefsm.limits.ServiceLimits` limit:
+retry soon), 1009 (a frame over the limit, refused by the websocket server), 1011 (the server
+could not start or keep the session, or could not read from the client), 1000 (the session
+ended).
 
 Sessions live in a :class:`~voicefsm.stores.SessionStore`. The worker that drives a session holds
 its lease and writes through the fenced view, so a client that reconnects to *another* worker (or
@@ -224,6 +227,10 @@ class InterviewService:
             return
         try:
             await self._handle(transport, offered)
+        except Exception as error:  # nothing a client causes may escape as a bare 1006
+            logger.exception("serving a client connection failed (%s)", type(error).__name__)
+            with contextlib.suppress(Exception):
+                await transport.close(1011, "the server failed to serve this connection")
         finally:
             self.admission.disconnect()
 

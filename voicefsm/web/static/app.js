@@ -27,6 +27,7 @@ const FINAL_CLOSES = {
   4403: "The server refused this connection (origin not allowed, or the interview belongs to another user).",
   4404: "That interview is no longer running on the server.",
   4409: "This interview was opened in another tab or window.",
+  4429: "You already have as many interviews running as allowed; end one first.",
 };
 // A 4409 that follows this error means "another worker still holds the session: retry".
 const BUSY_ERROR = "session_busy";
