@@ -267,7 +267,7 @@ def test_a_restored_session_draws_its_take_over_and_counts_its_gap_once() -> Non
         State.ENDED,
     ]
     (gap,) = [m for m in timeline.markers if m.kind == "rotation"]
-    assert (gap.at, gap.end) == pytest.approx((start + 300, start + 300.2))
+    assert gap.at == start + 300 and gap.end == start + 300.2
     assert "restored from the record" in gap.detail
     assert [m.kind for m in timeline.markers if m.kind in ("restored", "end")] == [
         "restored",
@@ -285,7 +285,9 @@ def test_the_timeline_follows_the_log(interview: SimulationResult) -> None:
     timeline = build_timeline(record, interview.transcript, prices=PRICES)
     assert [(b.state, b.start, b.end) for b in timeline.bands] == expected_bands(record)
     rotations = [(m.at, m.end) for m in timeline.markers if m.kind == "rotation"]
-    assert rotations == pytest.approx(expected_gaps(record))
+    assert len(rotations) == len(expected_gaps(record))
+    for (at, end), (want_at, want_end) in zip(rotations, expected_gaps(record), strict=True):
+        assert at == pytest.approx(want_at, abs=1e-3) and end == want_end
     assert len(rotations) == record.stats.resumes
     assert sum(m.kind == "goaway" for m in timeline.markers) == record.stats.goaways
     assert [(s.start, s.end) for s in timeline.away] == expected_away(record)

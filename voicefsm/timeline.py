@@ -719,9 +719,9 @@ def build_timeline(
             if last_loss is None:
                 code = "no close code" if entry.close_code is None else f"code {entry.close_code}"
                 last_loss = (entry.at, f"upstream closed ({code})")
-        elif kind is LogKind.UPSTREAM_READY and entry.gap_s is not None and last_loss is not None:
-            what = last_loss[1]
-            gap_start = entry.at - entry.gap_s
+        elif kind is LogKind.UPSTREAM_READY and entry.gap_s is not None and last_loss:
+            # The gap starts where the log says the upstream went (gap_s is rounded to 1 ms).
+            gap_start, what = last_loss
             markers.append(
                 Marker(
                     "rotation",
