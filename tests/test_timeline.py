@@ -11,6 +11,7 @@ time axis, within a pixel. Screenshots go to ``test-artifacts/`` (git-ignored):
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -278,6 +279,19 @@ def test_a_restored_session_draws_its_take_over_and_counts_its_gap_once() -> Non
     assert _sample(metrics, "voicefsm_upstream_gap_seconds_count", {"cause": "drop"}) == 0
     labels = {"direction": "input", "modality": "unspecified"}
     assert _sample(metrics, "voicefsm_tokens_total", labels) == 50  # not the first worker's 100
+
+
+def test_a_log_cut_at_its_bound_still_draws_a_whole_axis() -> None:
+    result = simulate("interview", seed=7, config=SessionConfig(max_log_entries=20))
+    record = _record(result)
+    assert record.log_dropped > 0 and len(record.log) <= 20
+    timeline = build_timeline(record, result.transcript)
+    bands = timeline.bands
+    assert bands[0].start == record.started_at and bands[-1].end == record.deadline
+    assert all(a.end == b.start for a, b in itertools.pairwise(bands))
+    assert [m.at for m in timeline.markers if m.kind == "end"] == [record.ended_at]
+    page = render_html(timeline)
+    assert f"{record.log_dropped} older ones were dropped" in page
 
 
 def test_the_timeline_follows_the_log(interview: SimulationResult) -> None:

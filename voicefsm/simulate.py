@@ -296,7 +296,15 @@ class Simulation:
         handle = f"handle-{question}-{upstream.connections}"
         upstream.issued.add(handle)
         self._feed(ev.ResumptionUpdate(handle, True), now)
-        self._feed(ev.Usage(prompt_tokens=2000 * question, total_tokens=2100 * question), now)
+        # The Live API reports each turn's prompt, which holds the context so far: it grows.
+        usage = ev.Usage(
+            prompt_tokens=2000 * question,
+            response_tokens=100 * question,
+            total_tokens=2100 * question,
+            prompt_by_modality=(("AUDIO", 1700 * question), ("TEXT", 300 * question)),
+            response_by_modality=(("AUDIO", 100 * question),),
+        )
+        self._feed(usage, now)
         answer = self.rng.uniform(30, 90)
         self._at(now + answer, "answer_end", question)
 
