@@ -722,3 +722,26 @@ async def test_a_served_interview_feeds_usage_and_gap_metrics_and_its_timeline()
     ]
     assert timeline.cost is not None
     assert timeline.cost.total == pytest.approx((2000 * 10 + 400 * 1 + 600 * 40) / 1e6)
+
+
+async def test_the_store_may_come_from_a_coroutine(interview: SimulationResult) -> None:
+    from fastapi import FastAPI
+
+    store = MemoryStore()
+    await store.save(_record(interview))
+
+    async def started_store() -> MemoryStore:
+        return store
+
+    app = FastAPI()
+    app.include_router(operator_router(started_store, JWTAuthenticator(SECRET)))
+    import time
+
+    import jwt
+
+    claims = {"sub": "ops-1", "role": "operator", "exp": int(time.time()) + 60}
+    operator = jwt.encode(claims, SECRET, algorithm="HS256")  # a single `role` claim works too
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        listing = await client.get("/operator/", headers=_bearer(operator))
+    assert listing.status_code == 200 and _record(interview).session_id in listing.text

@@ -16,6 +16,7 @@ content security policy that allows no scripts and nothing from elsewhere.
 from __future__ import annotations
 
 import html
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -48,8 +49,9 @@ _HEADERS = {
     ),
 }
 
-StoreGetter = Callable[[], SessionStore | None]
-"""Returns the store to read, or ``None`` while the service is not started yet."""
+StoreGetter = Callable[[], SessionStore | Awaitable[SessionStore | None] | None]
+"""Returns (or returns an awaitable of) the store to read, or ``None`` while the service is not
+started yet (the pages then answer 503)."""
 
 
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
@@ -140,7 +142,8 @@ def operator_router(
             who = await principal(request)
             if isinstance(who, Response):
                 return who
-            current = store()
+            found = store()
+            current = await found if inspect.isawaitable(found) else found
             if current is None:
                 return _page("Starting", "<p>The service is not started yet.</p>", 503)
             return await handler(request, current)
