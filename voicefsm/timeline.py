@@ -3,8 +3,8 @@
 :func:`build_timeline` reads a stored :class:`~voicefsm.SessionRecord` (its bounded event log
 and usage sums) and the session's transcript into a :class:`Timeline`: state bands, rotation and
 GoAway markers, client-away spans, the warning, the end, transcript turns and a usage/cost
-summary. :func:`render_html` draws it as one HTML document with no external assets (no scripts
-from elsewhere, no fonts, no images), readable on screen and on paper.
+summary. :func:`render_html` draws it as one HTML document with no external assets and no
+scripts (no fonts, no images, nothing fetched), readable on screen and on paper.
 
 The page shows the transcript: it is for operators, rendered server-side (``voicefsm timeline``,
 the operator route of ``voicefsm serve``), and never sent to a candidate's client.
@@ -89,6 +89,8 @@ class UsageSummary:
     """Interviewer audio received from the model, in seconds."""
     reports: int = 0
     """How many usage reports the upstream sent."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the cache (part of the prompt count, not priced apart)."""
 
     @property
     def total_tokens(self) -> int:
@@ -107,7 +109,8 @@ MARKER_KINDS = (
     "unsent",
     "restored",
 )
-"""The kinds of :class:`Marker` a timeline draws."""
+"""The kinds of :class:`Marker` a timeline draws. A ``rotation`` marker is any wait for a new
+upstream connection once the first was up: after a planned rotation, a drop, or a take-over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +133,7 @@ class Timeline:
     cost: CostEstimate | None = None
     stats: Mapping[str, int] = field(default_factory=dict)
     log_dropped: int = 0
-    """Log entries the record's bound dropped (the oldest ones)."""
+    """Log entries the record's bound dropped (from between its first half and its newest)."""
 
     @property
     def axis_end(self) -> float:
@@ -444,9 +447,10 @@ def _usage_section(timeline: Timeline) -> str:
             f'<span class="estimate">estimate — prices as of {_esc(cost.as_of)}, '
             f"{_esc(cost.source)}; not an invoice</span></p>"
         )
+    cached = f" ({usage.cached_tokens:,} of the prompt cached)" if usage.cached_tokens else ""
     return (
         "<section><h2>Usage and cost</h2>"
-        f"<p>{usage.total_tokens:,} tokens in {usage.reports} usage reports; "
+        f"<p>{usage.total_tokens:,} tokens in {usage.reports} usage reports{cached}; "
         f"candidate audio {_duration(usage.audio_in_s)} sent, "
         f"interviewer audio {_duration(usage.audio_out_s)} received.</p>"
         '<table class="usage"><thead><tr><th>direction</th><th>modality</th>'
@@ -620,6 +624,7 @@ def _usage_summary(usage: SessionUsage) -> UsageSummary:
         audio_in_s=usage.client_audio_s,
         audio_out_s=usage.model_audio_s,
         reports=usage.reports,
+        cached_tokens=usage.cached_tokens,
     )
 
 
@@ -627,7 +632,7 @@ def _age(seconds: float | None) -> str:
     return "a fresh connection" if seconds is None else f"handle {_duration(seconds)} old"
 
 
-def _entry_markers(entry: LogEntry) -> Marker | None:
+def _entry_marker(entry: LogEntry) -> Marker | None:
     kind = entry.kind
     if kind is LogKind.GOAWAY:
         left = "?" if entry.time_left_s is None else f"{entry.time_left_s:g} s"
@@ -738,7 +743,7 @@ def build_timeline(
         elif kind is LogKind.CLIENT_BACK and left_at is not None:
             away.append(Span(left_at, entry.at, True, left_why))
             left_at = None
-        marker = _entry_markers(entry)
+        marker = _entry_marker(entry)
         if marker is not None:
             markers.append(marker)
 
