@@ -18,9 +18,11 @@ import jwt
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated user; sessions belong to one."""
+    """An authenticated user; sessions belong to one. ``roles`` come from the token (e.g.
+    ``{"operator"}`` for the operator pages; a candidate's token has none)."""
 
     user_id: str
+    roles: frozenset[str] = frozenset()
 
 
 class AuthError(Exception):
@@ -96,12 +98,18 @@ class JWTAuthenticator:
         except (jwt.PyJWTError, ValueError, TypeError) as error:
             # e.g. a token whose algorithm does not fit the configured key (RS256 vs HS256).
             raise AuthError(f"invalid token: {type(error).__name__}") from error
-        return Principal(user_id=check_user_id(claims["sub"]))
+        claimed = claims.get("roles", claims.get("role", ()))
+        roles = [claimed] if isinstance(claimed, str) else claimed
+        if not isinstance(roles, list | tuple) or not all(isinstance(r, str) for r in roles):
+            raise AuthError("invalid token: 'roles' must be a string or a list of strings")
+        return Principal(user_id=check_user_id(claims["sub"]), roles=frozenset(roles))
 
-    def issue(self, user_id: str, *, ttl_s: float = 3600) -> str:
+    def issue(self, user_id: str, *, ttl_s: float = 3600, roles: Sequence[str] = ()) -> str:
         """Sign a token for ``user_id`` (for demos and tests; needs a symmetric algorithm)."""
         now = int(time.time())
         claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + int(ttl_s)}
+        if roles:
+            claims["roles"] = list(roles)
         if self._audience:
             claims["aud"] = self._audience
         if self._issuer:

@@ -34,6 +34,7 @@ from voicefsm.stores import open_store
 from voicefsm.web.headers import SecurityHeadersMiddleware
 from voicefsm.web.lifespan import ServiceLifecycle
 from voicefsm.web.logs import install_token_redaction
+from voicefsm.web.operator import operator_router
 from voicefsm.web.starlette import interview_endpoint, uvicorn_options
 
 logger = logging.getLogger("voicefsm.serve")
@@ -233,6 +234,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         service = await service_now()
         return JSONResponse({"ok": not service.draining, "sessions": len(service.sessions)})
 
+    app.include_router(
+        operator_router(lambda: getattr(state.get("service"), "store", None), authenticator)
+    )
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
     if use_fake:
         logger.warning("no GOOGLE_API_KEY: sessions use the scripted fake interviewer (demo mode)")

@@ -496,11 +496,13 @@ class InterviewService:
             self.store.fenced(lease), name=session.session_id[:12], on_refused=refused
         )
         observer = self.metrics.observer()
+        if session.started_at is not None:  # restored: its record was counted where it ran
+            observer.baseline(session.snapshot())
         host = SessionHost(
             session,
             self.upstream,
             client=None if attach else channel,
-            sink=sink,
+            sink=observer.following(sink),
             observer=observer,
         )
         host_of.append(host)

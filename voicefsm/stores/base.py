@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar, runtime_checkable
 
-from voicefsm.model import EndReason, SessionRecord, State, TranscriptLine
+from voicefsm.model import EndReason, SessionRecord, SessionUsage, State, TranscriptLine
 from voicefsm.ports import SessionSink
 
 logger = logging.getLogger("voicefsm.stores")
@@ -177,6 +177,8 @@ class SessionSummary:
     end_detail: str | None = None
     worker: str | None = None
     lease_expires_at: float = 0.0
+    usage: SessionUsage | None = None
+    """The record's usage sums (for a cost column)."""
 
     @classmethod
     def of(
@@ -197,6 +199,7 @@ class SessionSummary:
             end_detail=record.end_detail,
             worker=row.owner,
             lease_expires_at=row.expires_at,
+            usage=record.usage,
         )
 
     def lease_live(self, now: float) -> bool:
