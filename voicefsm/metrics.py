@@ -202,6 +202,11 @@ class ObservedSink:
         self._sink = sink
         self._observer = observer
 
+    @property
+    def inner(self) -> _Sink:
+        """The sink records are saved to."""
+        return self._sink
+
     async def save(self, record: SessionRecord) -> object:
         """Count what the record adds, then save it."""
         self._observer.record(record)
