@@ -127,7 +127,7 @@ class SimulationResult:
     session_ended_messages: int = 0
     transcript_lines: list[str] = field(default_factory=list)
     record: SessionRecord | None = None
-    """The session's final record (event log and usage included), as a store would keep it."""
+    """The session's final record, with its event log and usage sums (for ``--timeline``)."""
     transcript: list[TranscriptLine] = field(default_factory=list)
     """The recorded transcript lines, as a store would keep them."""
 
@@ -153,7 +153,8 @@ class SimulationResult:
                 f"  client audio {self.client_chunks_sent} chunks sent, "
                 f"{self.client_chunks_received_upstream} reached the upstream, "
                 f"{stats.chunks_buffered} buffered while resuming, {stats.chunks_flushed} flushed, "
-                f"{stats.chunks_overflowed} overflowed, {self.client_chunks_lost} lost, "
+                f"{stats.chunks_overflowed} overflowed, "
+                f"{stats.chunks_unsent_at_end} unsent at the end, {self.client_chunks_lost} lost, "
                 f"{self.client_chunks_reordered} out of order",
                 f"  model audio  {self.model_chunks_played} chunks played",
                 f"  transcript   {stats.transcript_lines} lines",
@@ -249,8 +250,8 @@ class Simulation:
             elif isinstance(effect, fx.StateChanged):
                 self._log(now, f"{effect.previous} -> {effect.state}: {effect.why}")
             elif isinstance(effect, fx.RecordTranscript):
-                self.transcript.append(effect.line)
                 self.lines.append(f"[{effect.line.seq}] {effect.line.role}: {effect.line.text}")
+                self.transcript.append(effect.line)
             elif isinstance(effect, fx.SendToClient):
                 self._client_message(effect.message, now)
 
@@ -297,18 +298,15 @@ class Simulation:
         handle = f"handle-{question}-{upstream.connections}"
         upstream.issued.add(handle)
         self._feed(ev.ResumptionUpdate(handle, True), now)
-        # The Live API reports usage per turn; the prompt is the whole context so far.
-        prompt, spoken = 2000 * question, 250
-        self._feed(
-            ev.Usage(
-                prompt_tokens=prompt,
-                response_tokens=spoken,
-                total_tokens=prompt + spoken,
-                prompt_by_modality=(("AUDIO", prompt - 150), ("TEXT", 150)),
-                response_by_modality=(("AUDIO", spoken),),
-            ),
-            now,
+        # The Live API reports each turn's prompt, which holds the context so far: it grows.
+        usage = ev.Usage(
+            prompt_tokens=2000 * question,
+            response_tokens=100 * question,
+            total_tokens=2100 * question,
+            prompt_by_modality=(("AUDIO", 1700 * question), ("TEXT", 300 * question)),
+            response_by_modality=(("AUDIO", 100 * question),),
         )
+        self._feed(usage, now)
         answer = self.rng.uniform(30, 90)
         self._at(now + answer, "answer_end", question)
 
