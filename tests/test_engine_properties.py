@@ -234,6 +234,7 @@ class EngineMachine(RuleBasedStateMachine):
         # the store
         self.persisted: SessionRecord | None = None
         self.logged: list[LogEntry] = []  # every Logged effect, across restores
+        self.injected_failure = False  # a handler made to fail for one call
         self.held_bytes = 0  # client audio the session holds, as of the last check
         self.calls = 0
         self._start(self.session)
@@ -521,8 +522,10 @@ class EngineMachine(RuleBasedStateMachine):
         if reason is EndReason.USER_ENDED:
             assert isinstance(event, ev.ClientEnd)
         elif reason is EndReason.ERROR:
-            assert isinstance(event, ev.UpstreamError) or (
-                isinstance(event, ev.UpstreamClosed) and not close_is_resumable(event.code)
+            assert (
+                isinstance(event, ev.UpstreamError)
+                or (isinstance(event, ev.UpstreamClosed) and not close_is_resumable(event.code))
+                or self.injected_failure
             ), f"error end caused by {event!r}"
         elif reason is EndReason.TIME_LIMIT:
             assert self.now >= self.deadline, "time_limit before the deadline"
@@ -1207,6 +1210,34 @@ class EngineMachine(RuleBasedStateMachine):
         if kind == "audio":
             self.next_seq += 1
         self._call(event_)
+
+    @precondition(_running)
+    @rule(partial=st.booleans())
+    def a_handler_fails(self, partial: bool) -> None:
+        """13. A bug in a handler: the session ends with error, once, and nothing leaks."""
+        original = Session._HANDLERS[ev.Interrupted]
+
+        def broken(session: Session, event: ev.Interrupted, now: float) -> None:
+            if partial:
+                original(session, event, now)  # some of its work is done, then it fails
+            raise RuntimeError("injected failure")
+
+        Session._HANDLERS[ev.Interrupted] = broken
+        self.injected_failure = True
+        try:
+            effects = self._call(ev.Interrupted())
+        finally:
+            Session._HANDLERS[ev.Interrupted] = original
+            self.injected_failure = False
+        session = self.s
+        assert session.ended
+        if session.end_reason is EndReason.ERROR:
+            assert "RuntimeError: injected failure" in (session.end_detail or "")
+            assert any(isinstance(e, fx.CloseClient) and e.code == 1000 for e in effects)
+        # (a timer due in the same call may have ended the session first: the first cause wins)
+        assert not self.open_conns, f"connections left open: {self.open_conns}"
+        assert self.s.next_timer() is None
+        assert self.s.handle(ev.Tick(), self.now) == []  # nothing left over
 
     @rule(chunks=st.integers(1, 5))
     def audio_lost_upstream(self, chunks: int) -> None:
