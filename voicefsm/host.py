@@ -63,12 +63,17 @@ __all__ = [
 ]
 
 TEARDOWN_DEFER_S = 0.5
-"""Longest a closed connection's tear-down waits for the next connection to become ready.
+"""Longest a closed connection's tear-down waits before it starts (at once if the session ended,
+:data:`TEARDOWN_AFTER_READY_S` after the next connection is ready).
 
-A rotation's new TLS and websocket handshakes would otherwise share the event loop with the old
-connection's closing handshake (on loopback that doubled the GoAway-to-setup gap); the socket
-work of a closed connection waits until the next one is ready, the session ends, or this long.
+A rotation's new TLS and websocket handshakes and its first audio would otherwise share the event
+loop with the old connection's tear-down (cancelling ``run_live``, the closing handshake); on
+loopback that doubled the GoAway-to-setup gap. The old connection is silent meanwhile: it sends
+and reports nothing after ``close()``.
 """
+
+TEARDOWN_AFTER_READY_S = 0.05
+"""Once the next connection is ready, its first audio goes out before the old one's tear-down."""
 
 TEARDOWN_GRACE_S = 2.0
 """How long ``run()`` waits, past the upstream's own bound, for a tear-down before cancelling it."""
@@ -177,7 +182,7 @@ class SessionHost:
                     break
                 await self._apply(session.handle(event, self._clock()))
                 if self._deferred and type(event) is ev.UpstreamReady:
-                    self._start_teardowns()
+                    self._defer_teardowns(TEARDOWN_AFTER_READY_S)
             if self._detach_reason is not None and not session.ended:
                 self._log.warning("detached without ending the session: %s", self._detach_reason)
                 client, self._client = self._client, None
@@ -375,8 +380,15 @@ class SessionHost:
         if self.session.ended:
             self._start_teardowns()
         elif self._deferred_timer is None:
-            loop = asyncio.get_running_loop()
-            self._deferred_timer = loop.call_later(TEARDOWN_DEFER_S, self._start_teardowns)
+            self._defer_teardowns(TEARDOWN_DEFER_S)
+
+    def _defer_teardowns(self, delay: float) -> None:
+        if self._deferred_timer is not None:
+            if self._deferred_timer.when() <= asyncio.get_running_loop().time() + delay:
+                return
+            self._deferred_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._deferred_timer = loop.call_later(delay, self._start_teardowns)
 
     def _start_teardowns(self) -> None:
         """Start the tear-down of every closed connection (beside the consumer)."""

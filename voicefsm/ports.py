@@ -63,9 +63,9 @@ class UpstreamConnection(Protocol):
     """One upstream connection, opened by :meth:`Upstream.open`.
 
     The host calls :meth:`close` exactly once, then :meth:`wait_closed` once, in a task beside
-    its consumer and possibly a little later (once the next connection is ready, or at most
-    :data:`voicefsm.host.TEARDOWN_DEFER_S`), so that the closing handshake of an old connection
-    does not compete with the opening handshake of the new one.
+    its consumer and a little later (:data:`voicefsm.host.TEARDOWN_DEFER_S`, or at once when the
+    session ended), so that tearing down an old connection does not compete with opening the new
+    one.
     """
 
     def send_audio(self, data: bytes) -> None:
