@@ -371,6 +371,15 @@ class AdkConnection:
         link = self._link
         task = self._task
         self._queue.close()
+        websocket = link.websocket
+        if websocket is not None and not link.dead and not task.done():
+            # The closing handshake first, then the cancel: cancelling run_live in the middle of
+            # genai's close would abort it, and a completed handshake confirms the audio.
+            try:
+                async with asyncio.timeout(link.close_timeout_s + 0.5):
+                    await websocket.close()
+            except Exception as error:  # TimeoutError, or a socket already broken
+                link.log.info("closing upstream #%d: %r", link.connection_id, error)
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=link.close_timeout_s + 0.5)
         if not done:
