@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
-from live_rig import MODEL, Rig, fast_config, sequence_numbers, upstream_tasks
+from live_rig import MODEL, Rig, chunk, fast_config, sequence_numbers, upstream_tasks
 
 from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
@@ -607,3 +607,24 @@ async def test_the_adk_session_stays_small_over_many_rotations() -> None:
     assert stored_events < 2 * service.keep  # not ~6 events per connection, for ever
     # A new run_live copies none of ADK's history (the first finds no session and makes one).
     assert copied[-rotations:] == [0] * rotations
+
+
+async def test_a_pushing_client_channel_needs_no_reader_task() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        readers = [t for t in asyncio.all_tasks() if t.get_name().startswith("voicefsm-client-")]
+        assert readers == []  # MemoryChannel pushes straight into the inbox
+        rig.send_audio(10)
+        conn = server.connections[0]
+        await conn.wait_for_audio_chunks(10)
+        replaced = MemoryChannel()
+        rig.host.attach(replaced)
+        rig.channel.push(ev.ClientEnd())  # from the replaced client: ignored
+        replaced.push(ev.ClientAudio(chunk(10)))  # handled after it, in inbox order
+        await conn.wait_for_audio_chunks(11)
+        assert not rig.session.ended
+        replaced.push(ev.ClientEnd())
+        record = await rig.finish()
+    assert sequence_numbers([conn]) == list(range(11))
+    assert record.end_reason is EndReason.USER_ENDED
+    assert replaced.closed is not None

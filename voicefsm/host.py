@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -36,6 +38,7 @@ from voicefsm.ports import (
     HostNote,
     HostObserver,
     LogNote,
+    PushClientChannel,
     Report,
     SessionSink,
     StateNote,
@@ -98,6 +101,65 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
         return self._prefix + str(msg), kwargs
 
 
+class _Inbox:
+    """The session's inbox: a deque with one waiter, and the consumer's timer as one handle.
+
+    Cheaper per event than ``asyncio.Queue`` plus an ``asyncio.timeout()`` per read: the timer
+    handle is only re-armed when the engine's next timer changes, not once per chunk.
+    """
+
+    __slots__ = ("_armed_for", "_handle", "_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[ev.Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for: float | None = None
+
+    def put(self, event: ev.Event) -> None:
+        self._items.append(event)
+        self._wake()
+
+    def take(self) -> ev.Event | None:
+        return self._items.popleft() if self._items else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def wait(self, until: float | None, clock: Callable[[], float]) -> None:
+        """Return once an event was put, or at ``until`` (a ``clock`` time), whichever first."""
+        loop = asyncio.get_running_loop()
+        if until is not None and (until != self._armed_for or self._handle is None):
+            if self._handle is not None:
+                self._handle.cancel()
+            self._armed_for = until
+            self._handle = loop.call_later(max(0.0, until - clock()), self._fire)
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed_for = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class SessionHost:
     """Runs one session to its end: the single consumer of the session's inbox.
 
@@ -127,7 +189,7 @@ class SessionHost:
         self.upstream = upstream
         self.sink: SessionSink = sink if sink is not None else MemorySink()
         self._clock = clock
-        self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self._inbox = _Inbox()
         self._client: ClientChannel | None = None
         self._client_reader: asyncio.Task[None] | None = None
         self._connections: dict[int, UpstreamConnection] = {}
@@ -147,7 +209,7 @@ class SessionHost:
 
     def post(self, event: ev.Event) -> None:
         """Put an event into the session's inbox (from any task of this event loop)."""
-        self._inbox.put_nowait(event)
+        self._inbox.put(event)
 
     def attach(self, client: ClientChannel) -> None:
         """Attach a (re)connecting client: it replaces any previous one and gets the state."""
@@ -202,19 +264,15 @@ class SessionHost:
     # ------------------------------------------------------------------ the loop
 
     async def _next_event(self) -> ev.Event:
-        with contextlib.suppress(asyncio.QueueEmpty):
-            return self._inbox.get_nowait()
-        timer = self.session.next_timer()
-        if timer is None:
-            return await self._inbox.get()
-        delay = timer - self._clock()
-        if delay <= 0:
-            return ev.Tick()
-        try:
-            async with asyncio.timeout(delay):
-                return await self._inbox.get()
-        except TimeoutError:
-            return ev.Tick()
+        inbox = self._inbox
+        while True:
+            event = inbox.take()
+            if event is not None:
+                return event
+            timer = self.session.next_timer()
+            if timer is not None and timer <= self._clock():
+                return ev.Tick()
+            await inbox.wait(timer, self._clock)
 
     async def _fail(self, detail: str) -> None:
         if self.session.ended:
@@ -251,8 +309,8 @@ class SessionHost:
     async def _count_late_unsent(self) -> None:
         """Hand the engine the unsent-audio counts that arrived after its loop stopped."""
         late: list[ev.UpstreamAudioUnsent] = []
-        while not self._inbox.empty():
-            event = self._inbox.get_nowait()
+        self._inbox.close()
+        while (event := self._inbox.take()) is not None:
             if isinstance(event, ev.UpstreamAudioUnsent):
                 late.append(event)
         if self._carry:
@@ -463,10 +521,24 @@ class SessionHost:
     def _start_reader(self, client: ClientChannel) -> None:
         if self._client_reader is not None:
             self._client_reader.cancel()
+            self._client_reader = None
         self._client = client
+        if isinstance(client, PushClientChannel):
+            client.start_pushing(functools.partial(self._deliver, client))
+            return
         self._client_reader = asyncio.create_task(
             self._read_client(client), name=f"voicefsm-client-{self.session.session_id[:12]}"
         )
+
+    def _deliver(self, client: ClientChannel, message: ClientInput | None) -> None:
+        """A pushing client's message: into the inbox, unless another client replaced it."""
+        if self._client is not client:
+            return
+        if message is None:
+            self._client = None
+            self.post(ev.ClientGone("the client connection closed"))
+        else:
+            self._inbox.put(message)
 
     async def _read_client(self, client: ClientChannel) -> None:
         reason = "the client connection closed"
