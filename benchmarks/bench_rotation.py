@@ -78,7 +78,7 @@ from google.genai import Client, types
 
 from voicefsm import Session, SessionConfig, SessionRecord
 from voicefsm import events as ev
-from voicefsm.adk import AdkConnection, AdkUpstream, VoiceFsmGemini
+from voicefsm.adk import AdkConnection, AdkUpstream, BoundedSessionService, VoiceFsmGemini
 from voicefsm.host import SessionHost
 from voicefsm.memory import MemoryChannel, MemorySink
 from voicefsm.ports import HostNote, Report, StateNote, UpstreamCloseNote, UpstreamOpenNote
@@ -191,8 +191,8 @@ class TimedGemini(VoiceFsmGemini):
             yield connection
 
 
-class TimedSessionService(InMemorySessionService):
-    """ADK's in-memory session service, timing each ``get_session`` (one per ``run_live``)."""
+class TimedSessionService(BoundedSessionService):
+    """voicefsm's ADK session service, timing each ``get_session`` (one per ``run_live``)."""
 
     def __init__(self) -> None:
         super().__init__()

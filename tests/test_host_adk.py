@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
+from google.adk.tools import ToolContext
 from live_rig import MODEL, Rig, chunk, fast_config, sequence_numbers, upstream_tasks
 
 from voicefsm import EndReason, Session, State
@@ -408,16 +409,17 @@ async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_sessio
         for note in rig.notes
         if not isinstance(note, UpstreamTornDownNote | LogNote)
     ]
+    # Within one batch of effects the (never blocking) upstream ones are carried out first.
     assert kinds == [
         ("UpstreamOpenNote", 1, None),
         ("StateNote", None, State.LIVE),
         ("UpstreamCloseNote", 1, None),
-        ("StateNote", None, State.RESUMING),
         ("UpstreamOpenNote", 2, None),
+        ("StateNote", None, State.RESUMING),
         ("StateNote", None, State.LIVE),
+        ("UpstreamCloseNote", 2, None),
         ("StateNote", None, State.ENDED),
         ("EndNote", None, None),
-        ("UpstreamCloseNote", 2, None),
     ]
     torn_down = sorted(n.connection_id for n in rig.notes if isinstance(n, UpstreamTornDownNote))
     assert torn_down == [1, 2]
@@ -628,3 +630,59 @@ async def test_a_pushing_client_channel_needs_no_reader_task() -> None:
     assert sequence_numbers([conn]) == list(range(11))
     assert record.end_reason is EndReason.USER_ENDED
     assert replaced.closed is not None
+
+
+async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() -> None:
+    seen: list[list[str]] = []
+
+    def record_answer(text: str, tool_context: ToolContext) -> dict[str, str]:
+        """Record the candidate's answer."""
+        answers = [*tool_context.state.get("answers", []), text]
+        tool_context.state["answers"] = answers
+        seen.append(answers)
+        return {"status": "recorded"}
+
+    standby_ready = asyncio.Event()
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await standby_ready.wait()  # the next connection's run_live waits, warm
+        await conn.send_tool_call("record_answer", {"text": "one"})
+        await conn.send_turn_complete()
+        await conn.wait_for_tool_responses(1)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    async def second(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_tool_call("record_answer", {"text": "two"})
+        await conn.send_turn_complete()
+        await conn.wait_for_tool_responses(1)
+        await conn.wait_closed()
+
+    prepared = asyncio.Event()
+
+    class Signalling(AdkUpstream):
+        def _prepare_standby(self, session_id: str, config: Any) -> None:
+            super()._prepare_standby(session_id, config)
+            prepared.set()
+
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="x", tools=[record_answer])
+    async with FakeLiveServer(scripts=[first, second]) as server:
+        upstream = Signalling(agent, client=server.genai_client())
+        rig = Rig(server, agent=agent, upstream=upstream)
+        await rig.__aenter__()
+        async with asyncio.timeout(10):
+            await prepared.wait()
+        standby = rig.upstream._standby[rig.session.session_id]
+        standby_ready.set()
+        second_conn = await server.wait_for_connection(2, timeout=10)
+        await second_conn.wait_for_tool_responses(1)
+        assert rig.upstream._standby.get(rig.session.session_id) is not standby
+        record = await rig.end()
+        await rig.__aexit__()
+        assert not upstream_tasks()
+    assert seen == [["one"], ["one", "two"]]  # the standby's state was refreshed
+    assert record.stats.resumes == 1
+    assert second_conn.resumption_handle == "h-1"

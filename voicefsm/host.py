@@ -330,21 +330,33 @@ class SessionHost:
     # ------------------------------------------------------------------ effects
 
     async def _apply(self, effects: list[fx.Effect]) -> None:
+        # The upstream effects never block: carry them out first, in their order, so that a new
+        # connection is not opened only after a store write or a client send was awaited. The
+        # others follow in their order; the order within each channel is the engine's.
+        later: list[fx.Effect] | None = None
         for effect in effects:
-            if isinstance(effect, fx.SendAudioUpstream):
+            kind = type(effect)
+            if kind is fx.SendAudioUpstream:
                 if self._current is not None:
-                    self._current.send_audio(effect.data)
-            elif isinstance(effect, fx.SendAudioToClient):
-                await self._to_client(effect)
-            elif isinstance(effect, fx.SendTextUpstream):
+                    self._current.send_audio(effect.data)  # type: ignore[union-attr]
+            elif kind is fx.SendAudioToClient and later is None:
+                await self._to_client(effect)  # type: ignore[arg-type]
+            elif kind is fx.SendTextUpstream:
                 if self._current is not None:
-                    self._current.send_text(effect.text)
-            elif isinstance(effect, fx.SendToClient | fx.CloseClient):
+                    self._current.send_text(effect.text)  # type: ignore[union-attr]
+            elif kind is fx.OpenUpstream:
+                self._open(effect)  # type: ignore[arg-type]
+            elif kind is fx.CloseUpstream:
+                self._close_upstream(effect.connection_id, effect.reason)  # type: ignore[union-attr]
+            elif later is None:
+                later = [effect]
+            else:
+                later.append(effect)
+        if later is None:
+            return
+        for effect in later:
+            if isinstance(effect, fx.SendAudioToClient | fx.SendToClient | fx.CloseClient):
                 await self._to_client(effect)
-            elif isinstance(effect, fx.OpenUpstream):
-                self._open(effect)
-            elif isinstance(effect, fx.CloseUpstream):
-                self._close_upstream(effect.connection_id, effect.reason)
             elif isinstance(effect, fx.RecordTranscript):
                 await self.sink.append_transcript(self.session.session_id, effect.line)
             elif isinstance(effect, fx.PersistRecord):
