@@ -478,6 +478,21 @@ class EngineMachine(RuleBasedStateMachine):
             later = [e for e in effects[index + 1 :] if isinstance(e, fx.StateChanged)]
             assert later, f"{entry!r} without its state change"
             assert (later[0].previous, later[0].state) == (entry.state_from, entry.state_to)
+        elif entry.kind is LogKind.ROTATION_SKIPPED:
+            # 11. a working connection is only kept past its GoAway when nothing can follow it
+            config = self.config
+            handle_usable = (
+                self.handle is not None
+                and self.handle_at is not None
+                and self.now - self.handle_at <= config.handle_ttl_s
+            )
+            no_time = self.deadline - self.now < config.min_remaining_to_resume_s
+            assert no_time or (self.said and not handle_usable), (
+                f"rotation skipped with {self.deadline - self.now:.1f} s left and handle "
+                f"{self.handle!r}: {entry.why}"
+            )
+            assert entry.connection_id == self.current
+            self.rotate_by.pop(entry.connection_id, None)
         elif entry.kind is LogKind.END:
             assert sum(e.kind is LogKind.END for e in self.logged) == 1, "a second end logged"
             assert entry.reason is not None and entry.reason == self.s.end_reason
@@ -735,6 +750,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert persisted.resumption_handle == snap.resumption_handle
         assert persisted.handle_received_at == snap.handle_received_at
         assert persisted.warning_given == snap.warning_given
+        assert persisted.conversation_started == snap.conversation_started
         assert persisted.end_reason == snap.end_reason
         assert (persisted.state is State.ENDED) == session.ended
 
@@ -965,6 +981,11 @@ class EngineMachine(RuleBasedStateMachine):
         limit = self.now + max(0.0, seconds - self.config.goaway_margin_s)
 
         def accepted() -> None:
+            if limit >= self.deadline and real not in self.rotate_by:
+                return  # 11. the connection outlives the interview: it is kept
+            last = self.logged[-1] if self.logged else None
+            if last is not None and last.kind is LogKind.ROTATION_SKIPPED and last.at == self.now:
+                return  # 11. the rotation this GoAway asked for was skipped (checked above)
             if up and real is not None:  # a later GoAway never postpones an earlier limit
                 self.rotate_by[real] = min(self.rotate_by.get(real, limit), limit)
 

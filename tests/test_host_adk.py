@@ -439,7 +439,8 @@ async def test_warning_and_end_arrive_on_schedule_while_an_old_connection_hangs_
         conn.hang_on_close()  # the rotated-away connection never answers the close frame
         await conn.send_setup_complete()
         await conn.send_resumption_update("h-1")
-        await conn.send_go_away("20s")
+        # Short enough that the connection cannot outlive the deadline: a rotation is due.
+        await conn.send_go_away("1s")
         await conn.wait_closed(timeout=None)
 
     config = fast_config(time_limit_s=3, warning_before_s=1.5)
