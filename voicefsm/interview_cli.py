@@ -344,7 +344,8 @@ class Timeline(logging.Handler):
             text = record.getMessage()
         except Exception:  # a malformed record must not break the interview
             text = str(record.msg)
-        if record.msg == self.STATE_CHANGE and isinstance(record.args, tuple):
+        # The host's per-session adapter prefixes "[<session id>] " to the format string.
+        if str(record.msg).endswith(self.STATE_CHANGE) and isinstance(record.args, tuple):
             previous, state, why = record.args
             print(f"{self.stamp()} {previous} -> {str(state).upper()}  ({why})", flush=True)
         else:
