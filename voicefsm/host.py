@@ -22,8 +22,9 @@ import contextlib
 import functools
 import logging
 import time
+import types
 from collections import deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Coroutine, Generator, MutableMapping
 from typing import Any
 
 from voicefsm import effects as fx
@@ -99,6 +100,30 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
         extra = kwargs.get("extra")
         kwargs["extra"] = {"session_id": self.session_id, **(extra or {})}
         return self._prefix + str(msg), kwargs
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, None], suspended_on: Any) -> Generator[Any, Any, None]:
+    """Continue ``coroutine``, which was stepped by hand until it yielded ``suspended_on``.
+
+    What ``await coroutine`` would have done from that point: the task waits on what the
+    coroutine yields, and what the task sends or throws (a result, a cancellation) goes back
+    into it.
+    """
+    yielded = suspended_on
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as error:
+            try:
+                yielded = coroutine.throw(error)
+            except StopIteration:
+                return
+        else:
+            try:
+                yielded = coroutine.send(sent)
+            except StopIteration:
+                return
 
 
 class _Inbox:
@@ -505,17 +530,28 @@ class SessionHost:
         client = self._client
         if client is None:
             return
+        sending = self._send(client, effect)
         try:
-            # A client that stops reading must not stall the consumer (and so every timer).
+            # Most sends finish without suspending (a socket with room in its buffer): run the
+            # send up to its first suspension, and only a send that suspends gets the timeout
+            # (a client that stops reading must not stall the consumer, and so every timer).
+            suspended_on = sending.send(None)
+        except StopIteration:
+            return
+        except Exception as error:
+            self._client_send_failed(client, error)
+            return
+        try:
             async with asyncio.timeout(self.client_send_timeout_s):
-                await self._send(client, effect)
+                await _resume(sending, suspended_on)
         except Exception as error:  # a dead or stuck client socket is the client leaving
-            self._log.info(
-                "client send failed (%s); treating the client as gone", type(error).__name__
-            )
-            if self._client is client:
-                self._client = None
-                self.post(ev.ClientGone(f"send failed: {type(error).__name__}"))
+            self._client_send_failed(client, error)
+
+    def _client_send_failed(self, client: ClientChannel, error: Exception) -> None:
+        self._log.info("client send failed (%s); treating the client as gone", type(error).__name__)
+        if self._client is client:
+            self._client = None
+            self.post(ev.ClientGone(f"send failed: {type(error).__name__}"))
 
     async def _send(
         self, client: ClientChannel, effect: fx.SendAudioToClient | fx.SendToClient | fx.CloseClient
