@@ -191,7 +191,8 @@ async def test_the_connection_gives_up_on_a_setup_that_never_completes_by_itself
         )
         async with asyncio.timeout(10):
             await reported.wait()
-        assert await connection.close() == []
+        assert connection.close() == []
+        await connection.wait_closed()
     assert len(reports) == 1
     closed = reports[0]
     assert isinstance(closed, ev.UpstreamClosed)
@@ -220,7 +221,8 @@ async def test_close_does_not_wait_for_a_peer_that_never_answers_the_closing_han
         connection.send_audio(b"\x00" * 640)
         # websockets alone would wait its 10 s close timeout; 2 stages of 0.2 s at most here.
         async with asyncio.timeout(3):
-            await connection.close()
+            connection.close()
+            await connection.wait_closed()
         assert connection.done
         assert not upstream_tasks()
 
@@ -512,6 +514,7 @@ async def test_audio_keeps_its_order_when_the_websocket_applies_flow_control() -
         release.set()
         conn = server.connections[0]
         await conn.wait_for_audio_chunks(count, timeout=60)
-        unsent = await connection.close()
+        unsent = connection.close()
+        await connection.wait_closed()
     assert unsent == []
     assert [int.from_bytes(chunk[:4], "big") for chunk in conn.audio_chunks] == list(range(count))

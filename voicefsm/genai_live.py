@@ -299,11 +299,10 @@ class GenaiConnection:
         if not self._closing:
             self._put(text)
 
-    async def close(self) -> list[bytes]:
-        """Stop for good; return the audio never handed to the websocket.
+    def close(self) -> list[bytes]:
+        """Stop for good, at once; return the audio never handed to the websocket.
 
-        Waits at most the upstream's ``close_timeout_s`` for the websocket's closing handshake,
-        then aborts the TCP connection, so a peer that stops answering cannot hold the caller.
+        The socket work is :meth:`wait_closed` (the host runs it beside its consumer).
         """
         unsent = self._outbox.unsent_audio()
         if self._closing:
@@ -313,6 +312,12 @@ class GenaiConnection:
         self._outbox.wakeup.set()
         for task in self._tool_tasks.values():
             task.cancel()
+        return unsent
+
+    async def wait_closed(self) -> int:
+        """Cancel the connection's task, waiting at most the upstream's ``close_timeout_s`` for
+        the websocket's closing handshake, then abort the TCP connection, so a peer that stops
+        answering cannot hold anyone. Returns 0: written audio is not tracked here."""
         task = self._task
         if not task.done():
             task.cancel()
@@ -325,7 +330,7 @@ class GenaiConnection:
         if self._inflight is not None:  # suspended in a send the sender never finished
             self._inflight[0].close()
             self._inflight = None
-        return unsent
+        return 0
 
     @property
     def done(self) -> bool:
@@ -602,6 +607,9 @@ class GenaiUpstream:
                 ),
             }
         )
+
+    async def forget(self, session_id: str) -> None:
+        """Nothing is kept per session here."""
 
     def open(
         self,
