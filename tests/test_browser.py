@@ -566,6 +566,8 @@ async def test_new_interview_instead_ends_the_old_one(monkeypatch: pytest.Monkey
 
         await page.reload()
         await page.locator("#paused").wait_for()
+        assert await page.get_by_role("button", name="End interview").is_visible()
+        assert await page.get_by_role("button", name="Rejoin interview").is_visible()
         await page.get_by_role("button", name="Start a new interview instead").click()
         await page.wait_for_function(
             "(old) => window.voicefsm.sessionId !== null && window.voicefsm.sessionId !== old"

@@ -226,7 +226,7 @@ function refreshButtons() {
   ui.start.hidden = running && !paused;
   ui.start.disabled = (running && !paused) || busy || !page.config;
   ui.start.textContent = paused || stored ? "Rejoin interview" : page.ended ? "Start a new interview" : "Start interview";
-  ui.end.hidden = !running || paused;
+  ui.end.hidden = !running;
   ui.end.disabled = page.ended || page.endRequested || phase === "starting";
   ui.end.textContent = page.endRequested ? "Ending…" : "End interview";
   ui.token.disabled = running;
