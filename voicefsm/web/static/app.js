@@ -32,6 +32,7 @@ const FINAL_CLOSES = {
   4403: ["unresumable", "The server refused this connection (origin not allowed, or the interview belongs to another user)."],
   4404: ["unresumable", "This interview cannot be resumed: the server no longer has it (it ended, or the server restarted without keeping its interviews)."],
   4409: ["elsewhere", "This interview was opened in another tab or window, and goes on there."],
+  4429: ["unresumable", "You already have as many interviews running as allowed; end one first."],
 };
 const REFUSED_TOKEN_ON_REJOIN = {
   demo: "This interview cannot be resumed: the server no longer accepts the token it was started with. Demo tokens are signed with a key that changes whenever the server restarts, so a restart ends every demo interview for its page.",
