@@ -173,7 +173,10 @@ def fields_table(dotted: str) -> str:
     """A Markdown table of a pydantic model's fields, from the model itself."""
     module_name, _, name = dotted.rpartition(".")
     model = getattr(importlib.import_module(module_name), name)
+    where = f"{model.__module__}.{model.__qualname__}"  # where it is defined, wherever imported
     rows = [
+        f'Defined in <autoref identifier="{where}" optional><code>{where}</code></autoref>.',
+        "",
         "| field | type | default | allowed | meaning |",
         "| --- | --- | --- | --- | --- |",
     ]
