@@ -15,12 +15,14 @@ from starlette.applications import Starlette
 from voicefsm import Session, SessionConfig, SessionRecord
 from voicefsm import events as ev
 from voicefsm.adk import AdkUpstream
-from voicefsm.host import MemoryChannel, MemorySink, SessionHost
+from voicefsm.host import SessionHost
+from voicefsm.memory import MemoryChannel, MemorySink
 from voicefsm.metrics import Metrics
+from voicefsm.ports import HostNote
 from voicefsm.protocol import ServerMessage
 from voicefsm.service import InterviewService
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
-from voicefsm.web.starlette import interview_route
+from voicefsm.web.starlette import interview_route, uvicorn_options
 
 MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 CHUNK_BYTES = 640
@@ -42,6 +44,15 @@ def fast_config(**overrides: Any) -> SessionConfig:
     }
     values.update(overrides)
     return SessionConfig(**values)
+
+
+def upstream_tasks() -> list[asyncio.Task[Any]]:
+    """voicefsm's upstream tasks (run_live, pings, tear-downs) still running in this loop."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_name().startswith("voicefsm-upstream-") and not task.done()
+    ]
 
 
 def chunk(seq: int) -> bytes:
@@ -67,19 +78,22 @@ class Rig:
         config: SessionConfig | None = None,
         agent: LlmAgent | None = None,
         metrics: Metrics | None = None,
+        upstream: AdkUpstream | None = None,
     ) -> None:
         self.server = server
         agent = agent or LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
-        self.upstream = AdkUpstream(agent, client=server.genai_client())
+        self.upstream = upstream or AdkUpstream(agent, client=server.genai_client())
         self.channel = MemoryChannel()
         self.sink = MemorySink()
         self.session = Session(config or fast_config(), seed=1)
+        self.notes: list[HostNote] = []
         self.host = SessionHost(
             self.session,
             self.upstream,
             client=self.channel,
             sink=self.sink,
             observer=metrics.observer() if metrics is not None else None,
+            on_note=self.notes.append,
         )
         self.task: asyncio.Task[SessionRecord] | None = None
         self.sent = 0
@@ -132,7 +146,7 @@ async def starlette_service(service: InterviewService, port: int) -> AsyncIterat
     """``service`` behind a real uvicorn server on loopback ``port``; yields the websocket URL."""
     app = Starlette(routes=[interview_route(service)])
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
+        app, host="127.0.0.1", port=port, **uvicorn_options(service.limits, log_level="warning")
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -11,22 +11,26 @@ Times are epoch seconds (``time.time()`` in production, anything monotonic in te
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import random
 import re
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from voicefsm import effects as fx
 from voicefsm import events as ev
+from voicefsm.buffer import ResumeBuffer
 from voicefsm.machine import FATAL_CLOSE_CODES, MACHINE, UPSTREAM_UP, close_is_resumable
 from voicefsm.model import (
     EndReason,
-    PendingItem,
+    LogEntry,
+    LogKind,
     SessionConfig,
     SessionRecord,
     SessionStats,
+    SessionUsage,
     State,
     TranscriptLine,
 )
@@ -44,6 +48,9 @@ _LIVE = State.LIVE
 _WARNING = State.WARNING
 _ENDED = State.ENDED
 _CONNECTION_EVENTS = (ev.UpstreamReady, ev.UpstreamClosed, ev.GoAway)
+USAGE_LOG_INTERVAL_S = 60.0
+"""Usage reports arrive about once per turn; the event log keeps one ``usage`` entry at most this
+often (the sums in the record are always complete)."""
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*s\s*$")
 
 
@@ -59,6 +66,13 @@ class SessionError(RuntimeError):
     """The host used a :class:`Session` the wrong way (the message says how)."""
 
 
+class _NotAnEvent(TypeError):
+    """``handle()`` was given something that is not an event: refused, the session unchanged."""
+
+
+_logger = logging.getLogger(__name__)
+
+
 class Session:
     """One interview: a state machine over classified events and time.
 
@@ -70,7 +84,7 @@ class Session:
     __slots__ = (
         "_awaiting_start",
         "_buffer",
-        "_buffered_bytes",
+        "_client_audio_bytes",
         "_client_connected",
         "_connect_deadline",
         "_connection_id",
@@ -78,13 +92,18 @@ class Session:
         "_end_detail",
         "_ended_at",
         "_failures",
+        "_gap_since",
         "_grace_until",
         "_handle",
         "_handle_at",
         "_last_client_seen",
+        "_log",
+        "_log_dropped",
+        "_model_audio_bytes",
         "_model_turn_open",
         "_next_attempt_at",
         "_next_ping_at",
+        "_opened_handle_at",
         "_out",
         "_overflow_reported",
         "_ping_seq",
@@ -93,7 +112,10 @@ class Session:
         "_seed",
         "_timer_due",
         "_transcript_count",
+        "_unsaved",
         "_upstream_open",
+        "_usage",
+        "_usage_logged_at",
         "config",
         "deadline",
         "end_reason",
@@ -142,8 +164,7 @@ class Session:
         self._handle_at: float | None = None
         self._conversation_started = False
         self._model_turn_open = False
-        self._buffer: deque[bytes | str] = deque()
-        self._buffered_bytes = 0
+        self._buffer: ResumeBuffer | None = None  # created when an outage first holds input
         self._overflow_reported = False
         self._transcript_count = 0
         # client
@@ -152,6 +173,16 @@ class Session:
         self._next_ping_at = 0.0
         self._ping_seq = 0
         self._grace_until: float | None = None
+        # the record's story and usage
+        self._log: list[LogEntry] = []
+        self._log_dropped = 0
+        self._unsaved = False
+        self._gap_since: float | None = None
+        self._opened_handle_at: float | None = None
+        self._usage: SessionUsage | None = None
+        self._usage_logged_at: float | None = None
+        self._client_audio_bytes = 0
+        self._model_audio_bytes = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -179,48 +210,89 @@ class Session:
         """Begin: open the first upstream (or, for a restored session, resume it)."""
         if self.state is _ENDED:
             raise SessionError(f"session {self.session_id} has ended; start() cannot revive it")
+        if self.started_at is not None and (
+            self._upstream_open or self._next_attempt_at is not None
+        ):
+            raise SessionError(f"session {self.session_id} was already started")
+        try:
+            return self._start(now)
+        except Exception as exc:
+            return self._fail(now, "start()", exc, ended_before=False)
+
+    def _start(self, now: float) -> list[fx.Effect]:
         self._awaiting_start = False
         if self.started_at is None:
             self.started_at = now
             self.deadline = now + self.config.time_limit_s
             self._last_client_seen = now
             self._next_ping_at = now + self.config.heartbeat_interval_s
+            self._gap_since = now
             self._open_upstream(now)
             self._persist()
-        elif self._upstream_open or self._next_attempt_at is not None:
-            raise SessionError(f"session {self.session_id} was already started")
         elif now >= self.deadline:
             self._end(now, EndReason.TIME_LIMIT, "the deadline passed while the session was stored")
         else:
+            stored = next((e.state_to for e in reversed(self._log) if e.state_to), None)
+            self._log_entry(
+                now,
+                LogKind.RESTORED,
+                state_from=stored,
+                state_to=State.RESUMING,
+                why="restored from its record",
+            )
+            self._gap_since = now
             self._begin_resume(now, "restored from its record")
         return self._flush(now)
 
     def handle(self, event: ev.Event, now: float) -> list[fx.Effect]:
-        """Apply one event at time ``now``; return the effects to carry out, in order."""
-        if self._awaiting_start:
-            raise SessionError(f"session {self.session_id}: call start(now) before handle()")
+        """Apply one event at time ``now``; return the effects to carry out, in order.
+
+        Exception-safe: if anything fails while the event is applied, the session ends with
+        ``error`` (exactly once), and this call returns what it had produced followed by the end
+        effects; nothing of it is left for a later call. Only misuse raises and leaves the
+        session as it was: :class:`SessionError` (before ``start``), ``TypeError`` (not an
+        event).
+        """
         event_type = type(event)
+        if self._awaiting_start:
+            if event_type is ev.UpstreamAudioUnsent and self.started_at is not None:
+                self._on_upstream_audio_unsent(event, now)  # type: ignore[arg-type]
+                return self._take()
+            raise SessionError(f"session {self.session_id}: call start(now) before handle()")
         state = self.state
+        try:
+            return self._apply_event(event, event_type, state, now)
+        except _NotAnEvent:
+            raise
+        except Exception as exc:
+            return self._fail(now, f"handle({event_type.__name__})", exc, state is _ENDED)
+
+    def _apply_event(
+        self, event: ev.Event, event_type: type, state: State, now: float
+    ) -> list[fx.Effect]:
         # The two per-chunk events take a short path: no trigger, no timer recomputation.
         if now < self._timer_due:
             if event_type is ev.ClientAudio:
                 self._last_client_seen = now
                 if state is _LIVE or state is _WARNING:
-                    return [fx.SendAudioUpstream(event.data)]  # type: ignore[union-attr]
+                    data = event.data  # type: ignore[union-attr]
+                    self._client_audio_bytes += len(data)
+                    return [fx.SendAudioUpstream(data)]
                 if state is not _ENDED:
                     self._hold(event.data, now)  # type: ignore[union-attr]
                 return self._take()
-            if event_type is ev.ModelAudio:
+            if event_type is ev.ModelAudio and self._conversation_started:
                 if state is _ENDED:
                     return []
+                data = event.data  # type: ignore[union-attr]
+                self._model_audio_bytes += len(data)
                 self._model_turn_open = True
-                self._conversation_started = True
                 if self._client_connected:
-                    return [fx.SendAudioToClient(event.data)]  # type: ignore[union-attr]
+                    return [fx.SendAudioToClient(data)]
                 return []
         handler = self._HANDLERS.get(event_type)
         if handler is None:
-            raise TypeError(
+            raise _NotAnEvent(
                 f"{event_type.__name__} is not a voicefsm event; "
                 "pass one of the classes in voicefsm.events"
             )
@@ -232,13 +304,14 @@ class Session:
             self._fire_timers(now)
         # else: a close is applied before the timers due with it, so a timer's output (the
         # wrap-up prompt, say) goes to the next connection, not to the one reported dead.
-        if self.state is not _ENDED:
+        if self.state is not _ENDED or event_type is ev.UpstreamAudioUnsent:
             handler(self, event, now)
         return self._flush(now)
 
     def next_timer(self) -> float | None:
-        """When the host must next call ``handle(Tick(), now)``; ``None`` once ended."""
-        if self.state is _ENDED or self.started_at is None:
+        """When the host must next call ``handle(Tick(), now)``; ``None`` before ``start()``
+        (also for a restored session) and once ended."""
+        if self.state is _ENDED or self._awaiting_start:
             return None
         return self._compute_timer()
 
@@ -262,12 +335,22 @@ class Session:
             conversation_started=self._conversation_started,
             client_connected=self._client_connected,
             transcript_count=self._transcript_count,
-            pending=[
-                PendingItem(audio=item) if isinstance(item, bytes) else PendingItem(text=item)
-                for item in self._buffer
-            ],
+            pending=self._buffer.to_pending() if self._buffer is not None else [],
             stats=self.stats.model_copy(),
+            usage=self._usage_snapshot(),
+            log=list(self._log),
+            log_dropped=self._log_dropped,
         )
+
+    def _usage_snapshot(self) -> SessionUsage:
+        audio = {
+            "client_audio_bytes": self._client_audio_bytes,
+            "model_audio_bytes": self._model_audio_bytes,
+        }
+        if self._usage is None:
+            return SessionUsage(**audio)
+        # `_usage` is replaced, never changed in place, so sharing its dicts is safe.
+        return self._usage.model_copy(update=audio)
 
     @classmethod
     def restore(cls, record: SessionRecord, now: float, *, seed: int | None = None) -> Session:
@@ -288,12 +371,15 @@ class Session:
         session._handle_at = record.handle_received_at
         session._conversation_started = record.conversation_started
         session._transcript_count = record.transcript_count
-        for item in record.pending:
-            if item.audio is not None:
-                session._buffer.append(item.audio)
-                session._buffered_bytes += len(item.audio)
-            elif item.text is not None:
-                session._buffer.append(item.text)
+        session._log = list(record.log)
+        session._log_dropped = record.log_dropped
+        session._usage = record.usage
+        session._client_audio_bytes = record.usage.client_audio_bytes
+        session._model_audio_bytes = record.usage.model_audio_bytes
+        if record.pending:
+            session._buffer = ResumeBuffer.from_pending(
+                record.pending, record.config.resume_buffer_max_bytes
+            )
         if record.state is _ENDED:
             session._awaiting_start = False  # nothing to start: it absorbs every event
             session.state = _ENDED
@@ -315,15 +401,87 @@ class Session:
         self._out = []
         return out
 
+    def _fail(self, now: float, where: str, exc: Exception, ended_before: bool) -> list[fx.Effect]:
+        """A call failed part-way: end the session with ``error`` and hand back this call's
+        effects with the end effects, so none is left over for a later call."""
+        _logger.error(
+            "session %s: %s failed; the session ends with error",
+            self.session_id,
+            where,
+            exc_info=exc,
+        )
+        if not ended_before:
+            detail = f"internal error in {where}: {type(exc).__name__}: {exc}"
+            if self.state is not _ENDED:
+                try:
+                    self._end(now, EndReason.ERROR, detail)
+                except Exception:
+                    _logger.exception("session %s: ending it failed too", self.session_id)
+            self._complete_end(now, detail)
+        self._timer_due = float("inf")
+        self._awaiting_start = False
+        return self._take()
+
+    def _complete_end(self, now: float, detail: str) -> None:
+        """Make sure the session is ended and this call's output holds every end effect once,
+        whatever point the failed call (or its end) reached."""
+        out = self._out
+        if self.state is not _ENDED:
+            previous = self.state
+            self.state = _ENDED
+            if self.end_reason is None:
+                self.end_reason = EndReason.ERROR
+                self._end_detail = detail
+            self._ended_at = now
+            out.append(fx.StateChanged(previous, _ENDED, detail, now))
+        reason = self.end_reason
+        assert reason is not None
+        self._connect_deadline = self._next_attempt_at = self._rotate_by = None
+        self._grace_until = None
+        messages = [e.message for e in out if isinstance(e, fx.SendToClient)]
+        if not any(isinstance(m, SessionEnded) for m in messages):
+            out.append(
+                fx.SendToClient(
+                    SessionEnded(reason=reason, detail=self._end_detail or detail, timestamp=now)
+                )
+            )
+        if not any(isinstance(e, fx.CloseClient) and e.code == 1000 for e in out):
+            out.append(fx.CloseClient(1000, f"session ended: {reason}"))
+        try:
+            if not any(isinstance(e, fx.PersistRecord) and e.record.state is _ENDED for e in out):
+                if not any(isinstance(e, fx.Logged) and e.entry.kind is LogKind.END for e in out):
+                    self._log_entry(now, LogKind.END, reason=reason, why=self._end_detail)
+                self._persist()
+        except Exception:
+            _logger.exception("session %s: its final record could not be built", self.session_id)
+        if self._upstream_open:
+            self._upstream_open = False
+            out.append(fx.CloseUpstream(self._connection_id, f"session ended: {reason}"))
+
     def _flush(self, now: float) -> list[fx.Effect]:
         # A handler (or start/restore) may have made a timer due right now: fire it here, so
         # next_timer() is never at or before `now` when the host gets the effects.
         self._fire_timers(now)
         self._timer_due = self._compute_timer() if self.state is not _ENDED else float("inf")
+        if self._unsaved:
+            self._persist()  # a call that adds to the log leaves it stored
         return self._take()
 
     def _persist(self) -> None:
+        self._unsaved = False
         self._out.append(fx.PersistRecord(self.snapshot()))
+
+    def _log_entry(self, now: float, kind: LogKind, **fields: Any) -> None:
+        entry = LogEntry(at=now, kind=kind, **fields)
+        log = self._log
+        limit = self.config.max_log_entries
+        if len(log) >= limit:
+            # Keep how the interview began and what happened last; drop from between.
+            del log[limit // 2]
+            self._log_dropped += 1
+        log.append(entry)
+        self._unsaved = True
+        self._out.append(fx.Logged(entry))
 
     def _tell_client(self, message: Any) -> None:
         self._out.append(fx.SendToClient(message))
@@ -335,73 +493,97 @@ class Session:
 
     def _compute_timer(self) -> float:
         due = self.deadline
-        if not self.warning_given:
-            due = min(due, self.deadline - self.config.warning_before_s)
-        if self._connect_deadline is not None:
-            due = min(due, self._connect_deadline)
-        if self._next_attempt_at is not None:
-            due = min(due, self._next_attempt_at)
-        if self._rotate_by is not None:
-            due = min(due, self._rotate_by)
-        if self._client_connected:
-            due = min(
-                due,
-                self._next_ping_at,
-                self._last_client_seen + self.config.heartbeat_timeout_s,
-            )
-        elif self._grace_until is not None:
-            due = min(due, self._grace_until)
+        for timer in _TIMERS:
+            at = timer.due(self)
+            if at is not None and at < due:
+                due = at
         return due
 
     def _fire_timers(self, now: float) -> None:
         # Each pass clears at least the timer that fired; the bound is a guard, not a budget.
-        for _ in range(16):
+        for _ in range(2 * len(_TIMERS)):
             if self.state is _ENDED or now < self._compute_timer():
                 return
-            self._fire_one_timer(now)
-        raise SessionError(f"session {self.session_id}: timers did not settle at {now}")
+            for timer in _TIMERS:
+                at = timer.due(self)
+                if at is not None and now >= at:
+                    timer.fire(self, now)
+                    break
+        raise RuntimeError(f"session {self.session_id}: timers did not settle at {now}")
 
-    def _fire_one_timer(self, now: float) -> None:
-        config = self.config
-        if now >= self.deadline:
-            self._end(now, EndReason.TIME_LIMIT, f"the {config.time_limit_s:g} s limit was reached")
-            return
-        if not self.warning_given and now >= self.deadline - config.warning_before_s:
-            self._give_warning(now)
-            return
-        if self._client_connected:
-            if now >= self._last_client_seen + config.heartbeat_timeout_s:
-                self._client_lost(now)
-                silence = f"no message from the client for {config.heartbeat_timeout_s:g} s"
-                self._out.append(fx.CloseClient(4408, f"heartbeat timeout: {silence}"))
-                return
-            if now >= self._next_ping_at:
-                self._ping_seq += 1
-                self._tell_client(Ping(seq=self._ping_seq))
-                while self._next_ping_at <= now:
-                    self._next_ping_at += config.heartbeat_interval_s
-                return
-        elif self._grace_until is not None and now >= self._grace_until:
-            self._end(
-                now,
-                EndReason.DISCONNECTED,
-                f"the client did not come back within {config.client_grace_s:g} s",
-            )
-            return
-        if self._connect_deadline is not None and now >= self._connect_deadline:
-            self._connect_deadline = None
-            why = f"upstream not ready within {config.connect_timeout_s:g} s"
-            self._out.append(fx.CloseUpstream(self._connection_id, why))
-            self._upstream_open = False
-            self._attempt_failed(now, why, code=None)
-            return
-        if self._next_attempt_at is not None and now >= self._next_attempt_at:
-            self._next_attempt_at = None
-            self._retry(now)
-            return
-        if self._rotate_by is not None and now >= self._rotate_by:
-            self._rotate(now, "GoAway time is running out and no turn boundary came")
-            return
+    # Each timer: when it is due (``None``: not armed) and what firing it does. Firing must
+    # disarm it or move it past ``now``. The order is the priority of :data:`_TIMERS`.
+
+    def _deadline_due(self) -> float | None:
+        return self.deadline
+
+    def _fire_deadline(self, now: float) -> None:
+        self._end(
+            now, EndReason.TIME_LIMIT, f"the {self.config.time_limit_s:g} s limit was reached"
+        )
+
+    def _warning_due(self) -> float | None:
+        return None if self.warning_given else self.deadline - self.config.warning_before_s
+
+    def _heartbeat_timeout_due(self) -> float | None:
+        if not self._client_connected:
+            return None
+        return self._last_client_seen + self.config.heartbeat_timeout_s
+
+    def _fire_heartbeat_timeout(self, now: float) -> None:
+        silence = f"no message from the client for {self.config.heartbeat_timeout_s:g} s"
+        self._log_entry(
+            now, LogKind.HEARTBEAT_TIMEOUT, gap_s=round(now - self._last_client_seen, 3)
+        )
+        self._client_lost(now, f"heartbeat timeout: {silence}")
+        self._out.append(fx.CloseClient(4408, f"heartbeat timeout: {silence}"))
+
+    def _ping_due(self) -> float | None:
+        return self._next_ping_at if self._client_connected else None
+
+    def _fire_ping(self, now: float) -> None:
+        self._ping_seq += 1
+        self._tell_client(Ping(seq=self._ping_seq))
+        # Stay on the ping grid, skipping the pings a late call missed.
+        interval = self.config.heartbeat_interval_s
+        missed = math.floor((now - self._next_ping_at) / interval) + 1
+        self._next_ping_at += missed * interval
+        if self._next_ping_at <= now:  # float rounding
+            self._next_ping_at = now + interval
+
+    def _client_grace_due(self) -> float | None:
+        return None if self._client_connected else self._grace_until
+
+    def _fire_client_grace(self, now: float) -> None:
+        self._end(
+            now,
+            EndReason.DISCONNECTED,
+            f"the client did not come back within {self.config.client_grace_s:g} s",
+        )
+
+    def _connect_timeout_due(self) -> float | None:
+        return self._connect_deadline
+
+    def _fire_connect_timeout(self, now: float) -> None:
+        self._connect_deadline = None
+        why = f"upstream not ready within {self.config.connect_timeout_s:g} s"
+        self._log_entry(now, LogKind.UPSTREAM_CLOSED, connection_id=self._connection_id, why=why)
+        self._out.append(fx.CloseUpstream(self._connection_id, why))
+        self._upstream_open = False
+        self._attempt_failed(now, why, code=None)
+
+    def _retry_due(self) -> float | None:
+        return self._next_attempt_at
+
+    def _fire_retry(self, now: float) -> None:
+        self._next_attempt_at = None
+        self._retry(now)
+
+    def _rotate_by_due(self) -> float | None:
+        return self._rotate_by
+
+    def _fire_rotate_by(self, now: float) -> None:
+        self._rotate(now, "GoAway time is running out and no turn boundary came")
 
     # ------------------------------------------------------------------ transitions
 
@@ -411,7 +593,14 @@ class Session:
     def _after_state_change(self, event_data: Any) -> None:
         now: float = event_data.kwargs["now"]
         previous: State = event_data.kwargs["previous"]
-        self._out.append(fx.StateChanged(previous, self.state, event_data.kwargs["why"], now))
+        why: str = event_data.kwargs["why"]
+        # Log entries come first, so the effects a state change is known by stay adjacent.
+        self._log_entry(now, LogKind.STATE, state_from=previous, state_to=self.state, why=why)
+        if self.state is _ENDED:
+            self._log_end(now, previous)
+        elif previous in UPSTREAM_UP and self.state is State.RESUMING:
+            self._gap_since = now
+        self._out.append(fx.StateChanged(previous, self.state, why, now))
         if self.state is _ENDED:
             self._on_enter_ended(now)
             return
@@ -421,15 +610,23 @@ class Session:
             )
         self._persist()
 
+    def _log_end(self, now: float, previous: State) -> None:
+        unsent = self._buffer.audio_chunks if self._buffer is not None else 0
+        if unsent:
+            why = "buffered when the session ended"
+            self._log_entry(now, LogKind.AUDIO_UNSENT, count=unsent, why=why)
+        self._log_entry(
+            now, LogKind.END, state_from=previous, reason=self.end_reason, why=self._end_detail
+        )
+
     def _on_enter_ended(self, now: float) -> None:
         assert self.end_reason is not None
         assert self._end_detail is not None
         self._connect_deadline = self._next_attempt_at = self._rotate_by = None
         self._grace_until = None
-        if self._buffer:
-            self.stats.chunks_unsent_at_end += sum(1 for i in self._buffer if isinstance(i, bytes))
-            self._buffer.clear()
-            self._buffered_bytes = 0
+        if self._buffer is not None:
+            self.stats.chunks_unsent_at_end += self._buffer.audio_chunks
+            self._buffer = None
         # The client hears first and the record is saved before the upstream's (slower)
         # teardown.
         self._tell_client(
@@ -459,7 +656,19 @@ class Session:
         self._upstream_open = True
         self._connect_deadline = now + self.config.connect_timeout_s
         self.stats.connect_attempts += 1
-        self._out.append(fx.OpenUpstream(self._connection_id, handle, self._failures + 1))
+        attempt = self._failures + 1
+        self._opened_handle_at = self._handle_at if handle is not None else None
+        self._log_entry(
+            now,
+            LogKind.UPSTREAM_OPENED,
+            connection_id=self._connection_id,
+            count=attempt,
+            handle_age_s=self._handle_age(now) if handle is not None else None,
+        )
+        self._out.append(fx.OpenUpstream(self._connection_id, handle, attempt))
+
+    def _handle_age(self, now: float) -> float | None:
+        return None if self._handle_at is None else round(now - self._handle_at, 3)
 
     def _usable_handle(self, now: float) -> tuple[str | None, str]:
         """The handle to resume with, or ``None`` and why there is none."""
@@ -471,20 +680,25 @@ class Session:
             return None, f"the resumption handle is {age:.0f} s old (ttl {ttl:g} s)"
         return self._handle, ""
 
-    def _can_reconnect(self, now: float) -> tuple[bool, str | None]:
-        """Decide whether (and with which handle) to connect again; ends the session if not."""
+    def _reconnect_refusal(self, now: float) -> tuple[str | None, str | None]:
+        """``(handle, None)`` if connecting again now is possible and worth it, else
+        ``(None, why not)``."""
         remaining = self.deadline - now
         if remaining < self.config.min_remaining_to_resume_s:
-            self._end(
-                now,
-                EndReason.UPSTREAM_LOST,
+            return None, (
                 f"only {remaining:.1f} s of interview left, under the "
-                f"{self.config.min_remaining_to_resume_s:g} s worth resuming for",
+                f"{self.config.min_remaining_to_resume_s:g} s worth resuming for"
             )
-            return False, None
         handle, why_not = self._usable_handle(now)
         if handle is None and self._conversation_started:
-            self._end(now, EndReason.UPSTREAM_LOST, f"cannot resume the conversation: {why_not}")
+            return None, f"cannot resume the conversation: {why_not}"
+        return handle, None
+
+    def _can_reconnect(self, now: float) -> tuple[bool, str | None]:
+        """Decide whether (and with which handle) to connect again; ends the session if not."""
+        handle, refusal = self._reconnect_refusal(now)
+        if refusal is not None:
+            self._end(now, EndReason.UPSTREAM_LOST, refusal)
             return False, None
         return True, handle
 
@@ -537,6 +751,26 @@ class Session:
             self._open_upstream(now, handle)
 
     def _rotate(self, now: float, why: str) -> None:
+        """Move from a working connection to a new one, unless no new one can follow: then the
+        working one is kept for as long as it lasts (the session never ends early for want of a
+        resume while its connection still works)."""
+        _, refusal = self._reconnect_refusal(now)
+        if refusal is not None:
+            self._rotate_by = None
+            self._log_entry(
+                now,
+                LogKind.ROTATION_SKIPPED,
+                connection_id=self._connection_id,
+                why=f"keeping the connection: {refusal}",
+            )
+            return
+        self._log_entry(
+            now,
+            LogKind.ROTATION,
+            connection_id=self._connection_id,
+            why=why,
+            handle_age_s=self._handle_age(now),
+        )
         self._out.append(fx.CloseUpstream(self._connection_id, why))
         self._upstream_open = False
         self._begin_resume(now, why)
@@ -546,16 +780,26 @@ class Session:
 
     # ------------------------------------------------------------------ client input buffering
 
+    def _resume_buffer(self) -> ResumeBuffer:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = ResumeBuffer(self.config.resume_buffer_max_bytes)
+        return buffer
+
     def _hold(self, item: bytes | str, now: float) -> None:
+        buffer = self._resume_buffer()
         if isinstance(item, str):
-            self._buffer.append(item)
+            buffer.hold_text(item)
             return
-        size = len(item)
-        if self._buffered_bytes + size > self.config.resume_buffer_max_bytes:
+        if not buffer.hold_audio(item):
+            size = len(item)
             self.stats.chunks_overflowed += 1
             self.stats.bytes_overflowed += size
             if not self._overflow_reported:
                 self._overflow_reported = True
+                self._log_entry(
+                    now, LogKind.AUDIO_OVERFLOW, count=self.config.resume_buffer_max_bytes
+                )
                 self._tell_client(
                     ErrorMessage(
                         code="audio_overflow",
@@ -568,22 +812,23 @@ class Session:
                     )
                 )
             return
-        self._buffer.append(item)
-        self._buffered_bytes += size
         self.stats.chunks_buffered += 1
 
     def _release_buffer(self) -> None:
+        if self._buffer is None:
+            return
+        items = self._buffer.release()
+        self._buffer = None
         flushed = 0
         out = self._out
-        for item in self._buffer:
+        for item in items:
             if isinstance(item, bytes):
                 out.append(fx.SendAudioUpstream(item))
                 flushed += 1
+                self._client_audio_bytes += len(item)
             else:
                 out.append(fx.SendTextUpstream(item))
-                self._conversation_started = True
-        self._buffer.clear()
-        self._buffered_bytes = 0
+                self._start_conversation()
         self.stats.chunks_flushed += flushed
 
     # ------------------------------------------------------------------ warning, client presence
@@ -591,6 +836,7 @@ class Session:
     def _give_warning(self, now: float) -> None:
         self.warning_given = True
         remaining = self._remaining(now)
+        self._log_entry(now, LogKind.WARNING, time_left_s=round(remaining, 3))
         self._tell_client(SessionWarning(remaining_s=remaining))
         minutes = max(1, round(remaining / 60))
         prompt = self.config.wrap_up_prompt.replace("{minutes}", str(minutes))
@@ -600,12 +846,13 @@ class Session:
         else:
             # Not connected right now: the prompt waits with the buffered input, and `ready`
             # lands in `warning` because `warning_given` is set.
-            self._buffer.append(prompt)
+            self._resume_buffer().hold_text(prompt)
             self._persist()
 
-    def _client_lost(self, now: float) -> None:
+    def _client_lost(self, now: float, why: str) -> None:
         self._client_connected = False
         self._grace_until = now + self.config.client_grace_s
+        self._log_entry(now, LogKind.CLIENT_LEFT, why=why)
 
     # ------------------------------------------------------------------ event handlers
 
@@ -620,6 +867,16 @@ class Session:
         was_resuming = self.state is State.RESUMING
         self._connect_deadline = None
         self._failures = 0
+        self._log_entry(
+            now,
+            LogKind.UPSTREAM_READY,
+            connection_id=self._connection_id,
+            gap_s=None if self._gap_since is None else round(now - self._gap_since, 3),
+            handle_age_s=(
+                None if self._opened_handle_at is None else round(now - self._opened_handle_at, 3)
+            ),
+        )
+        self._gap_since = None
         if was_resuming:
             self.stats.resumes += 1
         self._release_buffer()
@@ -628,15 +885,24 @@ class Session:
     def _on_client_audio(self, event: ev.ClientAudio, now: float) -> None:
         self._last_client_seen = now
         if self.state in UPSTREAM_UP:
+            self._client_audio_bytes += len(event.data)
             self._out.append(fx.SendAudioUpstream(event.data))
         else:
             self._hold(event.data, now)
 
     def _on_model_audio(self, event: ev.ModelAudio, now: float) -> None:
+        self._model_audio_bytes += len(event.data)
         self._model_turn_open = True
-        self._conversation_started = True
+        self._start_conversation()
         if self._client_connected:
             self._out.append(fx.SendAudioToClient(event.data))
+
+    def _start_conversation(self) -> None:
+        """Something was said: from now on only a resumption handle may reconnect, so the record
+        must say so before a take-over could read it (stored by the end of this call)."""
+        if not self._conversation_started:
+            self._conversation_started = True
+            self._unsaved = True
 
     def _record(self, role: Any, text: str, now: float) -> None:
         self._conversation_started = True
@@ -684,6 +950,19 @@ class Session:
         time_left = parse_duration(event.time_left)
         budget = max(0.0, (time_left or 0.0) - self.config.goaway_margin_s)
         limit = now + budget
+        if limit >= self.deadline and self._rotate_by is None:
+            # The connection outlives the interview: nothing to rotate for.
+            self._log_entry(
+                now,
+                LogKind.GOAWAY,
+                connection_id=self._connection_id,
+                time_left_s=time_left,
+                why="kept: the connection outlives the deadline",
+            )
+            return
+        self._log_entry(
+            now, LogKind.GOAWAY, connection_id=self._connection_id, time_left_s=time_left
+        )
         self._rotate_by = limit if self._rotate_by is None else min(self._rotate_by, limit)
         if not self._model_turn_open or budget == 0.0:
             self._rotate(now, f"GoAway (time_left={event.time_left}) between turns")
@@ -694,6 +973,13 @@ class Session:
         self._upstream_open = False
         why = f"upstream closed ({event.code if event.code is not None else 'no close code'}"
         why += f": {event.reason})" if event.reason else ")"
+        self._log_entry(
+            now,
+            LogKind.UPSTREAM_CLOSED,
+            connection_id=self._connection_id,
+            close_code=event.code,
+            why=event.reason or None,
+        )
         if self.state in UPSTREAM_UP:
             if close_is_resumable(event.code):
                 self._begin_resume(now, why)
@@ -710,9 +996,37 @@ class Session:
     def _on_usage(self, event: ev.Usage, now: float) -> None:
         if event.prompt_tokens is not None:
             self.stats.last_prompt_tokens = event.prompt_tokens
+        usage = self._usage if self._usage is not None else SessionUsage()
+        self._usage = usage = usage.model_copy(
+            update={
+                "reports": usage.reports + 1,
+                "prompt_tokens": usage.prompt_tokens + (event.prompt_tokens or 0),
+                "response_tokens": usage.response_tokens + (event.response_tokens or 0),
+                "total_tokens": usage.total_tokens + (event.total_tokens or 0),
+                "cached_tokens": usage.cached_tokens + (event.cached_tokens or 0),
+                "thoughts_tokens": usage.thoughts_tokens + (event.thoughts_tokens or 0),
+                "prompt_tokens_by_modality": _add_counts(
+                    usage.prompt_tokens_by_modality, event.prompt_by_modality
+                ),
+                "response_tokens_by_modality": _add_counts(
+                    usage.response_tokens_by_modality, event.response_by_modality
+                ),
+            }
+        )
+        logged = self._usage_logged_at
+        if logged is None or now - logged >= USAGE_LOG_INTERVAL_S:
+            self._usage_logged_at = now
+            self._log_entry(now, LogKind.USAGE, count=usage.total_tokens)
+
+    def _on_upstream_audio_unsent(self, event: ev.UpstreamAudioUnsent, now: float) -> None:
+        if event.chunks == 0:
+            return
+        self.stats.upstream_audio_unsent += event.chunks
+        self._log_entry(now, LogKind.AUDIO_UNSENT, count=event.chunks, why=event.reason or None)
+        self._persist()
 
     def _on_tool_activity(self, event: ev.ToolActivity, now: float) -> None:
-        self._conversation_started = True
+        self._start_conversation()
         if event.phase == "call":
             self.stats.tool_calls += 1
 
@@ -722,7 +1036,7 @@ class Session:
     def _on_client_text(self, event: ev.ClientText, now: float) -> None:
         self._last_client_seen = now
         if self.state in UPSTREAM_UP:
-            self._conversation_started = True
+            self._start_conversation()
             self._out.append(fx.SendTextUpstream(event.text))
         else:
             self._hold(event.text, now)  # said once it reaches an upstream
@@ -732,9 +1046,13 @@ class Session:
 
     def _on_client_gone(self, event: ev.ClientGone, now: float) -> None:
         if self._client_connected:
-            self._client_lost(now)
+            self._client_lost(now, event.reason or "the client's connection closed")
 
     def _on_client_back(self, event: ev.ClientBack, now: float) -> None:
+        away = None
+        if not self._client_connected and self._grace_until is not None:
+            away = round(now - (self._grace_until - self.config.client_grace_s), 3)
+        self._log_entry(now, LogKind.CLIENT_BACK, gap_s=away)
         self._client_connected = True
         self._grace_until = None
         self._last_client_seen = now
@@ -773,8 +1091,46 @@ Session._HANDLERS = {
     ev.ClientGone: Session._on_client_gone,
     ev.ClientBack: Session._on_client_back,
     ev.HeartbeatAck: Session._on_heartbeat_ack,
+    ev.UpstreamAudioUnsent: Session._on_upstream_audio_unsent,
     ev.Fatal: Session._on_fatal,
     ev.Tick: Session._on_tick,
 }
+
+
+def _add_counts(totals: dict[str, int], counts: tuple[tuple[str, int], ...]) -> dict[str, int]:
+    if not counts:
+        return totals
+    merged = dict(totals)
+    for modality, tokens in counts:
+        merged[modality] = merged.get(modality, 0) + tokens
+    return merged
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timer:
+    """One of the session's timers: when it is due and what firing it does."""
+
+    name: str
+    due: Callable[[Session], float | None]
+    """When it is due (absolute epoch seconds), ``None`` while it is not armed."""
+    fire: Callable[[Session, float], None]
+    """Fire it at ``now``; this disarms it or moves it past ``now``."""
+
+
+TIMERS: tuple[Timer, ...] = (
+    Timer("deadline", Session._deadline_due, Session._fire_deadline),
+    Timer("warning", Session._warning_due, Session._give_warning),
+    Timer("heartbeat_timeout", Session._heartbeat_timeout_due, Session._fire_heartbeat_timeout),
+    Timer("ping", Session._ping_due, Session._fire_ping),
+    Timer("client_grace", Session._client_grace_due, Session._fire_client_grace),
+    Timer("connect_timeout", Session._connect_timeout_due, Session._fire_connect_timeout),
+    Timer("retry", Session._retry_due, Session._fire_retry),
+    Timer("rotate_by", Session._rotate_by_due, Session._fire_rotate_by),
+)
+"""Every timer of a session, declared once, in priority order: when several are due in one
+call, they fire one at a time from the top of this table (the deadline first, so nothing else can
+happen at or after it; then the warning, so it reaches the client before any end but the
+deadline; then client presence, then the upstream). ``next_timer()`` is the earliest due."""
+_TIMERS = TIMERS
 
 _DEFAULT_CONFIG = SessionConfig()

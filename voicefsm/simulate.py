@@ -21,7 +21,14 @@ from typing import Any
 from voicefsm import effects as fx
 from voicefsm import events as ev
 from voicefsm.engine import Session
-from voicefsm.model import EndReason, SessionConfig, SessionStats, State
+from voicefsm.model import (
+    EndReason,
+    SessionConfig,
+    SessionRecord,
+    SessionStats,
+    State,
+    TranscriptLine,
+)
 from voicefsm.protocol import ErrorMessage, Ping, SessionEnded, SessionWarning
 
 CHUNK_S = 0.02
@@ -119,6 +126,9 @@ class SimulationResult:
     connections: int = 0
     session_ended_messages: int = 0
     transcript_lines: list[str] = field(default_factory=list)
+    record: SessionRecord | None = None
+    """The session's final record, with its event log and usage sums (for ``--timeline``)."""
+    transcript: list[TranscriptLine] = field(default_factory=list)
 
     @property
     def client_chunks_lost(self) -> int:
@@ -208,6 +218,7 @@ class Simulation:
         self.model_chunks = 0
         self.ended_messages = 0
         self.lines: list[str] = []
+        self.transcript: list[TranscriptLine] = []
 
     # --------------------------------------------------------------- plumbing
 
@@ -239,6 +250,7 @@ class Simulation:
                 self._log(now, f"{effect.previous} -> {effect.state}: {effect.why}")
             elif isinstance(effect, fx.RecordTranscript):
                 self.lines.append(f"[{effect.line.seq}] {effect.line.role}: {effect.line.text}")
+                self.transcript.append(effect.line)
             elif isinstance(effect, fx.SendToClient):
                 self._client_message(effect.message, now)
 
@@ -285,7 +297,15 @@ class Simulation:
         handle = f"handle-{question}-{upstream.connections}"
         upstream.issued.add(handle)
         self._feed(ev.ResumptionUpdate(handle, True), now)
-        self._feed(ev.Usage(prompt_tokens=2000 * question, total_tokens=2100 * question), now)
+        # The Live API reports each turn's prompt, which holds the context so far: it grows.
+        usage = ev.Usage(
+            prompt_tokens=2000 * question,
+            response_tokens=100 * question,
+            total_tokens=2100 * question,
+            prompt_by_modality=(("AUDIO", 1700 * question), ("TEXT", 300 * question)),
+            response_by_modality=(("AUDIO", 100 * question),),
+        )
+        self._feed(usage, now)
         answer = self.rng.uniform(30, 90)
         self._at(now + answer, "answer_end", question)
 
@@ -429,6 +449,8 @@ class Simulation:
             connections=upstream.connections,
             session_ended_messages=self.ended_messages,
             transcript_lines=self.lines,
+            record=session.snapshot(),
+            transcript=self.transcript,
         )
 
 

@@ -1,0 +1,148 @@
+"""Admission control: a busy worker refuses new sessions (1013) and keeps the ones it holds.
+
+The lag is injected through the monitor's ``record`` and a manual clock, so nothing here depends
+on how loaded the machine is; the service runs for real (uvicorn, websockets, the genai upstream
+against the loopback fake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import time
+from typing import Any
+
+import pytest
+from live_rig import fast_config, starlette_service
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from voicefsm.admission import Admission, LoopLagMonitor
+from voicefsm.auth import JWTAuthenticator
+from voicefsm.genai_live import GenaiUpstream
+from voicefsm.service import InterviewService
+from voicefsm.testing import FakeLiveConnection, FakeLiveServer
+
+SECRET = "test-secret-that-is-long-enough-for-hs256"
+AUTH = JWTAuthenticator(SECRET)
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_monitor_keeps_the_worst_lag_of_its_window() -> None:
+    clock = ManualClock()
+    monitor = LoopLagMonitor(interval_s=0.05, window_s=2.0, clock=clock)
+    assert monitor.recent_max_s == 0.0
+    monitor.record(0.004)
+    clock.now += 0.5
+    monitor.record(0.080)
+    clock.now += 0.5
+    monitor.record(-0.001)  # early wake-ups count as no lag
+    assert monitor.recent_max_s == pytest.approx(0.080)
+    clock.now += 1.6  # the 80 ms sample is now 2.1 s old
+    assert monitor.recent_max_s == 0.0
+
+
+def test_admission_refuses_on_lag_or_session_count_and_counts_refusals() -> None:
+    clock = ManualClock()
+    monitor = LoopLagMonitor(window_s=1.0, clock=clock)
+    admission = Admission(0.025, max_sessions=3, monitor=monitor)
+    assert admission.refusal(0) is None
+    monitor.record(0.030)
+    assert admission.refusal(0) == "event-loop lag 30 ms in the last 1 s (limit 25 ms)"
+    clock.now += 1.5
+    assert admission.refusal(2) is None
+    assert admission.refusal(3) == "3 sessions running (limit 3)"
+    assert admission.refused == 2
+    with pytest.raises(ValueError, match="max_lag_s must be positive"):
+        Admission(0)
+    with pytest.raises(ValueError, match="window_s must cover"):
+        LoopLagMonitor(interval_s=1.0, window_s=0.5)
+
+
+def block_the_loop(seconds: float) -> None:
+    """Hold the event loop, as a worker past its capacity does."""
+    time.sleep(seconds)
+
+
+async def test_the_monitor_measures_a_blocked_loop() -> None:
+    monitor = LoopLagMonitor(interval_s=0.01, window_s=5.0)
+    monitor.start()
+    try:
+        await asyncio.sleep(0.03)
+        blocked_s = 0.12
+        block_the_loop(blocked_s)
+        await asyncio.sleep(0.03)
+        assert monitor.recent_max_s >= blocked_s * 0.5
+    finally:
+        await monitor.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def live_until_closed(conn: FakeLiveConnection) -> None:
+    await conn.send_setup_complete()
+    await conn.send_resumption_update(f"h-{conn.number}")
+    await conn.wait_closed(timeout=None)
+
+
+async def next_json(ws: ClientConnection, kind: str, within: float = 10) -> dict[str, Any]:
+    async with asyncio.timeout(within):
+        while True:
+            frame = await ws.recv()
+            if isinstance(frame, str) and json.loads(frame).get("type") == kind:
+                message: dict[str, Any] = json.loads(frame)
+                return message
+
+
+async def open_client(url: str, user: str) -> ClientConnection:
+    return await connect(url, subprotocols=["voicefsm.v1", f"bearer.{AUTH.issue(user)}"])  # type: ignore[list-item]
+
+
+async def test_a_busy_worker_refuses_new_sessions_with_1013_and_keeps_the_running_one() -> None:
+    clock = ManualClock()
+    monitor = LoopLagMonitor(window_s=2.0, clock=clock)
+    admission = Admission(0.025, monitor=monitor)
+    async with FakeLiveServer(script=live_until_closed) as fake:
+        upstream = GenaiUpstream("gemini-live", client=fake.genai_client())
+        service = InterviewService(upstream, AUTH, config=fast_config(), overload=admission)
+        async with starlette_service(service, free_port()) as url:
+            running = await open_client(url, "alice")
+            await next_json(running, "session_created")
+            assert (await next_json(running, "session_state"))["state"] == "live"
+
+            monitor.record(0.060)  # the loop fell 60 ms behind
+            refused = await open_client(url, "bob")
+            error = await next_json(refused, "error")
+            assert error["code"] == "server_busy"
+            assert "event-loop lag 60 ms" in error["message"]
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(refused.recv(), 10)
+            assert refused.close_code == 1013
+            assert refused.close_reason == "server busy, retry"
+            assert len(service.sessions) == 1
+
+            # The running interview is untouched: its audio still reaches the model.
+            for seq in range(5):
+                await running.send(struct.pack(">I", seq) + bytes(636))
+            await fake.connections[0].wait_for_audio_chunks(5)
+
+            clock.now += 2.5  # the lag is over: admission resumes
+            admitted = await open_client(url, "carol")
+            await next_json(admitted, "session_created")
+            assert len(service.sessions) == 2
+            assert admission.refused == 1
+            await running.close()
+            await admitted.close()

@@ -1,0 +1,517 @@
+"""The session host on the direct google-genai upstream, against the loopback fake over TLS.
+
+The same faults as the ADK upstream's tests (``test_host_adk.py``), with the real genai client
+and no ADK anywhere: CI also runs this file with google-genai 3.x in a venv without ADK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+
+from genai_rig import GenaiRig, fast_config, sequence_numbers, upstream_tasks
+from google.genai import types
+
+from voicefsm import EndReason
+from voicefsm import events as ev
+from voicefsm.genai_live import GenaiClassifier, GenaiTool
+from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
+
+
+async def setup_only(conn: FakeLiveConnection) -> None:
+    await conn.send_setup_complete()
+    await conn.wait_closed(timeout=None)
+
+
+async def test_goaway_mid_turn_rotates_at_the_turn_boundary_with_the_latest_handle() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.send_model_audio(b"\x01\x00" * 480)  # the interviewer is mid-turn
+        await conn.send_go_away("30s")
+        await conn.wait_for_audio_chunks(3)
+        await conn.send_model_audio(b"\x01\x00" * 480)
+        await conn.send_resumption_update("h-2")
+        await conn.send_turn_complete()
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server, GenaiRig(server) as rig:
+        rig.send_audio(3)
+        await rig.wait_state("live", count=2)
+        second = (await server.wait_for_connections(2))[1]
+        record = await rig.end()
+        assert not upstream_tasks()  # run() leaves no connection task behind
+    assert second.resumption_handle == "h-2"  # h-1 would mean it rotated before the boundary
+    assert server.connections[0].closed_by == "client"
+    assert record.stats.goaways == 1
+    assert record.stats.resumes == 1
+    assert len(rig.channel.audio) == 2
+    assert sequence_numbers(server.connections) == [0, 1, 2]
+
+
+async def test_goaway_with_no_turn_boundary_rotates_before_time_left_runs_out() -> None:
+    goaway_sent: list[float] = []
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.send_model_audio(b"\x01\x00" * 480)
+        goaway_sent.append(time.monotonic())
+        await conn.send_go_away("3s")
+        await conn.wait_closed()
+
+    config = fast_config(goaway_margin_s=1.0)
+    async with (
+        FakeLiveServer(scripts=[first, setup_only]) as server,
+        GenaiRig(server, config) as rig,
+    ):
+        second = (await server.wait_for_connections(2))[1]
+        await rig.wait_state("live", count=2)
+        first_conn = server.connections[0]
+        record = await rig.end()
+    assert first_conn.closed_at is not None
+    assert 1.0 < first_conn.closed_at - goaway_sent[0] < 3.0
+    assert second.resumption_handle == "h-1"
+    assert record.end_reason is EndReason.USER_ENDED
+
+
+async def test_1011_and_1006_drops_resume_with_the_last_good_handle() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_output_transcription("Tell me about yourself.", finished=True)
+        await conn.send_turn_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.close(1011, "internal error")
+
+    async def second(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update(None, resumable=False)  # must not erase h-1
+        conn.abort()  # a drop with no close frame: 1006
+
+    scripts = [first, second, setup_only]
+    async with FakeLiveServer(scripts=scripts) as server, GenaiRig(server) as rig:
+        await rig.wait_state("live", count=3)
+        record = await rig.end()
+    assert [c.resumption_handle for c in server.connections] == [None, "h-1", "h-1"]
+    assert len(server.connections) == 3  # never reconnected on its own
+    assert record.stats.ignored_resumption_updates == 1
+    assert record.stats.resumes == 2
+    assert record.end_reason is EndReason.USER_ENDED
+
+
+async def test_1007_ends_with_error_and_no_retry() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.close(1007, "context exhausted")
+
+    async with FakeLiveServer(scripts=[first]) as server, GenaiRig(server) as rig:
+        record = await rig.finish()
+        assert len(server.connections) == 1
+    assert record.end_reason is EndReason.ERROR
+    assert "context window is exhausted" in (record.end_detail or "")
+    assert [m.type for m in rig.channel.messages].count("session_ended") == 1
+
+
+async def test_1008_ends_with_error_and_no_retry() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.close(1008, "policy violation")
+
+    async with FakeLiveServer(scripts=[first]) as server, GenaiRig(server) as rig:
+        record = await rig.finish()
+        assert len(server.connections) == 1
+    assert record.end_reason is EndReason.ERROR
+    assert [m.type for m in rig.channel.messages].count("session_ended") == 1
+
+
+async def test_repeated_refusals_end_upstream_lost_after_the_budget_with_backoff() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_input_transcription("Hello", finished=True)
+        await conn.send_resumption_update("h-1")
+        await conn.close(1011, "internal error")
+
+    config = fast_config(resume_max_attempts=4, resume_backoff_base_s=0.1, resume_backoff_jitter=0)
+    scripts = [first, *[[Refuse(503)]] * 4]
+    async with FakeLiveServer(scripts=scripts) as server, GenaiRig(server, config) as rig:
+        record = await rig.finish()
+    assert record.end_reason is EndReason.UPSTREAM_LOST
+    assert "gave up after 4 failed connection attempts" in (record.end_detail or "")
+    opened = [c.opened_at for c in server.connections]
+    assert len(opened) == 5
+    gaps = [b - a for a, b in itertools.pairwise(opened[1:])]
+    for gap, expected in zip(gaps, [0.1, 0.2, 0.4], strict=True):
+        assert gap >= expected * 0.9
+
+
+async def test_a_setup_that_hangs_hits_the_connect_timeout_then_a_fresh_connection() -> None:
+    async def hang(conn: FakeLiveConnection) -> None:
+        await conn.wait_closed(timeout=None)  # never answers the setup
+
+    config = fast_config(connect_timeout_s=0.5)
+    async with (
+        FakeLiveServer(scripts=[hang, setup_only]) as server,
+        GenaiRig(server, config) as rig,
+    ):
+        await rig.wait_state("live")
+        assert rig.states() == ["resuming", "live"]
+        hung = server.connections[0]
+        await hung.wait_closed()
+        record = await rig.end()
+    assert hung.closed_by == "client"
+    assert server.connections[1].resumption_handle is None
+    assert record.stats.connect_attempts == 2
+
+
+async def test_the_connection_gives_up_on_a_setup_that_never_completes_by_itself() -> None:
+    """genai's connect() waits for setupComplete forever; the connection does not."""
+
+    async def hang(conn: FakeLiveConnection) -> None:
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(scripts=[hang]) as server:
+        upstream = GenaiRig(server).upstream
+        reports: list[ev.Event] = []
+        reported = asyncio.Event()
+
+        def report(event: ev.Event) -> None:
+            reports.append(event)
+            reported.set()
+
+        connection = upstream.open(
+            connection_id=1,
+            handle=None,
+            session_id="s-1",
+            config=fast_config(connect_timeout_s=0.3),
+            report=report,
+        )
+        async with asyncio.timeout(10):
+            await reported.wait()
+        assert await connection.close() == []
+    assert len(reports) == 1
+    closed = reports[0]
+    assert isinstance(closed, ev.UpstreamClosed)
+    assert closed.connection_id == 1
+    assert "no setupComplete within 0.3 s" in closed.reason
+
+
+async def test_close_does_not_wait_for_a_peer_that_never_answers_the_closing_handshake() -> None:
+    async def deaf(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        conn._require_ws().transport.pause_reading()  # the close frame is never read
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(scripts=[deaf]) as server:
+        upstream = GenaiRig(server, close_timeout_s=0.2).upstream
+        ready = asyncio.Event()
+        connection = upstream.open(
+            connection_id=1,
+            handle=None,
+            session_id="s-1",
+            config=fast_config(),
+            report=lambda event: ready.set() if isinstance(event, ev.UpstreamReady) else None,
+        )
+        async with asyncio.timeout(10):
+            await ready.wait()
+        connection.send_audio(b"\x00" * 640)
+        # websockets alone would wait its 10 s close timeout; 2 stages of 0.2 s at most here.
+        async with asyncio.timeout(3):
+            await connection.close()
+        assert connection.done
+        assert not upstream_tasks()
+
+
+async def test_client_audio_sent_while_resuming_arrives_after_the_resume_in_order() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(20)
+        await conn.send_go_away("10s")
+        await conn.wait_closed()
+
+    release = asyncio.Event()
+
+    async def resumed(conn: FakeLiveConnection) -> None:
+        await conn.wait_for_setup()
+        await release.wait()
+        await conn.send_setup_complete()
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(scripts=[first, resumed]) as server, GenaiRig(server) as rig:
+        rig.send_audio(20)
+        await rig.wait_state("resuming")
+        rig.send_audio(50)  # the upstream is not ready: these are buffered
+        second = (await server.wait_for_connections(2))[1]
+        await second.wait_for_setup()
+        assert second.audio_chunk_count == 0
+        release.set()
+        await second.wait_for_audio_chunks(50)
+        rig.send_audio(10)
+        await second.wait_for_audio_chunks(60)
+        record = await rig.end()
+    assert sequence_numbers(server.connections) == list(range(80))
+    assert record.stats.chunks_buffered >= 50
+    assert record.stats.chunks_flushed == record.stats.chunks_buffered
+    assert record.stats.chunks_overflowed == 0
+
+
+async def test_warning_reaches_client_and_model_then_the_time_limit_ends_everything() -> None:
+    config = fast_config(time_limit_s=3, warning_before_s=1.5)
+    async with FakeLiveServer(scripts=[setup_only]) as server, GenaiRig(server, config) as rig:
+        record = await rig.finish()
+        first = server.connections[0]
+        await first.wait_closed()
+    assert [m.type for m in rig.channel.messages].count("session_warning") == 1
+    assert [t.text for t in first.text_inputs] == [config.wrap_up_prompt.replace("{minutes}", "1")]
+    assert record.end_reason is EndReason.TIME_LIMIT
+    assert first.closed_by == "client"
+    assert [m.type for m in rig.channel.messages].count("session_ended") == 1
+
+
+async def test_the_setup_carries_handle_compression_instruction_and_transcription() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, GenaiRig(server) as rig:
+        await rig.wait_state("live")
+        setup = server.connections[0].setup
+        await rig.end()
+    assert server.connections[0].compression is not None
+    assert "inputAudioTranscription" in setup
+    assert "outputAudioTranscription" in setup
+    assert setup["systemInstruction"]["parts"][0]["text"] == "Interview."
+    assert setup["generationConfig"]["responseModalities"] == ["AUDIO"]
+
+
+async def test_transcripts_are_recorded_in_order() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_output_transcription("Welcome", finished=False)
+        await conn.send_model_audio(b"\x02\x00" * 480)
+        await conn.send_output_transcription(" aboard", finished=False)
+        await conn.send_generation_complete()
+        await conn.send_turn_complete()
+        await conn.send_input_transcription("I am ", finished=False)
+        await conn.send_input_transcription("ready", finished=True)
+        await conn.send_turn_complete()
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[first]) as server, GenaiRig(server) as rig:
+        async with asyncio.timeout(10):
+            await rig.channel.wait_for(
+                lambda c: [m.type for m in c.messages].count("turn_status") >= 2
+            )
+        record = await rig.end()
+        await server.connections[0].wait_closed()
+        assert server.connections[0].closed_by == "client"
+    lines = rig.sink.transcripts[record.session_id]
+    assert [(line.seq, line.role, line.text) for line in lines] == [
+        (0, "interviewer", "Welcome aboard"),
+        (1, "user", "I am ready"),
+    ]
+    assert len(rig.channel.audio) == 1
+    assert record.stats.unknown_events == 0
+
+
+async def test_tool_calls_run_their_handler_and_answer_with_a_tool_response() -> None:
+    answers: list[str] = []
+
+    async def record_answer(text: str) -> dict[str, str]:
+        """Record the candidate's answer."""
+        answers.append(text)
+        return {"status": "recorded"}
+
+    def broken() -> None:
+        """Always fails."""
+        raise RuntimeError("boom")
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_tool_call("record_answer", {"text": "ready"})
+        await conn.send_tool_call("broken", {})
+        await conn.send_turn_complete()
+        await conn.wait_for_tool_responses(2)
+        await conn.wait_closed()
+
+    tools = [record_answer, GenaiTool(broken)]
+    async with FakeLiveServer(scripts=[first]) as server, GenaiRig(server, tools=tools) as rig:
+        conn = (await server.wait_for_connections(1))[0]
+        await conn.wait_for_tool_responses(2)
+        record = await rig.end()
+    assert answers == ["ready"]
+    assert sorted(conn.tool_names) == ["broken", "record_answer"]
+    by_name = {response.name: response for response in conn.tool_responses}
+    assert by_name["record_answer"].response == {"status": "recorded"}
+    assert by_name["record_answer"].id == conn.tool_call_ids[0]
+    assert by_name["broken"].response == {"error": "RuntimeError: boom"}
+    assert record.stats.tool_calls == 2
+
+
+async def test_a_cancelled_tool_call_gets_no_response() -> None:
+    started = asyncio.Event()
+
+    async def slow_lookup(query: str) -> dict[str, str]:
+        """Look something up, slowly."""
+        started.set()
+        await asyncio.Event().wait()
+        return {}
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        call_id = await conn.send_tool_call("slow_lookup", {"query": "x"})
+        await started.wait()
+        await conn.send_tool_call_cancellation([call_id])
+        await conn.send_tool_call("slow_lookup", {"query": "y"})
+        await conn.wait_closed()
+
+    async with (
+        FakeLiveServer(scripts=[first]) as server,
+        GenaiRig(server, tools=[slow_lookup], tool_timeout_s=0.3) as rig,
+    ):
+        conn = (await server.wait_for_connections(1))[0]
+        await conn.wait_for_tool_responses(1)
+        await rig.end()
+    # Only the second call is answered (by the timeout); the cancelled one never is.
+    assert [r.id for r in conn.tool_responses] == [conn.tool_call_ids[1]]
+    assert conn.tool_responses[0].response == {"error": "the tool did not answer within 0.3 s"}
+
+
+async def test_a_hundred_rotations_lose_no_client_audio() -> None:
+    rotations = 100
+
+    async def rotating(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update(f"h-{conn.number}")
+        if conn.number <= rotations:
+            await conn.wait_for_audio_chunks(3)
+            await conn.send_go_away("5s")
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(script=rotating) as server, GenaiRig(server) as rig:
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                rig.send_audio(1)
+                await asyncio.sleep(0.002)
+
+        streamer = asyncio.create_task(stream())
+        last = (await server.wait_for_connections(rotations + 1, timeout=120))[-1]
+        await last.wait_for_audio_chunks(3)
+        stop.set()
+        await streamer
+        earlier = sum(c.audio_chunk_count for c in server.connections[:-1])
+        await last.wait_for_audio_chunks(rig.sent - earlier)
+        record = await rig.end()
+    assert sequence_numbers(server.connections) == list(range(rig.sent))
+    assert record.stats.goaways == rotations
+    assert record.stats.resumes == rotations
+    handles = [c.resumption_handle for c in server.connections]
+    assert handles == [None] + [f"h-{n}" for n in range(1, rotations + 1)]
+
+
+def test_classify_keeps_wire_order_within_a_server_content() -> None:
+    message = types.LiveServerMessage(
+        server_content=types.LiveServerContent(
+            input_transcription=types.Transcription(text="hi", finished=True),
+            output_transcription=types.Transcription(text="hello"),
+            model_turn=types.Content(
+                parts=[types.Part(inline_data=types.Blob(data=b"\x01", mime_type="audio/pcm"))]
+            ),
+            interrupted=True,
+            turn_complete=True,
+        ),
+        usage_metadata=types.UsageMetadata(prompt_token_count=5, response_token_count=2),
+    )
+    assert GenaiClassifier().classify(message) == [
+        ev.InputTranscript("hi", False),
+        ev.InputTranscript("hi", True),
+        ev.OutputTranscript("hello", False),
+        ev.ModelAudio(b"\x01", "audio/pcm"),
+        ev.OutputTranscript("hello", True),  # the interruption completes the line
+        ev.Interrupted(),
+        ev.TurnComplete(),
+        ev.Usage(prompt_tokens=5, response_tokens=2, total_tokens=None),
+    ]
+
+
+def test_classify_joins_transcript_fragments_into_one_finished_line() -> None:
+    classifier = GenaiClassifier()
+
+    def said(text: str, finished: bool = False) -> types.LiveServerMessage:
+        return types.LiveServerMessage(
+            server_content=types.LiveServerContent(
+                output_transcription=types.Transcription(text=text, finished=finished)
+            )
+        )
+
+    assert classifier.classify(said("Wel")) == [ev.OutputTranscript("Wel", False)]
+    assert classifier.classify(said("come", finished=True)) == [
+        ev.OutputTranscript("come", False),
+        ev.OutputTranscript("Welcome", True),
+    ]
+    generation = types.LiveServerMessage(
+        server_content=types.LiveServerContent(generation_complete=True)
+    )
+    assert classifier.classify(generation) == []  # nothing pending any more
+
+
+def test_classify_tags_goaway_and_reads_resumption_updates() -> None:
+    goaway = types.LiveServerMessage(go_away=types.LiveServerGoAway(time_left="20s"))
+    update = types.LiveServerMessage(
+        session_resumption_update=types.LiveServerSessionResumptionUpdate(
+            new_handle="h-9", resumable=True
+        )
+    )
+    assert GenaiClassifier(4).classify(goaway) == [ev.GoAway("20s", connection_id=4)]
+    assert GenaiClassifier().classify(update) == [ev.ResumptionUpdate("h-9", True)]
+    assert GenaiClassifier().classify(types.LiveServerMessage()) == [
+        ev.Unknown("LiveServerMessage with no recognised field")
+    ]
+    bookkeeping = types.LiveServerMessage(setup_complete=types.LiveServerSetupComplete())
+    assert GenaiClassifier().classify(bookkeeping) == []
+
+
+async def test_audio_keeps_its_order_when_the_websocket_applies_flow_control() -> None:
+    """Sends run in the caller's turn while the socket takes them; once the peer stops
+    reading, they queue (or one is left suspended for the sender task), in order."""
+    release = asyncio.Event()
+
+    async def slow_reader(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        transport = conn._require_ws().transport
+        transport.pause_reading()
+        await release.wait()
+        transport.resume_reading()
+        await conn.wait_closed(timeout=None)
+
+    big = 64 * 1024
+    count = 300  # ~26 MB of JSON: more than loopback socket buffers hold
+    async with FakeLiveServer(scripts=[slow_reader]) as server:
+        upstream = GenaiRig(server).upstream
+        ready = asyncio.Event()
+        connection = upstream.open(
+            connection_id=1,
+            handle=None,
+            session_id="s-1",
+            config=fast_config(),
+            report=lambda event: ready.set() if isinstance(event, ev.UpstreamReady) else None,
+        )
+        async with asyncio.timeout(10):
+            await ready.wait()
+        backed_up = suspended = False
+        for seq in range(count):
+            # Random bytes: permessage-deflate would shrink a repeated pattern to nothing.
+            connection.send_audio(seq.to_bytes(4, "big") + os.urandom(big - 4))
+            backed_up = backed_up or bool(connection._outbox.items)
+            suspended = suspended or connection._inflight is not None
+            if seq % 20 == 0:
+                await asyncio.sleep(0)  # let the loop run, as the host's consumer would
+        assert backed_up and suspended  # flow control did kick in, mid-send too
+        release.set()
+        conn = server.connections[0]
+        await conn.wait_for_audio_chunks(count, timeout=60)
+        unsent = await connection.close()
+    assert unsent == []
+    assert [int.from_bytes(chunk[:4], "big") for chunk in conn.audio_chunks] == list(range(count))

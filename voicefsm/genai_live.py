@@ -1,0 +1,623 @@
+"""The direct google-genai upstream: each connection is one ``client.aio.live.connect``.
+
+No ADK in the path. Each upstream connection is one task that
+
+* opens ``client.aio.live.connect`` with the handle the session chose
+  (``SessionResumptionConfig``) and the session's context-window compression, bounded by
+  ``SessionConfig.connect_timeout_s`` (genai's ``connect()`` itself waits for ``setupComplete``
+  with no timeout);
+* reports :class:`~voicefsm.events.UpstreamReady` once the setup is complete, then every server
+  message as voicefsm events (:class:`GenaiClassifier`) — GoAway and resumption updates
+  included — in wire order, from that one task;
+* reports exactly one :class:`~voicefsm.events.UpstreamClosed` however the connection ends (a
+  close code on receive, a failed send, a refused or timed-out connect) and then stops: it never
+  reconnects by itself, the session decides;
+* sends candidate audio and text in order from a small sender task, keeping the audio it has not
+  handed to the websocket yet, which :meth:`GenaiConnection.close` returns;
+* answers tool calls with the handlers given to :class:`GenaiUpstream` (``tool_response``).
+
+This module imports google-genai only; it works with google-genai 2.x and 3.x.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from typing import Any, Final, cast
+
+from google import genai
+from google.genai import errors, types
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
+
+from voicefsm import events as ev
+from voicefsm.classify import FIELD_RULES
+from voicefsm.host import Report
+from voicefsm.model import SessionConfig
+
+logger = logging.getLogger("voicefsm.genai")
+
+INPUT_AUDIO_MIME: Final = "audio/pcm;rate=16000"
+"""What the candidate's audio is sent as."""
+
+ToolHandler = Callable[..., Awaitable[Any]] | Callable[..., Any]
+"""A tool: called with the model's arguments as keyword arguments; returns a mapping (sent as
+the function response) or any other value (sent as ``{"result": value}``). A coroutine
+function runs on the event loop; a plain function runs in a worker thread."""
+
+_CONVERT_CONTENT = dict(FIELD_RULES)["content"]
+_CONVERT_USAGE = dict(FIELD_RULES)["usage_metadata"]
+
+
+class GenaiClassifier:
+    """Turns one connection's genai ``LiveServerMessage`` stream into voicefsm events.
+
+    The Live API sends transcripts in fragments; a finished line is reported as one
+    ``finished=True`` event carrying the whole text, when the fragment marked finished arrives
+    or, failing that, at the next interruption, generation or turn end (what ADK does too).
+    Fragments are also reported as they come, with ``finished=False``.
+    """
+
+    __slots__ = ("_heard", "_said", "connection_id")
+
+    def __init__(self, connection_id: int | None = None) -> None:
+        self.connection_id = connection_id
+        self._heard = ""
+        self._said = ""
+
+    def classify(self, message: types.LiveServerMessage) -> list[ev.Event]:
+        """The events of one message, in wire order.
+
+        Within a ``serverContent``: input transcript, output transcript, the model turn's parts
+        (audio, tool activity), the transcripts a boundary completes, interrupted, turn
+        complete — the order :data:`voicefsm.classify.FIELD_RULES` uses for ADK. A GoAway is
+        tagged with ``connection_id``. Setup completion, voice-activity signals and tool-call
+        cancellations are bookkeeping (no event); a message with nothing voicefsm knows
+        becomes one :class:`~voicefsm.events.Unknown`.
+        """
+        out: list[ev.Event] = []
+        known = False
+        content = message.server_content
+        if content is not None:
+            known = True
+            heard = content.input_transcription
+            if heard is not None:
+                if heard.text:
+                    self._heard += heard.text
+                    out.append(ev.InputTranscript(text=heard.text, finished=False))
+                if heard.finished:
+                    self._flush_heard(out)
+            said = content.output_transcription
+            if said is not None:
+                if said.text:
+                    self._said += said.text
+                    out.append(ev.OutputTranscript(text=said.text, finished=False))
+                if said.finished:
+                    self._flush_said(out)
+            if content.model_turn is not None:
+                out.extend(_CONVERT_CONTENT(content.model_turn))
+            if content.interrupted or content.turn_complete or content.generation_complete:
+                self._flush_heard(out)
+                self._flush_said(out)
+            if content.interrupted:
+                out.append(ev.Interrupted())
+            if content.turn_complete:
+                out.append(ev.TurnComplete())
+        if message.tool_call is not None:
+            known = True
+            for call in message.tool_call.function_calls or ():
+                out.append(ev.ToolActivity(name=call.name or "?", phase="call"))
+        update = message.session_resumption_update
+        if update is not None:
+            known = True
+            out.append(
+                ev.ResumptionUpdate(
+                    handle=update.new_handle or None, resumable=bool(update.resumable)
+                )
+            )
+        if message.usage_metadata is not None:
+            known = True
+            out.extend(_CONVERT_USAGE(message.usage_metadata))
+        if message.go_away is not None:
+            known = True
+            out.append(
+                ev.GoAway(time_left=message.go_away.time_left, connection_id=self.connection_id)
+            )
+        if not known and not _is_bookkeeping(message):
+            out.append(ev.Unknown("LiveServerMessage with no recognised field"))
+        return out
+
+    def _flush_heard(self, out: list[ev.Event]) -> None:
+        if self._heard:
+            out.append(ev.InputTranscript(text=self._heard, finished=True))
+            self._heard = ""
+
+    def _flush_said(self, out: list[ev.Event]) -> None:
+        if self._said:
+            out.append(ev.OutputTranscript(text=self._said, finished=True))
+            self._said = ""
+
+
+def _is_bookkeeping(message: types.LiveServerMessage) -> bool:
+    return any(
+        getattr(message, name, None) is not None
+        for name in (
+            "setup_complete",
+            "tool_call_cancellation",
+            "voice_activity_detection_signal",
+            "voice_activity",
+        )
+    )
+
+
+def close_code(error: BaseException) -> tuple[int | None, str]:
+    """The close code and reason an exception from genai or websockets stands for."""
+    if isinstance(error, errors.APIError):
+        return error.code, str(error.message or error.details or "")
+    if isinstance(error, ConnectionClosed):
+        frame = error.rcvd
+        return (frame.code, frame.reason) if frame is not None else (1006, "no close frame")
+    if isinstance(error, InvalidStatus):
+        return None, f"HTTP {error.response.status_code} on connect"
+    return None, f"{type(error).__name__}: {error}"
+
+
+_CONNECTION_ERRORS = (errors.APIError, ConnectionClosed, InvalidStatus, OSError)
+
+
+def _takes_a_frame_now(ws: Any) -> bool:
+    """Whether websockets would write a frame to ``ws`` without suspending.
+
+    True for an open connection whose transport is not closing and not flow-controlled: then
+    ``send()`` writes and returns with no await that suspends, and no timeout context (those
+    belong to the closing path) is entered.
+    """
+    try:
+        return bool(
+            ws.protocol.state is State.OPEN and not ws.transport.is_closing() and not ws.paused
+        )
+    except AttributeError:  # not the websockets connection this was written for
+        return False
+
+
+class _Resume:
+    """Awaiting it finishes a coroutine that suspended (on ``yielded``) outside any task."""
+
+    __slots__ = ("_coroutine", "_yielded")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None], yielded: Any) -> None:
+        self._coroutine = coroutine
+        self._yielded = yielded
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coroutine, yielded = self._coroutine, self._yielded
+        while True:
+            try:
+                yield yielded  # the awaiting task waits on it as the coroutine would have
+            except BaseException as error:  # e.g. the task is cancelled: pass it in
+                try:
+                    yielded = coroutine.throw(error)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    yielded = coroutine.send(None)
+                except StopIteration:
+                    return
+
+
+class GenaiTool:
+    """A function the model may call: its declaration and its handler."""
+
+    def __init__(
+        self, handler: ToolHandler, declaration: types.FunctionDeclaration | None = None
+    ) -> None:
+        self.handler = handler
+        self.declaration = declaration or types.FunctionDeclaration.from_callable_with_api_option(
+            callable=handler, api_option="GEMINI_API"
+        )
+        if not self.declaration.name:
+            raise ValueError("a tool declaration needs a name")
+        self.name: str = self.declaration.name
+        self._is_async = inspect.iscoroutinefunction(handler)
+
+    async def call(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the handler; its result as a function response payload."""
+        if self._is_async:
+            result = await self.handler(**arguments)
+        else:
+            result = await asyncio.to_thread(self.handler, **arguments)
+        if isinstance(result, Mapping):
+            return dict(result)
+        return {"result": result}
+
+
+class _Outbox:
+    """What the sender task still has to send, in order; audio counts as unsent until sent."""
+
+    __slots__ = ("items", "wakeup")
+
+    def __init__(self) -> None:
+        self.items: deque[bytes | str] = deque()
+        self.wakeup = asyncio.Event()
+
+    def put(self, item: bytes | str) -> None:
+        self.items.append(item)
+        self.wakeup.set()
+
+    def unsent_audio(self) -> list[bytes]:
+        return [item for item in self.items if isinstance(item, bytes)]
+
+
+class GenaiConnection:
+    """One upstream connection: a ``live.connect`` session driven by one task.
+
+    Built by :meth:`GenaiUpstream.open`; the host calls :meth:`send_audio`, :meth:`send_text`
+    and :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        upstream: GenaiUpstream,
+        *,
+        connection_id: int,
+        handle: str | None,
+        session_id: str,
+        config: SessionConfig,
+        report: Report,
+    ) -> None:
+        self.connection_id = connection_id
+        self._upstream = upstream
+        self._report = report
+        self._outbox = _Outbox()
+        self._closing = False
+        self._closed_reported = False
+        self._ws: Any = None
+        self._session: Any = None
+        self._tool_tasks: dict[str, asyncio.Task[None]] = {}
+        self._sender_busy = False
+        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
+        self._task = asyncio.create_task(
+            self._run(upstream.connect_config(handle, config), config.connect_timeout_s),
+            name=f"voicefsm-upstream-{session_id[:12]}-{connection_id}",
+        )
+
+    # ------------------------------------------------------------------ the host's side
+
+    def send_audio(self, data: bytes) -> None:
+        """Send candidate audio, in order; it counts as unsent until the websocket took it."""
+        if not self._closing:
+            self._put(data)
+
+    def send_text(self, text: str) -> None:
+        """Send a text turn (the candidate's, or the wrap-up prompt), in order."""
+        if not self._closing:
+            self._put(text)
+
+    async def close(self) -> list[bytes]:
+        """Stop for good; return the audio never handed to the websocket.
+
+        Waits at most the upstream's ``close_timeout_s`` for the websocket's closing handshake,
+        then aborts the TCP connection, so a peer that stops answering cannot hold the caller.
+        """
+        unsent = self._outbox.unsent_audio()
+        if self._closing:
+            return unsent
+        self._closing = True
+        self._outbox.items.clear()
+        self._outbox.wakeup.set()
+        for task in self._tool_tasks.values():
+            task.cancel()
+        task = self._task
+        if not task.done():
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=self._upstream.close_timeout_s)
+            if not done:
+                self._abort()
+                done, _ = await asyncio.wait({task}, timeout=self._upstream.close_timeout_s)
+                if not done:
+                    logger.warning("upstream #%d did not stop after abort", self.connection_id)
+        if self._inflight is not None:  # suspended in a send the sender never finished
+            self._inflight[0].close()
+            self._inflight = None
+        return unsent
+
+    @property
+    def done(self) -> bool:
+        """Whether the connection's task has finished."""
+        return self._task.done()
+
+    # ------------------------------------------------------------------ internals
+
+    def _put(self, item: bytes | str) -> None:
+        """Send ``item`` in the caller's turn when the websocket takes it at once, else queue it.
+
+        A frame to an open websocket with room in its write buffer is written without
+        suspending, so running the send coroutine here saves the sender task's wake-up per
+        chunk. If it does suspend (flow control), the sender task finishes it before the next
+        item; while anything is queued or in flight, items queue behind it, keeping the order.
+        """
+        session = self._session
+        ws = self._ws
+        if (
+            session is None
+            or self._outbox.items
+            or self._sender_busy
+            or self._inflight is not None
+            or ws is None
+            or not _takes_a_frame_now(ws)
+        ):
+            self._outbox.put(item)
+            return
+        sending = self._send_one(session, item)
+        try:
+            yielded = sending.send(None)
+        except StopIteration:
+            return
+        except _CONNECTION_ERRORS as error:
+            self._outbox.items.appendleft(item)
+            self._send_failed(error)
+            return
+        except Exception as error:  # anything else is this connection's end, never the host's
+            self._outbox.items.appendleft(item)
+            self._send_failed(error)
+            return
+        self._inflight = (sending, yielded)
+        self._outbox.wakeup.set()
+
+    def _send_one(self, session: Any, item: bytes | str) -> Coroutine[Any, Any, None]:
+        if isinstance(item, bytes):
+            return cast(
+                Coroutine[Any, Any, None],
+                session.send_realtime_input(
+                    audio=types.Blob(data=item, mime_type=INPUT_AUDIO_MIME)
+                ),
+            )
+        return cast(
+            Coroutine[Any, Any, None],
+            session.send_client_content(
+                turns=types.Content(role="user", parts=[types.Part(text=item)]),
+                turn_complete=True,
+            ),
+        )
+
+    def _send_failed(self, error: BaseException) -> None:
+        self._report_closed(*close_code(error))
+        if self._ws is not None:
+            self._abort()  # the receive loop then ends too
+
+    def _emit(self, event: ev.Event) -> None:
+        if not self._closing:
+            self._report(event)
+
+    def _report_closed(self, code: int | None, reason: str) -> None:
+        if self._closed_reported:
+            return
+        self._closed_reported = True
+        logger.info("upstream #%d closed: %s %s", self.connection_id, code, reason)
+        self._emit(ev.UpstreamClosed(code, reason, connection_id=self.connection_id))
+
+    def _abort(self) -> None:
+        transport = getattr(self._ws, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+    async def _run(self, live_config: types.LiveConnectConfig, connect_timeout_s: float) -> None:
+        upstream = self._upstream
+        sender: asyncio.Task[None] | None = None
+        try:
+            connecting = upstream.client.aio.live.connect(model=upstream.model, config=live_config)
+            try:
+                async with asyncio.timeout(connect_timeout_s):
+                    session = await connecting.__aenter__()
+            except TimeoutError:
+                self._report_closed(None, f"no setupComplete within {connect_timeout_s:g} s")
+                return
+            except _CONNECTION_ERRORS as error:
+                self._report_closed(*close_code(error))
+                return
+            try:
+                self._session = session
+                self._ws = getattr(session, "_ws", None)
+                setup = session.setup_complete
+                if setup is None:
+                    self._report_closed(None, "the server answered the setup without setupComplete")
+                    return
+                self._emit(
+                    ev.UpstreamReady(
+                        connection_id=self.connection_id, upstream_session_id=setup.session_id
+                    )
+                )
+                sender = asyncio.create_task(self._send_loop(session))
+                await self._receive_loop(session)
+            finally:
+                if sender is not None:
+                    sender.cancel()
+                    await asyncio.wait({sender})
+                with contextlib.suppress(Exception):
+                    await connecting.__aexit__(None, None, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # anything else is this connection's end, never the host's
+            logger.warning("upstream #%d failed: %s", self.connection_id, type(error).__name__)
+            self._report_closed(*close_code(error))
+
+    async def _receive_loop(self, session: Any) -> None:
+        classify = GenaiClassifier(self.connection_id).classify
+        try:
+            while True:
+                # receive() stops after each complete turn; the connection goes on.
+                async for message in session.receive():
+                    for event in classify(message):
+                        self._emit(event)
+                    if message.tool_call is not None and not self._closing:
+                        self._start_tools(session, message.tool_call)
+                    if message.tool_call_cancellation is not None:
+                        for call_id in message.tool_call_cancellation.ids or ():
+                            task = self._tool_tasks.pop(call_id, None)
+                            if task is not None:
+                                task.cancel()
+        except _CONNECTION_ERRORS as error:
+            self._report_closed(*close_code(error))
+
+    async def _send_loop(self, session: Any) -> None:
+        outbox = self._outbox
+        items = outbox.items
+        try:
+            while True:
+                if self._inflight is not None:
+                    sending, yielded = self._inflight
+                    self._sender_busy = True
+                    try:
+                        await _Resume(sending, yielded)
+                    finally:
+                        self._inflight = None
+                        self._sender_busy = False
+                if not items:
+                    outbox.wakeup.clear()
+                    await outbox.wakeup.wait()
+                    continue
+                # Taken out first: websockets writes a frame before its first await, so a send
+                # cancelled by close() has gone out; one that failed is put back as unsent.
+                item = items.popleft()
+                self._sender_busy = True
+                try:
+                    await self._send_one(session, item)
+                except _CONNECTION_ERRORS:
+                    items.appendleft(item)
+                    raise
+                finally:
+                    self._sender_busy = False
+        except _CONNECTION_ERRORS as error:
+            self._send_failed(error)
+
+    def _start_tools(self, session: Any, tool_call: types.LiveServerToolCall) -> None:
+        for call in tool_call.function_calls or ():
+            call_id = call.id or f"call-{len(self._tool_tasks)}"
+            task = asyncio.create_task(self._answer(session, call, call_id))
+            self._tool_tasks[call_id] = task
+
+    async def _answer(self, session: Any, call: types.FunctionCall, call_id: str) -> None:
+        name = call.name or ""
+        tool = self._upstream.tools.get(name)
+        started = time.monotonic()
+        try:
+            if tool is None:
+                response: dict[str, Any] = {"error": f"no tool named {name!r}"}
+            else:
+                async with asyncio.timeout(self._upstream.tool_timeout_s):
+                    response = await tool.call(call.args or {})
+        except TimeoutError:
+            response = {
+                "error": f"the tool did not answer within {self._upstream.tool_timeout_s:g} s"
+            }
+        except Exception as error:
+            logger.warning("tool %s failed: %s", name, type(error).__name__)
+            response = {"error": f"{type(error).__name__}: {error}"}
+        finally:
+            self._tool_tasks.pop(call_id, None)
+        logger.debug("tool %s answered in %.3f s", name, time.monotonic() - started)
+        if self._closing:
+            return
+        try:
+            await session.send_tool_response(
+                function_responses=types.FunctionResponse(id=call.id, name=name, response=response)
+            )
+        except Exception as error:  # the connection is going; the receive loop reports it
+            logger.info("tool %s: response not sent (%s)", name, type(error).__name__)
+
+
+class GenaiUpstream:
+    """Opens upstream connections straight through google-genai (:class:`~voicefsm.host.Upstream`).
+
+    ``model`` is the Live model; ``client`` a ``genai.Client`` (default: one from the
+    environment, i.e. ``GOOGLE_API_KEY``); ``config`` the base ``LiveConnectConfig`` (voice,
+    instruction, VAD ...): voicefsm fills in audio responses and both transcriptions unless set,
+    and always sets the session's resumption handle and context-window compression.
+    ``instruction`` is a shortcut for ``config.system_instruction``.
+
+    ``tools`` are functions the model may call: :class:`GenaiTool` objects, or plain callables
+    whose declaration genai derives from their signature and docstring. Each call runs its
+    handler (bounded by ``tool_timeout_s``) and answers with a ``tool_response``; a handler that
+    raises answers ``{"error": ...}``. ``close_timeout_s`` bounds each stage of a close.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        client: genai.Client | None = None,
+        config: types.LiveConnectConfig | None = None,
+        instruction: str | None = None,
+        tools: Sequence[GenaiTool | ToolHandler] = (),
+        tool_timeout_s: float = 30.0,
+        close_timeout_s: float = 1.0,
+    ) -> None:
+        if not model:
+            raise ValueError("GenaiUpstream needs a model name")
+        if tool_timeout_s <= 0 or close_timeout_s <= 0:
+            raise ValueError("tool_timeout_s and close_timeout_s must be positive")
+        self.model = model
+        self.client = client if client is not None else genai.Client()
+        self.tool_timeout_s = tool_timeout_s
+        self.close_timeout_s = close_timeout_s
+        self.tools: dict[str, GenaiTool] = {}
+        for tool in tools:
+            wrapped = tool if isinstance(tool, GenaiTool) else GenaiTool(tool)
+            if wrapped.name in self.tools:
+                raise ValueError(f"two tools are named {wrapped.name!r}")
+            self.tools[wrapped.name] = wrapped
+        base = config or types.LiveConnectConfig()
+        update: dict[str, Any] = {
+            "response_modalities": base.response_modalities or [types.Modality.AUDIO],
+            "input_audio_transcription": base.input_audio_transcription
+            or types.AudioTranscriptionConfig(),
+            "output_audio_transcription": base.output_audio_transcription
+            or types.AudioTranscriptionConfig(),
+        }
+        if instruction is not None:
+            update["system_instruction"] = types.Content(
+                role="system", parts=[types.Part(text=instruction)]
+            )
+        if self.tools:
+            declared = [tool.declaration for tool in self.tools.values()]
+            update["tools"] = [*(base.tools or []), types.Tool(function_declarations=declared)]
+        self.config = base.model_copy(update=update)
+
+    def connect_config(self, handle: str | None, config: SessionConfig) -> types.LiveConnectConfig:
+        """The ``LiveConnectConfig`` of one connection: the base plus handle and compression."""
+        return self.config.model_copy(
+            update={
+                "session_resumption": types.SessionResumptionConfig(handle=handle),
+                "context_window_compression": types.ContextWindowCompressionConfig(
+                    trigger_tokens=config.compression_trigger_tokens,
+                    sliding_window=types.SlidingWindow(
+                        target_tokens=config.compression_target_tokens
+                    ),
+                ),
+            }
+        )
+
+    def open(
+        self,
+        *,
+        connection_id: int,
+        handle: str | None,
+        session_id: str,
+        config: SessionConfig,
+        report: Report,
+    ) -> GenaiConnection:
+        """Start connection ``connection_id`` for session ``session_id``."""
+        return GenaiConnection(
+            self,
+            connection_id=connection_id,
+            handle=handle,
+            session_id=session_id,
+            config=config,
+            report=report,
+        )
