@@ -340,11 +340,15 @@ class Timeline(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         """Print a log record: state changes in capitals, anything else as a note."""
+        template = str(record.msg)
+        session_id = getattr(record, "session_id", None)
+        if isinstance(session_id, str):  # one session here: the host's "[id] " prefix is noise
+            template = template.removeprefix(f"[{session_id[:12]}] ")
         try:
-            text = record.getMessage()
+            text = template % record.args if record.args else template
         except Exception:  # a malformed record must not break the interview
-            text = str(record.msg)
-        if record.msg == self.STATE_CHANGE and isinstance(record.args, tuple):
+            text = template
+        if template == self.STATE_CHANGE and isinstance(record.args, tuple):
             previous, state, why = record.args
             print(f"{self.stamp()} {previous} -> {str(state).upper()}  ({why})", flush=True)
         else:
