@@ -253,6 +253,7 @@ class VoiceFsmGemini(Gemini):
 
     @contextlib.asynccontextmanager
     async def connect(self, llm_request: LlmRequest) -> AsyncIterator[BaseLlmConnection]:
+        """A live connection that reports to the session in context (plain ``Gemini`` without)."""
         link = _LINK.get(None)
         if link is None:
             async with super().connect(llm_request) as connection:
