@@ -17,8 +17,8 @@ Since no model turn is open, the session rotates at once: close the old connecti
 one resuming the handle.
 
 Measured, per rotation, on one ``time.monotonic()`` clock shared by the fake server's records
-(``opened_at``, ``setup_at``, ``closed_at``, audio arrival times), a timestamping handler on
-logger ``voicefsm.host`` and the client channel:
+(``opened_at``, ``setup_at``, ``closed_at``, audio arrival times), the host's ``on_note``
+observer and the client channel:
 
 * **GoAway to live**: from just before the fake writes the ``goAway`` frame to the moment the
   client channel receives ``session_state: live`` for the new connection (the host applies the
@@ -40,8 +40,8 @@ Everything (client, host, ADK, genai, the fake server) shares one event loop and
 the tests; on a 2-CPU shared machine the run-to-run spread of the medians is a few ms. The exit
 status is 1 if any client chunk was lost, duplicated or reordered; timing targets are reported,
 never enforced. The library is not modified: the instrumentation uses its public hooks (a
-``VoiceFsmGemini`` subclass, a wrapping ``Upstream``, a ``MemoryChannel`` subclass, a log handler
-on ``voicefsm.host`` that relies on the host's log format strings).
+``VoiceFsmGemini`` subclass, a wrapping ``Upstream``, a ``MemoryChannel`` subclass, the host's
+structured ``on_note`` observer).
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
-from google.adk.agents import LlmAgent
+from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
 from google.adk.models.base_llm_connection import BaseLlmConnection
+from google.adk.models.google_llm import Gemini
 from google.adk.models.llm_request import LlmRequest
 from google.adk.runners import Runner
 from google.adk.sessions import InMemorySessionService
@@ -79,7 +79,9 @@ from google.genai import Client, types
 from voicefsm import Session, SessionConfig, SessionRecord
 from voicefsm import events as ev
 from voicefsm.adk import AdkConnection, AdkUpstream, VoiceFsmGemini
-from voicefsm.host import MemoryChannel, MemorySink, Report, SessionHost
+from voicefsm.host import SessionHost
+from voicefsm.memory import MemoryChannel, MemorySink
+from voicefsm.ports import HostNote, Report, StateNote, UpstreamCloseNote, UpstreamOpenNote
 from voicefsm.protocol import ServerMessage
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
 
@@ -97,36 +99,34 @@ TIMES = "\N{MULTIPLICATION SIGN}"
 
 
 @dataclass(frozen=True, slots=True)
-class HostLogEntry:
-    """One ``voicefsm.host`` INFO record, stamped with ``time.monotonic()`` when logged."""
+class HostEntry:
+    """One host note, stamped with ``time.monotonic()`` when the host made it."""
 
     at: float
     kind: str  # "state", "open", "close", "other"
     args: tuple[object, ...]
 
 
-class HostLogRecorder(logging.Handler):
+class NoteRecorder:
     """Keeps the host's state changes and upstream opens/closes with monotonic timestamps.
 
-    The host logs synchronously while it carries out an effect, so the stamp is the moment the
-    host acted. The format strings are the host's own (``voicefsm/host.py``).
+    Passed as ``SessionHost(on_note=...)``: the host calls it synchronously while it carries
+    out an effect, so the stamp is the moment the host acted.
     """
 
-    _KINDS: ClassVar[dict[str, str]] = {
-        "%s -> %s: %s": "state",
-        "opening upstream #%d (%s, attempt %d)": "open",
-        "closed upstream #%d: %s": "close",
-    }
-
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.entries: list[HostLogEntry] = []
+        self.entries: list[HostEntry] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def __call__(self, note: HostNote) -> None:
         now = time.monotonic()
-        args = record.args if isinstance(record.args, tuple) else ()
-        kind = self._KINDS.get(str(record.msg), "other")
-        self.entries.append(HostLogEntry(now, kind, args))
+        if isinstance(note, StateNote):
+            self.entries.append(HostEntry(now, "state", (note.previous, note.state)))
+        elif isinstance(note, UpstreamOpenNote):
+            self.entries.append(HostEntry(now, "open", (note.connection_id,)))
+        elif isinstance(note, UpstreamCloseNote):
+            self.entries.append(HostEntry(now, "close", (note.connection_id,)))
+        else:
+            self.entries.append(HostEntry(now, "other", ()))
 
     def first(self, kind: str, after: float, match: tuple[object, ...] | None = None) -> float:
         """The time of the first entry of ``kind`` at or after ``after`` (matching a prefix)."""
@@ -221,6 +221,10 @@ class TimedUpstream:
     def __init__(self, inner: AdkUpstream) -> None:
         self.inner = inner
 
+    async def forget(self, session_id: str) -> None:
+        """Forget the ADK session (as the wrapped upstream does)."""
+        await self.inner.forget(session_id)
+
     def open(
         self,
         *,
@@ -309,6 +313,7 @@ class RotationRun:
     connections: int
     wall_s: float
     adk_gets: list[tuple[int, float]]  # per run_live: (ADK session events, get_session ms)
+    side: SideRun  # the measured rotations' gaps, for the comparison with bare ADK
 
 
 @dataclass
@@ -331,77 +336,69 @@ async def rotating_script(conn: FakeLiveConnection) -> None:
 async def run_rotations(rotations: int, interval: float, warmup: int) -> RotationRun:
     """One session, ``warmup + rotations`` GoAways, 20 ms client chunks throughout."""
     STAMPS.reset()
-    recorder = HostLogRecorder()
-    host_logger = logging.getLogger("voicefsm.host")
-    previous_level = host_logger.level
-    host_logger.setLevel(logging.INFO)
-    host_logger.addHandler(recorder)
+    recorder = NoteRecorder()
     total = warmup + rotations
     started = time.monotonic()
     lateness: list[tuple[float, float]] = []  # (when, how late) per chunk
     goaways: list[tuple[int, float]] = []
-    try:
-        async with FakeLiveServer(script=rotating_script) as server:
-            model = TimedGemini(model=MODEL, client=server.genai_client())
-            agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
-            sessions = TimedSessionService()
-            runner = Runner(
-                app_name="voicefsm", agent=agent, session_service=sessions, auto_create_session=True
-            )
-            upstream = TimedUpstream(AdkUpstream(agent, runner=runner))
-            channel = TimedChannel()
-            config = SessionConfig(time_limit_s=3600, warning_before_s=60)
-            session = Session(config, seed=1)
-            host = SessionHost(session, upstream, client=channel, sink=MemorySink())
-            task = asyncio.create_task(host.run())
+    async with FakeLiveServer(script=rotating_script) as server:
+        model = TimedGemini(model=MODEL, client=server.genai_client())
+        agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
+        sessions = TimedSessionService()
+        runner = Runner(
+            app_name="voicefsm", agent=agent, session_service=sessions, auto_create_session=True
+        )
+        upstream = TimedUpstream(AdkUpstream(agent, runner=runner))
+        channel = TimedChannel()
+        config = SessionConfig(time_limit_s=3600, warning_before_s=60)
+        session = Session(config, seed=1)
+        host = SessionHost(session, upstream, client=channel, sink=MemorySink(), on_note=recorder)
+        task = asyncio.create_task(host.run())
 
-            sent = 0
-            stop = asyncio.Event()
+        sent = 0
+        stop = asyncio.Event()
 
-            async def stream() -> None:
-                nonlocal sent
-                loop = asyncio.get_running_loop()
-                due = loop.time()
-                while not stop.is_set():
-                    now = loop.time()
-                    lateness.append((time.monotonic(), now - due))
-                    channel.push(ev.ClientAudio(chunk(sent)))
-                    sent += 1
-                    due += CHUNK_SECONDS
-                    await asyncio.sleep(max(0.0, due - loop.time()))
+        async def stream() -> None:
+            nonlocal sent
+            loop = asyncio.get_running_loop()
+            due = loop.time()
+            while not stop.is_set():
+                now = loop.time()
+                lateness.append((time.monotonic(), now - due))
+                channel.push(ev.ClientAudio(chunk(sent)))
+                sent += 1
+                due += CHUNK_SECONDS
+                await asyncio.sleep(max(0.0, due - loop.time()))
 
-            def is_live(number: int, _channel: MemoryChannel) -> bool:
-                return channel.live_count >= number
+        def is_live(number: int, _channel: MemoryChannel) -> bool:
+            return channel.live_count >= number
 
-            streamer = asyncio.create_task(stream())
-            try:
-                for number in range(1, total + 2):
-                    conn = await server.wait_for_connection(number, timeout=10)
-                    async with asyncio.timeout(10):
-                        await channel.wait_for(functools.partial(is_live, number))
-                    await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
-                    if number > total:
-                        break
-                    # The model turn and the handle were sent; the session has them before
-                    # the GoAway (one connection, wire order).
-                    await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
-                    await asyncio.sleep(interval)
-                    goaway_at = time.monotonic()
-                    await conn.send_go_away(GOAWAY_TIME_LEFT)
-                    goaways.append((number + 1, goaway_at))
-            finally:
-                stop.set()
-                await streamer
-            last = server.connections[-1]
-            earlier = sum(c.audio_chunk_count for c in server.connections[:-1])
-            with contextlib.suppress(TimeoutError):
-                await last.wait_for_audio_chunks(sent - earlier, timeout=5)
-            channel.push(ev.ClientEnd())
-            record = await asyncio.wait_for(task, 15)
-            connections = list(server.connections)
-    finally:
-        host_logger.removeHandler(recorder)
-        host_logger.setLevel(previous_level)
+        streamer = asyncio.create_task(stream())
+        try:
+            for number in range(1, total + 2):
+                conn = await server.wait_for_connection(number, timeout=10)
+                async with asyncio.timeout(10):
+                    await channel.wait_for(functools.partial(is_live, number))
+                await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
+                if number > total:
+                    break
+                # The model turn and the handle were sent; the session has them before
+                # the GoAway (one connection, wire order).
+                await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
+                await asyncio.sleep(interval)
+                goaway_at = time.monotonic()
+                await conn.send_go_away(GOAWAY_TIME_LEFT)
+                goaways.append((number + 1, goaway_at))
+        finally:
+            stop.set()
+            await streamer
+        last = server.connections[-1]
+        earlier = sum(c.audio_chunk_count for c in server.connections[:-1])
+        with contextlib.suppress(TimeoutError):
+            await last.wait_for_audio_chunks(sent - earlier, timeout=5)
+        channel.push(ev.ClientEnd())
+        record = await asyncio.wait_for(task, 15)
+        connections = list(server.connections)
     wall = time.monotonic() - started
     if record.stats.connect_attempts != len(connections):
         raise RuntimeError(
@@ -452,6 +449,7 @@ async def run_rotations(rotations: int, interval: float, warmup: int) -> Rotatio
         len(connections),
         wall,
         sessions.gets[-len(goaways) :][warmup:],
+        gaps_from("voicefsm", connections, goaways[warmup:]),
     )
 
 
@@ -525,6 +523,123 @@ async def run_baseline(count: int, warmup: int) -> BaselineRun:
                 result.connect_ms.append((ready - start) * 1000.0)
                 result.close_ms.append((closed - ready) * 1000.0)
     return result
+
+
+# --------------------------------------------------------------------------- bare ADK
+
+
+@dataclass
+class SideRun:
+    """Per-rotation gaps of one run, in milliseconds, in rotation order."""
+
+    label: str
+    to_setup_ms: list[float] = field(default_factory=list)  # goAway sent -> next setup frame
+    to_chunk_ms: list[float] = field(default_factory=list)  # goAway sent -> first client chunk
+
+
+def gaps_from(
+    label: str, connections: Sequence[FakeLiveConnection], goaways: Sequence[tuple[int, float]]
+) -> SideRun:
+    """The GoAway-to-next-connection gaps, measured on the fake's records."""
+    run = SideRun(label)
+    for number, goaway_at in goaways:
+        new = connections[number - 1]
+        setup = new.setup_at if new.setup_at is not None else NAN
+        first = next((e.at for e in new.timeline if e.kind == "audio"), NAN)
+        run.to_setup_ms.append((setup - goaway_at) * 1000.0)
+        run.to_chunk_ms.append((first - goaway_at) * 1000.0)
+    return run
+
+
+async def drive_rotations(
+    server: FakeLiveServer,
+    total: int,
+    interval: float,
+    is_live: Callable[[int], bool],
+    changed: Callable[[], Awaitable[None]],
+) -> list[tuple[int, float]]:
+    """Send a GoAway on each of ``total`` connections once it is live and has audio."""
+    goaways: list[tuple[int, float]] = []
+    for number in range(1, total + 2):
+        conn = await server.wait_for_connection(number, timeout=10)
+        async with asyncio.timeout(10):
+            while not is_live(number):
+                await changed()
+        await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
+        if number > total:
+            break
+        await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
+        await asyncio.sleep(interval)
+        goaway_at = time.monotonic()
+        await conn.send_go_away(GOAWAY_TIME_LEFT)
+        goaways.append((number + 1, goaway_at))
+    return goaways
+
+
+async def run_bare_adk(rotations: int, interval: float, warmup: int) -> SideRun:
+    """Bare ADK: one ``run_live`` with resumption on; ADK reconnects by itself on each GoAway."""
+    async with FakeLiveServer(script=rotating_script) as server:
+        model = Gemini(model=MODEL, client=server.genai_client())
+        agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
+        runner = Runner(
+            app_name="bare",
+            agent=agent,
+            session_service=InMemorySessionService(),
+            auto_create_session=True,
+        )
+        run_config = RunConfig(
+            response_modalities=[types.Modality.AUDIO],
+            session_resumption=types.SessionResumptionConfig(),
+            input_audio_transcription=types.AudioTranscriptionConfig(),
+            output_audio_transcription=types.AudioTranscriptionConfig(),
+        )
+        queue = LiveRequestQueue()
+
+        async def drain() -> None:
+            stream = runner.run_live(
+                user_id="candidate",
+                session_id="bare-1",
+                live_request_queue=queue,
+                run_config=run_config,
+            )
+            async with contextlib.aclosing(stream) as events:
+                async for _ in events:
+                    pass
+
+        consumer = asyncio.create_task(drain())
+        stop = asyncio.Event()
+
+        async def stream_audio() -> None:
+            loop = asyncio.get_running_loop()
+            due = loop.time()
+            seq = 0
+            while not stop.is_set():
+                queue.send_realtime(types.Blob(data=chunk(seq), mime_type="audio/pcm;rate=16000"))
+                seq += 1
+                due += CHUNK_SECONDS
+                await asyncio.sleep(max(0.0, due - loop.time()))
+
+        streamer = asyncio.create_task(stream_audio())
+
+        def setup_done(number: int) -> bool:
+            return len(server.connections) >= number and bool(
+                server.connections[number - 1].session_id
+            )
+
+        async def changed() -> None:
+            await asyncio.sleep(0.002)
+
+        try:
+            goaways = await drive_rotations(
+                server, warmup + rotations, interval, setup_done, changed
+            )
+        finally:
+            stop.set()
+            await streamer
+            queue.close()
+            consumer.cancel()
+            await asyncio.wait({consumer}, timeout=15)
+        return gaps_from("bare ADK", server.connections, goaways[warmup:])
 
 
 # --------------------------------------------------------------------------- report
@@ -677,8 +792,8 @@ def build_report(
         f"{args.warmup} warm-up ones, each sent between turns ({args.interval:g} s after the "
         f"connection went live, with audio flowing), so the session rotates at once; the client "
         f"streams numbered 20 ms chunks in real time throughout. All times on one "
-        f"`time.monotonic()` clock: the fake's connection records, a handler on logger "
-        f"`voicefsm.host`, the client channel. Baseline: {len(baseline.connect_ms)} bare "
+        f"`time.monotonic()` clock: the fake's connection records, the host's "
+        f"`on_note` observer, the client channel. Baseline: {len(baseline.connect_ms)} bare "
         f"`client.aio.live.connect()` calls of the same `genai.Client` to a second fake."
     )
     md.append("")
@@ -792,7 +907,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
     )
     parser.add_argument(
-        "--rotations", type=int, default=50, help="rotations to measure (default 50)"
+        "--rotations", type=int, default=100, help="rotations to measure per run (default 100)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of each side, interleaved with the other side's (default 2)",
     )
     parser.add_argument(
         "--warmup", type=int, default=2, help="rotations run first and not measured (default 2)"
@@ -814,15 +935,77 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--verbose", action="store_true", help="log voicefsm and the fake server at INFO"
     )
     args = parser.parse_args(argv)
-    if args.rotations < 1 or args.warmup < 0 or args.interval < 0:
-        parser.error("--rotations must be >= 1, --warmup and --interval >= 0")
+    if args.rotations < 1 or args.repeats < 1 or args.warmup < 0 or args.interval < 0:
+        parser.error("--rotations and --repeats must be >= 1, --warmup and --interval >= 0")
     return args
 
 
-async def amain(args: argparse.Namespace) -> tuple[RotationRun, BaselineRun]:
+@dataclass
+class Comparison:
+    """Every run of both sides, in the order they ran (interleaved)."""
+
+    voicefsm: list[SideRun] = field(default_factory=list)
+    bare: list[SideRun] = field(default_factory=list)
+
+
+async def amain(args: argparse.Namespace) -> tuple[RotationRun, BaselineRun, Comparison]:
     baseline = await run_baseline(args.rotations, warmup=3)
-    run = await run_rotations(args.rotations, args.interval, args.warmup)
-    return run, baseline
+    comparison = Comparison()
+    run: RotationRun | None = None
+    for repeat in range(args.repeats):
+        order = ("bare", "voicefsm") if repeat % 2 == 0 else ("voicefsm", "bare")
+        for side in order:
+            if side == "bare":
+                comparison.bare.append(
+                    await run_bare_adk(args.rotations, args.interval, args.warmup)
+                )
+            else:
+                run = await run_rotations(args.rotations, args.interval, args.warmup)
+                comparison.voicefsm.append(run.side)
+    assert run is not None
+    return run, baseline, comparison
+
+
+def side_by_side(comparison: Comparison, window: int) -> tuple[list[str], list[str]]:
+    """Terminal lines and Markdown lines comparing voicefsm with bare ADK."""
+
+    def pooled(runs: list[SideRun], attr: str, part: slice) -> float:
+        values = [v for run in runs for v in getattr(run, attr)[part]]
+        clean = [v for v in values if v == v]
+        return statistics.median(clean) if clean else NAN
+
+    first, last, every = slice(0, window), slice(-window, None), slice(None)
+    rows: list[tuple[str, list[float]]] = []
+    for label, attr in (
+        ("GoAway → next setup frame at the fake", "to_setup_ms"),
+        ("GoAway → first client chunk at the new connection", "to_chunk_ms"),
+    ):
+        for part_label, part in (
+            (f"first {window}", first),
+            (f"last {window}", last),
+            ("all", every),
+        ):
+            ours = pooled(comparison.voicefsm, attr, part)
+            bare = pooled(comparison.bare, attr, part)
+            rows.append((f"{label}, {part_label}", [ours, bare, ours / bare if bare else NAN]))
+    runs = len(comparison.voicefsm)
+    count = len(comparison.voicefsm[0].to_setup_ms) if comparison.voicefsm else 0
+    head = (
+        f"voicefsm against bare ADK, {count} rotations per run, {runs} interleaved runs each "
+        f"(medians pooled over the runs):"
+    )
+    width = max(len(label) for label, _ in rows) + 2
+    text = [head, "", f"{'gap (ms)'.ljust(width)}{'voicefsm':>10}{'bare ADK':>10}{'ratio':>8}"]
+    md = [
+        head,
+        "",
+        "| gap | voicefsm | bare ADK | voicefsm ÷ bare |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for label, (ours, bare, quotient) in rows:
+        text.append(f"{label.ljust(width)}{fmt(ours):>10}{fmt(bare):>10}{fmt(quotient):>8}")
+        md.append(f"| {label} | {fmt(ours)} ms | {fmt(bare)} ms | {fmt(quotient)}{TIMES} |")
+    return text, md
 
 
 def write_section(path: Path, section: str) -> bool:
@@ -861,11 +1044,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.INFO, format="%(relativeCreated)8.0f %(name)s %(message)s"
         )
     started = time.monotonic()
-    run, baseline = asyncio.run(amain(args))
+    run, baseline, comparison = asyncio.run(amain(args))
     args.elapsed = time.monotonic() - started
     shown = ["python", "benchmarks/bench_rotation.py"]
-    if args.rotations != 50:
+    if args.rotations != 100:
         shown += ["--rotations", str(args.rotations)]
+    if args.repeats != 2:
+        shown += ["--repeats", str(args.repeats)]
     if args.warmup != 2:
         shown += ["--warmup", str(args.warmup)]
     if args.interval != 0.25:
@@ -874,6 +1059,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown += ["--markdown", str(args.markdown)]
     command = shlex.join(shown)
     text, markdown = build_report(run, baseline, args, command)
+    side_text, side_md = side_by_side(comparison, min(10, max(1, args.rotations // 2)))
+    text = "\n".join(side_text) + "\n\n" + text
+    heading, _, rest = markdown.partition("\n")
+    markdown = f"{heading}\n\n" + "\n".join(side_md) + "\n" + rest
     print(text)
     if args.markdown is not None:
         replaced = write_section(args.markdown, markdown)

@@ -15,8 +15,10 @@ from starlette.applications import Starlette
 from voicefsm import Session, SessionConfig, SessionRecord
 from voicefsm import events as ev
 from voicefsm.adk import AdkUpstream
-from voicefsm.host import MemoryChannel, MemorySink, SessionHost
+from voicefsm.host import SessionHost
+from voicefsm.memory import MemoryChannel, MemorySink
 from voicefsm.metrics import Metrics
+from voicefsm.ports import HostNote
 from voicefsm.protocol import ServerMessage
 from voicefsm.service import InterviewService
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
@@ -44,6 +46,15 @@ def fast_config(**overrides: Any) -> SessionConfig:
     return SessionConfig(**values)
 
 
+def upstream_tasks() -> list[asyncio.Task[Any]]:
+    """voicefsm's upstream tasks (run_live, pings, tear-downs) still running in this loop."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_name().startswith("voicefsm-upstream-") and not task.done()
+    ]
+
+
 def chunk(seq: int) -> bytes:
     """A client audio chunk that carries its sequence number."""
     return struct.pack(">I", seq) + bytes(CHUNK_BYTES - 4)
@@ -67,19 +78,22 @@ class Rig:
         config: SessionConfig | None = None,
         agent: LlmAgent | None = None,
         metrics: Metrics | None = None,
+        upstream: AdkUpstream | None = None,
     ) -> None:
         self.server = server
         agent = agent or LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
-        self.upstream = AdkUpstream(agent, client=server.genai_client())
+        self.upstream = upstream or AdkUpstream(agent, client=server.genai_client())
         self.channel = MemoryChannel()
         self.sink = MemorySink()
         self.session = Session(config or fast_config(), seed=1)
+        self.notes: list[HostNote] = []
         self.host = SessionHost(
             self.session,
             self.upstream,
             client=self.channel,
             sink=self.sink,
             observer=metrics.observer() if metrics is not None else None,
+            on_note=self.notes.append,
         )
         self.task: asyncio.Task[SessionRecord] | None = None
         self.sent = 0

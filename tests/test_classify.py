@@ -169,3 +169,35 @@ def test_recorded_adk_run_classifies_completely() -> None:
     assert sum(isinstance(e, ev.TurnComplete) for e in events) == 3
     assert any(isinstance(e, ev.ModelAudio) for e in events)
     assert [e.phase for e in events if isinstance(e, ev.ToolActivity)] == ["call", "response"]
+
+
+def test_usage_by_modality_from_adk_and_from_a_raw_genai_message() -> None:
+    details = [
+        types.ModalityTokenCount(modality=types.MediaModality.AUDIO, token_count=90),
+        types.ModalityTokenCount(modality=types.MediaModality.TEXT, token_count=10),
+    ]
+    out_details = [types.ModalityTokenCount(modality=types.MediaModality.AUDIO, token_count=20)]
+    adk_usage = types.GenerateContentResponseUsageMetadata(
+        prompt_token_count=100,
+        candidates_token_count=20,
+        total_token_count=120,
+        cached_content_token_count=4,
+        thoughts_token_count=3,
+        prompt_tokens_details=details,
+        candidates_tokens_details=out_details,
+    )
+    expected = ev.Usage(100, 20, 120, 4, 3, (("AUDIO", 90), ("TEXT", 10)), (("AUDIO", 20),))
+    assert classify_adk_event(adk_event(usage_metadata=adk_usage)) == [expected]
+    # genai's own live message keeps the Live API's response_* names
+    raw = types.LiveServerMessage(
+        usage_metadata=types.UsageMetadata(
+            prompt_token_count=100,
+            response_token_count=20,
+            total_token_count=120,
+            cached_content_token_count=4,
+            thoughts_token_count=3,
+            prompt_tokens_details=details,
+            response_tokens_details=out_details,
+        )
+    )
+    assert classify_adk_event(raw) == [expected]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import pytest
 
-from voicefsm import EndReason, Session, SessionConfig, SessionRecord, State
+from voicefsm import EndReason, LogEntry, LogKind, Session, SessionConfig, SessionRecord, State
 from voicefsm import effects as fx
 from voicefsm import events as ev
 from voicefsm.protocol import (
@@ -37,7 +38,7 @@ class Host:
 
     def __init__(self, config: SessionConfig | None = None, **overrides: Any) -> None:
         base = config or SessionConfig(
-            heartbeat_interval_s=3600, heartbeat_timeout_s=7200, **overrides
+            **{"heartbeat_interval_s": 3600, "heartbeat_timeout_s": 7200, **overrides}
         )
         self.session = Session(base, session_id="s-1", seed=1)
         self.now = T0
@@ -768,3 +769,213 @@ def test_a_restored_ended_session_absorbs_events_without_start() -> None:
     host.send(ev.ClientEnd())
     restored = Session.restore(host.session.snapshot(), T0 + 10)
     assert restored.handle(ev.ClientAudio(b"\x00"), T0 + 11) == []
+
+
+# ----------------------------------------------------------------------------- the event log
+
+
+def logged(effects: list[fx.Effect]) -> list[LogEntry]:
+    return [e.entry for e in of(effects, fx.Logged)]
+
+
+def kinds(entries: list[LogEntry]) -> list[LogKind]:
+    return [e.kind for e in entries]
+
+
+def test_the_log_tells_a_rotation_with_its_gap_and_handle_age() -> None:
+    host = live_host()
+    host.after(1).handle_update("h-1")
+    host.after(9).send(ev.GoAway("50s", connection_id=1))
+    host.after(0.25).ready()
+    entries = logged(host.log)
+    assert kinds(entries) == [
+        LogKind.UPSTREAM_OPENED,
+        LogKind.UPSTREAM_READY,
+        LogKind.STATE,
+        LogKind.GOAWAY,
+        LogKind.ROTATION,
+        LogKind.STATE,
+        LogKind.UPSTREAM_OPENED,
+        LogKind.UPSTREAM_READY,
+        LogKind.STATE,
+    ]
+    first_ready, goaway, rotation, lost, opened, ready = (entries[i] for i in (1, 3, 4, 5, 6, 7))
+    assert first_ready.gap_s == pytest.approx(0.1) and first_ready.handle_age_s is None
+    assert (goaway.connection_id, goaway.time_left_s) == (1, 50.0)
+    assert rotation.connection_id == 1 and rotation.handle_age_s == pytest.approx(9)
+    assert (lost.state_from, lost.state_to) == (State.LIVE, State.RESUMING)
+    assert (opened.connection_id, opened.count, opened.handle_age_s) == (2, 1, pytest.approx(9))
+    assert (ready.connection_id, ready.gap_s) == (2, pytest.approx(0.25))
+    assert ready.handle_age_s == pytest.approx(9.25)
+    assert entries[-1].state_to is State.LIVE
+    # the stored record holds the same story, and the last call stored it
+    assert of(host.effects, fx.PersistRecord)[-1].record.log == entries
+    assert host.session.snapshot().log == entries
+
+
+def test_the_log_tells_closes_client_absence_warning_and_the_end() -> None:
+    host = live_host(
+        heartbeat_interval_s=5, heartbeat_timeout_s=20, client_grace_s=30, time_limit_s=600
+    )
+    host.after(1).handle_update("h-1")
+    host.after(1).close(1011, "internal")
+    host.after(0.5).ready()
+    host.after(1).send(ev.ClientGone("tab closed"))
+    host.after(12).send(ev.ClientBack())
+    host.tick_until(T0 + 600)
+    entries = logged(host.log)
+    closed = next(e for e in entries if e.kind is LogKind.UPSTREAM_CLOSED)
+    assert (closed.connection_id, closed.close_code, closed.why) == (1, 1011, "internal")
+    ready = [e for e in entries if e.kind is LogKind.UPSTREAM_READY][-1]
+    assert ready.gap_s == pytest.approx(0.5)
+    left = [e for e in entries if e.kind is LogKind.CLIENT_LEFT]
+    assert left[0].why == "tab closed"
+    back = next(e for e in entries if e.kind is LogKind.CLIENT_BACK)
+    assert back.gap_s == pytest.approx(12)
+    # the client stops answering pings: a heartbeat timeout, then it is gone
+    timeout = next(e for e in entries if e.kind is LogKind.HEARTBEAT_TIMEOUT)
+    assert timeout.gap_s == pytest.approx(20)
+    assert entries[entries.index(timeout) + 1].kind is LogKind.CLIENT_LEFT
+    end = entries[-1]
+    assert end.kind is LogKind.END and end.reason is EndReason.DISCONNECTED
+    assert end.why == host.session.end_detail and end.state_from is State.LIVE
+    assert entries[-2].kind is LogKind.STATE and entries[-2].state_to is State.ENDED
+
+
+def test_the_warning_is_logged_with_the_time_left() -> None:
+    host = live_host(time_limit_s=600, warning_before_s=60)
+    host.tick_until(T0 + 540)
+    warning = [e for e in logged(host.log) if e.kind is LogKind.WARNING]
+    assert len(warning) == 1 and warning[0].time_left_s == pytest.approx(60)
+    assert warning[0].at == T0 + 540
+
+
+def test_the_log_is_bounded_keeping_its_start_and_its_newest_entries() -> None:
+    host = live_host(max_log_entries=10, client_grace_s=1000)
+    for _ in range(20):
+        host.after(1).send(ev.ClientGone())
+        host.after(1).send(ev.ClientBack())
+    every = logged(host.log)
+    assert len(every) == 2 + 1 + 40  # opened, ready, state, 20 times left and back
+    record = host.session.snapshot()
+    assert record.log == every[:5] + every[-5:]
+    assert record.log_dropped == len(every) - 10
+    # the end is always kept
+    host.after(1).send(ev.ClientEnd())
+    record = host.session.snapshot()
+    assert record.log[-1].kind is LogKind.END and len(record.log) == 10
+    assert record.log[:5] == every[:5]
+
+
+def test_unused_log_fields_stay_out_of_the_stored_json() -> None:
+    host = live_host()
+    raw = json.loads(host.session.snapshot().model_dump_json())
+    assert raw["log"][0] == {"at": T0, "kind": "upstream_opened", "connection_id": 1, "count": 1}
+
+
+def test_usage_is_summed_per_session_by_modality_with_audio_seconds() -> None:
+    host = live_host()
+    host.send(ev.ModelAudio(bytes(48_000)))  # 1 s of 24 kHz 16-bit
+    host.send(ev.ClientAudio(bytes(16_000)))  # 0.5 s of 16 kHz 16-bit
+    host.send(ev.Usage(100, 20, 120, 5, 2, (("AUDIO", 90), ("TEXT", 10)), (("AUDIO", 20),)))
+    host.after(10).send(ev.Usage(200, 30, 230, None, None, (("AUDIO", 190),), (("AUDIO", 30),)))
+    host.after(60).send(ev.Usage(300, 40, 340))
+    usage = host.session.snapshot().usage
+    assert (usage.reports, usage.prompt_tokens, usage.response_tokens) == (3, 600, 90)
+    assert (usage.total_tokens, usage.cached_tokens, usage.thoughts_tokens) == (690, 5, 2)
+    assert usage.prompt_tokens_by_modality == {"AUDIO": 280, "TEXT": 10}
+    assert usage.response_tokens_by_modality == {"AUDIO": 50}
+    assert usage.model_audio_s == 1.0 and usage.client_audio_s == 0.5
+    assert host.session.stats.last_prompt_tokens == 300
+    # a usage entry for the first report, then at most one a minute
+    entries = [e for e in logged(host.log) if e.kind is LogKind.USAGE]
+    assert [(e.at - T0, e.count) for e in entries] == [
+        (pytest.approx(0.1), 120),
+        (pytest.approx(70.1), 690),
+    ]
+    raw = json.loads(host.session.snapshot().model_dump_json())["usage"]
+    assert raw["client_audio_s"] == 0.5 and raw["model_audio_s"] == 1.0
+
+
+def test_buffered_audio_counts_as_sent_once_it_is_flushed_not_before() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.close(1011)
+    host.send(ev.ClientAudio(bytes(3200)))
+    assert host.session.snapshot().usage.client_audio_bytes == 0
+    host.after(0.2).ready()
+    assert host.session.snapshot().usage.client_audio_bytes == 3200
+
+
+def test_restore_keeps_the_log_and_the_usage_and_continues_the_same_log() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.send(ev.Usage(100, 20, 120))
+    host.send(ev.ModelAudio(bytes(960)))
+    record = SessionRecord.model_validate_json(host.session.snapshot().model_dump_json())
+    restored = Session.restore(record, T0 + 5)
+    effects = restored.start(T0 + 5)
+    snap = restored.snapshot()
+    assert snap.log[: len(record.log)] == record.log
+    new = logged(effects)
+    assert snap.log[len(record.log) :] == new
+    assert new[0].kind is LogKind.RESTORED
+    assert (new[0].state_from, new[0].state_to) == (State.LIVE, State.RESUMING)
+    assert new[1].kind is LogKind.UPSTREAM_OPENED and new[1].handle_age_s == pytest.approx(4.9)
+    assert snap.usage.total_tokens == 120 and snap.usage.model_audio_bytes == 960
+    restored.handle(ev.ModelAudio(bytes(960)), T0 + 6)
+    assert restored.snapshot().usage.model_audio_bytes == 1920
+
+
+def test_a_record_stored_before_the_log_existed_still_loads() -> None:
+    raw = json.loads(live_host().session.snapshot().model_dump_json())
+    for key in ("log", "log_dropped", "usage"):
+        del raw[key]
+    del raw["stats"]["upstream_audio_unsent"]
+    record = SessionRecord.model_validate(raw)
+    assert record.log == [] and record.log_dropped == 0 and record.usage.total_tokens == 0
+    session = Session.restore(record, T0 + 1)
+    assert logged(session.start(T0 + 1))[0].kind is LogKind.RESTORED
+
+
+# ----------------------------------------------------------------------------- audio lost upstream
+
+
+def test_audio_lost_at_the_upstream_is_counted_logged_and_stored_in_any_state() -> None:
+    host = live_host()
+    effects = host.send(ev.UpstreamAudioUnsent(3, "written into a dead connection"))
+    assert host.session.stats.upstream_audio_unsent == 3
+    (entry,) = logged(effects)
+    assert (entry.kind, entry.count, entry.why) == (
+        LogKind.AUDIO_UNSENT,
+        3,
+        "written into a dead connection",
+    )
+    assert of(effects, fx.PersistRecord)[-1].record.stats.upstream_audio_unsent == 3
+    host.send(ev.ClientEnd())
+    # after the end: still counted, and only bookkeeping comes out
+    effects = host.send(ev.UpstreamAudioUnsent(2, "in flight at the end"))
+    assert {type(e) for e in effects} == {fx.Logged, fx.PersistRecord}
+    record = of(effects, fx.PersistRecord)[0].record
+    assert record.stats.upstream_audio_unsent == 5 and record.state is State.ENDED
+    assert record.log[-1].kind is LogKind.AUDIO_UNSENT
+    assert host.session.end_reason is EndReason.USER_ENDED
+    # a restored session, before start(), and a restored ended one
+    running = Session.restore(live_host().session.snapshot(), T0 + 1)
+    assert of(running.handle(ev.UpstreamAudioUnsent(1), T0 + 1), fx.PersistRecord)
+    assert running.snapshot().stats.upstream_audio_unsent == 1
+    ended = Session.restore(record, T0 + 9)
+    ended.handle(ev.UpstreamAudioUnsent(1), T0 + 9)
+    assert ended.snapshot().stats.upstream_audio_unsent == 6
+    assert host.send(ev.UpstreamAudioUnsent(0)) == []
+    with pytest.raises(ValueError, match="chunks must be >= 0"):
+        host.send(ev.UpstreamAudioUnsent(-1))
+
+
+def test_upstream_liveness_settings_are_declared_with_lower_bounds() -> None:
+    config = SessionConfig()
+    assert (config.upstream_ping_interval_s, config.upstream_pong_timeout_s) == (5.0, 4.0)
+    with pytest.raises(ValueError, match="upstream_ping_interval_s"):
+        SessionConfig(upstream_ping_interval_s=0.01)
+    with pytest.raises(ValueError, match="upstream_pong_timeout_s"):
+        SessionConfig(upstream_pong_timeout_s=0.01)

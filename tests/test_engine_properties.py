@@ -36,7 +36,16 @@ from hypothesis.stateful import (
     rule,
 )
 
-from voicefsm import EndReason, Session, SessionConfig, SessionError, SessionRecord, State
+from voicefsm import (
+    EndReason,
+    LogEntry,
+    LogKind,
+    Session,
+    SessionConfig,
+    SessionError,
+    SessionRecord,
+    State,
+)
 from voicefsm import effects as fx
 from voicefsm import events as ev
 from voicefsm.machine import TRANSITIONS, close_is_resumable
@@ -73,6 +82,7 @@ CONFIG = SessionConfig(
     goaway_margin_s=1,
     handle_ttl_s=120,
     resume_buffer_max_bytes=10 * CHUNK,
+    max_log_entries=12,
 )
 """Small enough that every timer, the buffer bound and the handle TTL are reached in 50 steps."""
 
@@ -223,6 +233,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.last_text_upstream = -1
         # the store
         self.persisted: SessionRecord | None = None
+        self.logged: list[LogEntry] = []  # every Logged effect, across restores
         self.held_bytes = 0  # client audio the session holds, as of the last check
         self.calls = 0
         self._start(self.session)
@@ -301,6 +312,8 @@ class EngineMachine(RuleBasedStateMachine):
                 )
             if isinstance(effect, fx.StateChanged):
                 self._on_state_changed(effects, index, effect)
+            elif isinstance(effect, fx.Logged):
+                self._on_logged(effects, index, effect.entry)
             elif isinstance(effect, fx.OpenUpstream):
                 self._on_open(effect)
             elif isinstance(effect, fx.CloseUpstream):
@@ -456,6 +469,19 @@ class EngineMachine(RuleBasedStateMachine):
         if effect.previous is State.RESUMING and effect.state in UP:
             self.resumes += 1
         self.model_state = effect.state
+
+    def _on_logged(self, effects: list[fx.Effect], index: int, entry: LogEntry) -> None:
+        # 10. the log tells the story as it happens: each state change, one end
+        assert entry.at == self.now
+        self.logged.append(entry)
+        if entry.kind is LogKind.STATE:
+            later = [e for e in effects[index + 1 :] if isinstance(e, fx.StateChanged)]
+            assert later, f"{entry!r} without its state change"
+            assert (later[0].previous, later[0].state) == (entry.state_from, entry.state_to)
+        elif entry.kind is LogKind.END:
+            assert sum(e.kind is LogKind.END for e in self.logged) == 1, "a second end logged"
+            assert entry.reason is not None and entry.reason == self.s.end_reason
+            assert entry.why == self.s.end_detail
 
     def _on_end(
         self,
@@ -688,9 +714,24 @@ class EngineMachine(RuleBasedStateMachine):
         assert session.ended or session.client_connected == self.attached
         assert stats.connect_attempts == self.open_upstream_count
         assert stats.transcript_lines == self.transcripts == snap.transcript_count
+        # 10. the log is the bounded view of every entry: the first half and the newest
+        limit = config.max_log_entries
+        logged = self.logged
+        expected = (
+            logged
+            if len(logged) <= limit
+            else logged[: limit // 2] + logged[len(logged) - (limit - limit // 2) :]
+        )
+        assert snap.log == expected
+        assert snap.log_dropped == max(0, len(logged) - limit)
+        # state entries tell the state changes in order
+        states = [e.state_to for e in logged if e.kind in (LogKind.STATE, LogKind.RESTORED)]
+        assert not states or states[-1] is session.state
         # the store is never behind on what a restore needs
         persisted = self.persisted
         assert persisted is not None
+        if not (logged and logged[-1].kind is LogKind.AUDIO_OVERFLOW):
+            assert persisted.log == snap.log, "a log entry was not stored"
         assert persisted.resumption_handle == snap.resumption_handle
         assert persisted.handle_received_at == snap.handle_received_at
         assert persisted.warning_given == snap.warning_given

@@ -31,6 +31,8 @@ from voicefsm.testing import (
     GenerationComplete,
     GoAway,
     Hang,
+    HangOnClose,
+    IgnorePings,
     InputTranscript,
     Interrupted,
     Interviewer,
@@ -41,6 +43,7 @@ from voicefsm.testing import (
     ResumptionUpdate,
     ScriptError,
     SetupComplete,
+    StopReading,
     ToolCall,
     TurnComplete,
     Usage,
@@ -870,3 +873,61 @@ async def test_script_errors_close_1011_and_are_reraised_on_exit() -> None:
         await run()
     assert close_codes == [1011]
     assert isinstance(caught.value.__cause__, WaitTimeout)
+
+
+# ----------------------------------------------------------------------------- silent peers
+
+
+async def _connected(server: FakeLiveServer) -> ClientConnection:
+    ws = await raw_connect(server)
+    await ws.send(json.dumps({"setup": {"model": f"models/{MODEL}"}}))
+    assert "setupComplete" in json.loads(await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT))
+    return ws
+
+
+def _audio_frame() -> str:
+    data = base64.b64encode(bytes(640)).decode()
+    return json.dumps({"realtimeInput": {"audio": {"data": data, "mimeType": "audio/pcm"}}})
+
+
+async def test_a_peer_that_stops_reading_answers_nothing_and_records_nothing_more() -> None:
+    script = [SetupComplete(), WaitForAudio(1), StopReading(), Hang()]
+    async with FakeLiveServer(script) as server:
+        ws = await _connected(server)
+        await ws.send(_audio_frame())
+        conn = server.connections[0]
+        await conn.wait_for(lambda c: c.reading_stopped)
+        for _ in range(5):
+            await ws.send(_audio_frame())
+        pong = await ws.ping()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pong, 0.5)
+        ws.transport.abort()  # the fake, not reading, only notices when the server stops
+        assert conn.audio_chunk_count == 1
+
+
+async def test_a_peer_that_ignores_pings_still_records_audio() -> None:
+    script = [SetupComplete(), IgnorePings(), Hang()]
+    async with FakeLiveServer(script) as server:
+        ws = await _connected(server)
+        pong = await ws.ping()
+        await ws.send(_audio_frame())
+        conn = server.connections[0]
+        await conn.wait_for_audio_chunks(1)
+        assert not pong.done()
+        assert conn.pings_ignored == 1
+        await ws.close()
+        await conn.wait_closed()
+
+
+async def test_a_peer_that_hangs_on_close_never_answers_the_close_frame() -> None:
+    script = [SetupComplete(), HangOnClose(), Hang()]
+    async with FakeLiveServer(script) as server:
+        ws = await _connected(server)
+        conn = server.connections[0]
+        await conn.wait_for(lambda c: c.script is script and c.setup_at is not None)
+        ws.close_timeout = 0.3
+        await ws.close()  # gives up after close_timeout and drops the connection
+        await conn.wait_closed()
+    assert conn.close_frames_ignored == 1
+    assert ws.protocol.close_rcvd is None  # the handshake never completed

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
-from live_rig import MODEL, Rig, fast_config, sequence_numbers
+from live_rig import MODEL, Rig, fast_config, sequence_numbers, upstream_tasks
 
-from voicefsm import EndReason, Session
+from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
-from voicefsm.adk import AdkUpstream
+from voicefsm.adk import AdkUpstream, BoundedSessionService
 from voicefsm.host import MemoryChannel, SessionHost
 from voicefsm.metrics import Metrics
+from voicefsm.model import LogKind
+from voicefsm.ports import EndNote, LogNote, UpstreamOpenNote, UpstreamTornDownNote
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
 
@@ -384,3 +387,223 @@ async def test_a_client_that_stops_reading_cannot_stall_the_session() -> None:
         record = await asyncio.wait_for(host.run(), 15)
     assert record.end_reason is EndReason.TIME_LIMIT  # the deadline still fired
     assert not record.client_connected
+
+
+async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_session() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(2)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server, Rig(server) as rig:
+        rig.send_audio(2)
+        await rig.wait_state("live", count=2)
+        record = await rig.end()
+        assert not upstream_tasks()
+    session_id = record.session_id
+    kinds = [
+        (type(note).__name__, getattr(note, "connection_id", None), getattr(note, "state", None))
+        for note in rig.notes
+        if not isinstance(note, UpstreamTornDownNote | LogNote)
+    ]
+    assert kinds == [
+        ("UpstreamOpenNote", 1, None),
+        ("StateNote", None, State.LIVE),
+        ("UpstreamCloseNote", 1, None),
+        ("StateNote", None, State.RESUMING),
+        ("UpstreamOpenNote", 2, None),
+        ("StateNote", None, State.LIVE),
+        ("StateNote", None, State.ENDED),
+        ("EndNote", None, None),
+        ("UpstreamCloseNote", 2, None),
+    ]
+    torn_down = sorted(n.connection_id for n in rig.notes if isinstance(n, UpstreamTornDownNote))
+    assert torn_down == [1, 2]
+    logged = [n.entry.kind for n in rig.notes if isinstance(n, LogNote)]
+    assert logged.count(LogKind.ROTATION) == 1
+    opened = [n for n in rig.notes if isinstance(n, UpstreamOpenNote)]
+    assert [n.resuming for n in opened] == [False, True]
+    end = [n for n in rig.notes if isinstance(n, EndNote)]
+    assert [n.reason for n in end] == [EndReason.USER_ENDED]
+    assert all(n.session_id == session_id for n in rig.notes)
+    registry = logging.Logger.manager.loggerDict
+    assert not [name for name in registry if session_id[:12] in name]
+
+
+async def test_warning_and_end_arrive_on_schedule_while_an_old_connection_hangs_closing() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        conn.hang_on_close()  # the rotated-away connection never answers the close frame
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.send_go_away("20s")
+        await conn.wait_closed(timeout=None)
+
+    config = fast_config(time_limit_s=3, warning_before_s=1.5)
+    closed_when_ended: list[float | None] = []
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server:
+        hung_close_s = 4.0  # the hung close outlasts the interview
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+        upstream = AdkUpstream(agent, client=server.genai_client(), close_timeout_s=hung_close_s)
+        async with Rig(server, config, upstream=upstream) as rig:
+            rig.host._on_note = lambda note: (
+                closed_when_ended.append(server.connections[0].closed_at)
+                if isinstance(note, EndNote)
+                else None,
+                rig.notes.append(note),
+            )
+            rig.send_audio(5)
+            record = await rig.finish()
+            assert not upstream_tasks()  # run() waited for the hung tear-down
+            hung, second = server.connections
+            await hung.wait_closed()
+    assert hung.close_frames_ignored == 1
+    types = [m.type for m in rig.channel.messages]
+    assert types.count("session_warning") == 1
+    assert types.index("session_warning") < types.index("session_ended")
+    assert record.end_reason is EndReason.TIME_LIMIT
+    # The end reached the client while the first connection was still hanging in its close.
+    assert closed_when_ended == [None]
+    assert [t.text for t in second.text_inputs] == [config.wrap_up_prompt.replace("{minutes}", "1")]
+    assert sequence_numbers(server.connections) == list(range(5))
+
+
+async def test_run_leaves_no_upstream_task_behind_when_the_last_close_hangs() -> None:
+    async def hangs_closing(conn: FakeLiveConnection) -> None:
+        conn.hang_on_close()
+        await conn.send_setup_complete()
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(scripts=[hangs_closing]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        record = await rig.end()
+        assert not upstream_tasks()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    assert conn.close_frames_ignored == 1
+    assert record.end_reason is EndReason.USER_ENDED
+    torn_down = [n for n in rig.notes if isinstance(n, UpstreamTornDownNote)]
+    assert [n.connection_id for n in torn_down] == [1]
+
+
+def silent_config(**overrides: Any) -> Any:
+    """Short liveness settings: a silent upstream is noticed within 0.2 + 0.5 s."""
+    return fast_config(upstream_ping_interval_s=0.2, upstream_pong_timeout_s=0.5, **overrides)
+
+
+def assert_every_chunk_in_order_once_resent(server: FakeLiveServer, sent: int) -> int:
+    """Every chunk arrived; the second connection starts at or before where the first stopped.
+
+    Returns how many chunks arrived twice (re-sent although the dead peer had read them).
+    """
+    first, second = (sequence_numbers([c]) for c in server.connections)
+    assert first == list(range(len(first)))
+    assert second, "nothing reached the resumed connection"
+    assert second == list(range(second[0], second[0] + len(second)))
+    assert second[0] <= len(first)
+    assert set(first) | set(second) == set(range(sent))
+    return len(first) - second[0]
+
+
+async def streaming(rig: Rig, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        rig.send_audio(1)
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("fault", ["stop_reading", "ignore_pings"])
+async def test_a_silent_upstream_is_resumed_and_the_audio_it_swallowed_is_resent(
+    fault: str,
+) -> None:
+    async def goes_silent(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(30)
+        getattr(conn, fault)()  # from now on the connection is silent
+        await conn.wait_closed(timeout=None)
+
+    async with (
+        FakeLiveServer(scripts=[goes_silent, setup_only]) as server,
+        Rig(server, silent_config()) as rig,
+    ):
+        stop = asyncio.Event()
+        streamer = asyncio.create_task(streaming(rig, stop))
+        second = await server.wait_for_connection(2, timeout=10)
+        await rig.wait_state("live", count=2)
+        await second.wait_for_audio_chunks(20)
+        stop.set()
+        await streamer
+        first = server.connections[0]
+        await second.wait_for(lambda c: sequence_numbers([c])[-1:] == [rig.sent - 1], timeout=10)
+        record = await rig.end()
+        assert not upstream_tasks()
+    assert second.resumption_handle == "h-1"
+    assert record.stats.resumes == 1
+    duplicated = assert_every_chunk_in_order_once_resent(server, rig.sent)
+    if fault == "stop_reading":
+        assert first.reading_stopped
+    else:
+        assert first.pings_ignored >= 1
+        assert duplicated > 0  # it had read them: re-sending errs on the side of no loss
+    closes = [n.entry for n in rig.notes if isinstance(n, LogNote)]
+    silent = [e for e in closes if e.kind is LogKind.UPSTREAM_CLOSED and e.connection_id == 1]
+    assert len(silent) == 1
+    assert "no pong" in (silent[0].why or "")
+
+
+async def test_audio_still_queued_at_a_normal_end_is_counted_as_unsent() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        rig.send_audio(40)
+        rig.channel.push(ev.ClientEnd())  # the end is handled before ADK sent them all
+        record = await rig.finish()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    received = conn.audio_chunk_count
+    assert record.stats.upstream_audio_unsent > 0
+    assert received + record.stats.upstream_audio_unsent == 40
+    assert rig.sink.records[record.session_id].stats.upstream_audio_unsent == (
+        record.stats.upstream_audio_unsent
+    )
+
+
+async def test_the_adk_session_stays_small_over_many_rotations() -> None:
+    rotations = 30
+    copied: list[int] = []
+
+    class CountingService(BoundedSessionService):
+        async def get_session(self, **kwargs: Any) -> Any:
+            session = await super().get_session(**kwargs)
+            copied.append(len(session.events) if session is not None else -1)
+            return session
+
+    async def talkative(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        for n in range(3):
+            await conn.send_output_transcription(f"Question {conn.number}.{n}?", finished=True)
+            await conn.send_turn_complete()
+            await conn.send_input_transcription(f"Answer {conn.number}.{n}.", finished=True)
+        await conn.send_resumption_update(f"h-{conn.number}")
+        if conn.number <= rotations:
+            await conn.send_go_away("5s")
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(script=talkative) as server:
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+        service = CountingService()
+        upstream = AdkUpstream(agent, client=server.genai_client())
+        upstream.runner.session_service = service
+        async with Rig(server, upstream=upstream) as rig:
+            await rig.wait_state("live", count=rotations + 1, within=60)
+            await server.connections[-1].wait_for(lambda c: bool(c.issued_handles))
+            key = {"app_name": upstream.runner.app_name, "user_id": upstream.user_id}
+            stored = service.sessions[key["app_name"]][key["user_id"]][rig.session.session_id]
+            stored_events = len(stored.events)
+            record = await rig.end()
+    assert record.stats.resumes == rotations
+    assert len(rig.sink.transcripts[record.session_id]) >= 6 * rotations
+    assert stored_events < 2 * service.keep  # not ~6 events per connection, for ever
+    # A new run_live copies none of ADK's history (the first finds no session and makes one).
+    assert copied[-rotations:] == [0] * rotations

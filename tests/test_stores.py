@@ -498,8 +498,14 @@ class InstantUpstream:
     def send_text(self, text: str) -> None:
         pass
 
-    async def close(self) -> list[bytes]:
+    def close(self) -> list[bytes]:
         return []
+
+    async def wait_closed(self) -> int:
+        return 0
+
+    async def forget(self, session_id: str) -> None:
+        pass
 
 
 async def test_a_host_persists_through_a_fenced_retrying_sink(store: SessionStore) -> None:

@@ -10,9 +10,12 @@ from voicefsm.engine import Session, SessionError, parse_duration
 from voicefsm.machine import diagram
 from voicefsm.model import (
     EndReason,
+    LogEntry,
+    LogKind,
     SessionConfig,
     SessionRecord,
     SessionStats,
+    SessionUsage,
     State,
     TranscriptLine,
 )
@@ -21,11 +24,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EndReason",
+    "LogEntry",
+    "LogKind",
     "Session",
     "SessionConfig",
     "SessionError",
     "SessionRecord",
     "SessionStats",
+    "SessionUsage",
     "State",
     "TranscriptLine",
     "__version__",

@@ -33,39 +33,69 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
+from google.adk.events import Event
 from google.adk.models.base_llm_connection import BaseLlmConnection
 from google.adk.models.google_llm import Gemini
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.adk.runners import Runner
 from google.adk.sessions import InMemorySessionService
+from google.adk.sessions import Session as AdkSession
+from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import errors, types
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from voicefsm import events as ev
 from voicefsm.classify import classify_adk_event
-from voicefsm.host import Report
+from voicefsm.host import SessionLog
 from voicefsm.model import SessionConfig
+from voicefsm.ports import Report
 
 logger = logging.getLogger("voicefsm.adk")
 
 INPUT_AUDIO_MIME = "audio/pcm;rate=16000"
 
+UNCONFIRMED_MAX_CHUNKS = 1500
+"""Most written-but-unconfirmed chunks a connection keeps for re-sending (30 s of 20 ms chunks);
+older ones are only counted."""
+
 
 class _Link:
-    """What one connection's model hook needs: who to report to, which handle to use."""
+    """What one connection's hooks share: who to report to, which handle, the audio ledger.
+
+    The ledger: ``unsent`` holds chunks queued for ADK but not yet written to the websocket;
+    ``unconfirmed`` the chunks written since the peer last proved it had read everything (a pong
+    to a ping sent after them, or a completed closing handshake).
+    """
 
     def __init__(
-        self, connection_id: int, handle: str | None, config: SessionConfig, report: Report
+        self,
+        connection_id: int,
+        handle: str | None,
+        config: SessionConfig,
+        report: Report,
+        log: SessionLog,
+        close_timeout_s: float,
     ) -> None:
         self.connection_id = connection_id
         self.handle = handle
         self.config = config
         self._report = report
+        self.log = log
+        self.close_timeout_s = close_timeout_s
         self.connected = False
         self.closed_reported = False
         self.closing = False
+        self.dead = False
+        """The liveness check failed: what was written since the last pong may be lost."""
+        self.websocket: ClientConnection | None = None
         self.unsent: deque[bytes] = deque()
+        self.unconfirmed: deque[bytes] = deque(maxlen=UNCONFIRMED_MAX_CHUNKS)
+        self.written = 0
+        """Audio chunks written to the websocket so far."""
+        self.confirmed = 0
+        """Of those, how many the peer is known to have read."""
 
     def report(self, event: ev.Event) -> None:
         if not self.closing:
@@ -75,8 +105,57 @@ class _Link:
         if self.closed_reported:
             return
         self.closed_reported = True
-        logger.info("upstream #%d closed: %s %s", self.connection_id, code, reason)
+        self.log.info("upstream #%d closed: %s %s", self.connection_id, code, reason)
         self.report(ev.UpstreamClosed(code, reason, connection_id=self.connection_id))
+
+    def wrote(self, data: bytes) -> None:
+        """``data`` (the oldest unsent chunk) is being written to the websocket now."""
+        self.unsent.popleft()
+        self.unconfirmed.append(data)
+        self.written += 1
+
+    def unwrote(self, data: bytes) -> None:
+        """Writing ``data`` failed before it reached the socket: it is unsent again."""
+        if self.unconfirmed and self.unconfirmed[-1] is data:
+            self.unconfirmed.pop()
+        self.written -= 1
+        self.unsent.appendleft(data)
+
+    def confirm(self, upto: int) -> None:
+        """The peer has read the first ``upto`` chunks written."""
+        if upto <= self.confirmed:
+            return
+        self.confirmed = upto
+        excess = len(self.unconfirmed) - (self.written - upto)
+        for _ in range(max(0, excess)):
+            self.unconfirmed.popleft()
+
+    @property
+    def unconfirmed_count(self) -> int:
+        """Chunks written and not confirmed (also those too old to be kept for re-sending)."""
+        return self.written - self.confirmed
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once (no closing handshake)."""
+        websocket = self.websocket
+        if websocket is not None:
+            websocket.transport.abort()
+
+
+class _TrackedConnection(ClientConnection):
+    """genai's websocket, registered with the voicefsm connection that opened it (if any).
+
+    Created through the genai client's websocket options (see :meth:`VoiceFsmGemini.connect`);
+    outside a voicefsm connection it is a plain ``ClientConnection``. It lets voicefsm ping the
+    peer, bound the closing handshake and abort the socket, even before ``setupComplete``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        link = _LINK.get(None)
+        if link is not None:
+            link.websocket = self
+            self.close_timeout = link.close_timeout_s
 
 
 _LINK: contextvars.ContextVar[_Link] = contextvars.ContextVar("voicefsm_link")
@@ -114,11 +193,23 @@ class _ReportingConnection(BaseLlmConnection):
         await self._guard(self._inner.send_content(content))
 
     async def send_realtime(self, blob: types.Blob) -> None:
-        await self._guard(self._inner.send_realtime(blob))
-        if isinstance(blob, types.Blob) and blob.mime_type == INPUT_AUDIO_MIME:
-            unsent = self._link.unsent
-            if unsent:
-                unsent.popleft()
+        link = self._link
+        if link.closing:
+            return  # the host took this chunk back when it closed the connection
+        data = blob.data if isinstance(blob, types.Blob) else None
+        if data is None or blob.mime_type != INPUT_AUDIO_MIME or not link.unsent:
+            await self._guard(self._inner.send_realtime(blob))
+            return
+        # genai writes the frame to the socket before its first await (websockets' send
+        # writes, then drains), so from here on the chunk is "written", not "unsent".
+        link.wrote(data)
+        try:
+            await self._inner.send_realtime(blob)
+        except (errors.APIError, ConnectionClosed, OSError) as error:
+            if not link.closing:
+                link.unwrote(data)
+            link.report_closed(*_close_code(error))
+            await _park()
 
     async def _guard(self, sending: Any) -> None:
         try:
@@ -170,6 +261,10 @@ class VoiceFsmGemini(Gemini):
             trigger_tokens=link.config.compression_trigger_tokens,
             sliding_window=types.SlidingWindow(target_tokens=link.config.compression_target_tokens),
         )
+        # genai passes these options to websockets' connect: the socket registers itself with
+        # the link (for pings, a bounded close and aborting it), even before setupComplete.
+        options = self._live_api_client._api_client._websocket_ssl_ctx
+        options["create_connection"] = _TrackedConnection
         stack = contextlib.AsyncExitStack()
         try:
             connection = await stack.enter_async_context(super().connect(llm_request))
@@ -180,7 +275,46 @@ class VoiceFsmGemini(Gemini):
             await _park()
         async with stack:
             link.report(ev.UpstreamReady(connection_id=link.connection_id))
-            yield _ReportingConnection(connection, link)
+            watcher = _start_liveness_check(link)
+            try:
+                yield _ReportingConnection(connection, link)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                    await asyncio.wait({watcher})
+
+
+def _start_liveness_check(link: _Link) -> asyncio.Task[None] | None:
+    interval = link.config.upstream_ping_interval_s
+    websocket = link.websocket
+    if websocket is None:
+        return None
+    name = f"voicefsm-upstream-{link.log.session_id[:12]}-{link.connection_id}-ping"
+    return asyncio.create_task(_check_liveness(link, websocket, interval), name=name)
+
+
+async def _check_liveness(link: _Link, websocket: ClientConnection, interval: float) -> None:
+    """Ping every ``interval``; no pong within the deadline makes the connection a resumable close.
+
+    A pong also confirms every chunk written before its ping: websockets answers a ping only
+    after reading everything that came before it.
+    """
+    deadline = link.config.upstream_pong_timeout_s
+    while not link.closing:
+        await asyncio.sleep(interval)
+        written = link.written
+        try:
+            async with asyncio.timeout(deadline):
+                # Sending the ping can block too: a peer that stops reading fills the buffers.
+                pong = await websocket.ping()
+                await pong
+        except TimeoutError:
+            link.dead = True
+            link.report_closed(1006, f"no pong within {deadline:g} s: the connection went silent")
+            return
+        except ConnectionClosed:
+            return  # the receive side reports the close
+        link.confirm(written)
 
 
 def live_model(model: str, client: Any = None) -> VoiceFsmGemini:
@@ -202,7 +336,9 @@ class AdkConnection:
         )
 
     def send_audio(self, data: bytes) -> None:
-        """Queue candidate audio; it counts as unsent until the websocket took it."""
+        """Queue candidate audio; it counts as unsent until it is written to the websocket."""
+        if self._link.closing:
+            raise RuntimeError(f"upstream #{self._link.connection_id} is closed")
         self._link.unsent.append(data)
         self._queue.send_realtime(types.Blob(data=data, mime_type=INPUT_AUDIO_MIME))
 
@@ -210,16 +346,48 @@ class AdkConnection:
         """Queue a text turn (the candidate's, or the wrap-up prompt)."""
         self._queue.send_content(types.Content(role="user", parts=[types.Part(text=text)]))
 
-    async def close(self) -> list[bytes]:
-        """Close the queue, cancel and await the ``run_live`` task, return unsent audio."""
-        self._link.closing = True
+    def close(self) -> list[bytes]:
+        """Stop at once: nothing more is sent or reported. The socket work is :meth:`wait_closed`.
+
+        Returns the chunks never written, preceded, if the liveness check found the connection
+        dead, by those written since its last pong (the peer may never have read them); a dead
+        connection's socket is aborted now rather than waiting for a closing handshake.
+        """
+        link = self._link
+        if link.closing:
+            return []
+        link.closing = True
+        handed_back = list(link.unsent)
+        link.unsent.clear()
+        if link.dead:
+            handed_back[:0] = link.unconfirmed
+            link.confirm(link.written)  # handed back: no longer this connection's to count
+            link.abort()
+        return handed_back
+
+    async def wait_closed(self) -> int:
+        """Stop ``run_live``: the closing handshake gets ``close_timeout_s``, then the socket is
+        aborted. Returns the chunks written but never confirmed by the peer."""
+        link = self._link
+        task = self._task
         self._queue.close()
-        if not self._task.done():
-            self._task.cancel()
-        done, _ = await asyncio.wait({self._task}, timeout=5)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=link.close_timeout_s + 0.5)
         if not done:
-            logger.warning("upstream #%d did not stop within 5 s", self._link.connection_id)
-        return list(self._link.unsent)
+            link.log.warning(
+                "upstream #%d did not close in %.1f s; aborting its socket",
+                link.connection_id,
+                link.close_timeout_s + 0.5,
+            )
+            link.abort()
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            if not done:
+                link.log.error("upstream #%d still running after an abort", link.connection_id)
+        websocket = link.websocket
+        if websocket is not None and websocket.protocol.close_rcvd is not None:
+            # The peer answered (or sent) a close frame: it read everything before it.
+            link.confirm(link.written)
+        return link.unconfirmed_count
 
     async def _run(
         self, runner: Runner, user_id: str, session_id: str, run_config: RunConfig
@@ -240,11 +408,50 @@ class AdkConnection:
         except asyncio.CancelledError:
             raise
         except _AbortConnect as error:
-            logger.warning("%s", error)
+            link.log.warning("%s", error)
             link.report_closed(None, str(error))
         except Exception as error:
-            logger.warning("upstream #%d failed: %s", link.connection_id, type(error).__name__)
+            link.log.warning("upstream #%d failed: %s", link.connection_id, type(error).__name__)
             link.report_closed(*_close_code(error))
+
+
+ADK_EVENTS_KEPT = 64
+"""Events an ADK session keeps under :class:`AdkUpstream`'s own session service (see there)."""
+
+
+class BoundedSessionService(InMemorySessionService):
+    """ADK's in-memory session service, keeping only each session's last ``keep`` events.
+
+    ADK appends every finished transcript, turn and tool event of a live conversation to its
+    session, deep-copies the whole session at the start of every ``run_live`` (every upstream
+    connection) and scans it on every append. Over a 45-minute interview that is memory growing
+    with the transcript and rotations that get slower as the interview goes on. voicefsm needs
+    none of that history: the transcript is in voicefsm's store and a resumed connection gets
+    its context from the server, not from replayed history. So both the stored session and the
+    running ``run_live``'s copy are cut back to the newest ``keep`` events (enough for ADK to pair
+    a tool call with its response); the session's ``state`` is untouched.
+    """
+
+    def __init__(self, keep: int = ADK_EVENTS_KEPT) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        super().__init__()
+        self.keep = keep
+
+    async def append_event(self, session: AdkSession, event: Event) -> Event:
+        """Append as ADK does, then cut both copies of the session back to ``keep`` events."""
+        result = await super().append_event(session=session, event=event)
+        self._trim(session)
+        stored = self.sessions.get(session.app_name, {}).get(session.user_id, {}).get(session.id)
+        if stored is not None and stored is not session:
+            self._trim(stored)
+        return result
+
+    def _trim(self, session: AdkSession) -> None:
+        # Cut in batches (down to `keep` once there are twice as many): amortised O(1).
+        events = session.events
+        if len(events) >= 2 * self.keep:
+            del events[: len(events) - self.keep]
 
 
 class AdkUpstream:
@@ -254,7 +461,8 @@ class AdkUpstream:
     :class:`VoiceFsmGemini` of the same name unless it already is one. ``client`` (a
     ``genai.Client``) lets tests point it at the fake Live server. ``run_config`` is the base
     ``RunConfig`` (speech config, transcription settings ...); resumption and compression come
-    from the session.
+    from the session. ``close_timeout_s`` bounds a connection's closing handshake before its
+    socket is aborted (websockets' default is 10 s).
     """
 
     def __init__(
@@ -267,7 +475,11 @@ class AdkUpstream:
         user_id: str = "candidate",
         run_config: RunConfig | None = None,
         runner: Runner | None = None,
+        close_timeout_s: float = 1.0,
     ) -> None:
+        if close_timeout_s <= 0:
+            raise ValueError(f"close_timeout_s must be > 0, got {close_timeout_s}")
+        self.close_timeout_s = close_timeout_s
         current = agent.model
         name = model or (current if isinstance(current, str) else getattr(current, "model", None))
         if not name:
@@ -283,16 +495,23 @@ class AdkUpstream:
         self.agent = agent
         self.user_id = user_id
         self.app_name = app_name
-        # An ADK session per interview lives in this in-memory service; when we own it we also
-        # delete it when the interview ends (see `forget`), or a long-running server leaks them.
+        # An ADK session per interview lives in this in-memory service, holding only its newest
+        # events (see BoundedSessionService); when we own it we also delete it when the
+        # interview ends (see `forget`), or a long-running server leaks them.
         self._owns_sessions = runner is None
         self.runner = runner or Runner(
             app_name=app_name,
             agent=agent,
-            session_service=InMemorySessionService(),
+            session_service=BoundedSessionService(),
             auto_create_session=True,
         )
         base = run_config or RunConfig()
+        if base.get_session_config is None:
+            # Each connection resumes the server's context: it needs none of ADK's history, and
+            # copying it at every run_live is what made rotations slower over an interview.
+            base = base.model_copy(
+                update={"get_session_config": GetSessionConfig(num_recent_events=0)}
+            )
         self.run_config = base.model_copy(
             update={
                 "response_modalities": base.response_modalities or [types.Modality.AUDIO],
@@ -323,7 +542,8 @@ class AdkUpstream:
         report: Report,
     ) -> AdkConnection:
         """Start connection ``connection_id`` for session ``session_id``."""
-        link = _Link(connection_id, handle, config, report)
+        log = SessionLog(logger, session_id)
+        link = _Link(connection_id, handle, config, report, log, self.close_timeout_s)
         run_config = self.run_config.model_copy(
             update={
                 "session_resumption": types.SessionResumptionConfig(handle=handle),

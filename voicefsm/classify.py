@@ -67,14 +67,34 @@ def _resumption(value: Any) -> list[ev.Event]:
     ]
 
 
+def _modality_counts(details: Any) -> tuple[tuple[str, int], ...]:
+    """``[ModalityTokenCount(modality=AUDIO, token_count=12), ...]`` → ``(("AUDIO", 12), ...)``."""
+    out: list[tuple[str, int]] = []
+    for item in details or ():
+        count = getattr(item, "token_count", None)
+        if not count:
+            continue
+        modality = getattr(item, "modality", None)
+        name = getattr(modality, "value", modality)
+        out.append((str(name) if name is not None else "UNSPECIFIED", int(count)))
+    return tuple(out)
+
+
 def _usage(value: Any) -> list[ev.Event]:
+    # ADK renames the Live API's response_* fields to candidates_*; a raw genai message keeps them.
+    response_details = getattr(value, "candidates_tokens_details", None)
+    if response_details is None:
+        response_details = getattr(value, "response_tokens_details", None)
     return [
         ev.Usage(
             prompt_tokens=getattr(value, "prompt_token_count", None),
-            # ADK renames the Live API's response_token_count to candidates_token_count.
             response_tokens=getattr(value, "candidates_token_count", None)
             or getattr(value, "response_token_count", None),
             total_tokens=getattr(value, "total_token_count", None),
+            cached_tokens=getattr(value, "cached_content_token_count", None),
+            thoughts_tokens=getattr(value, "thoughts_token_count", None),
+            prompt_by_modality=_modality_counts(getattr(value, "prompt_tokens_details", None)),
+            response_by_modality=_modality_counts(response_details),
         )
     ]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from voicefsm.model import SessionRecord, State, TranscriptLine
+from voicefsm.model import LogEntry, SessionRecord, State, TranscriptLine
 from voicefsm.protocol import ServerMessage
 
 
@@ -92,6 +92,18 @@ class StateChanged:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """An entry was added to the session's event log (the record keeps it, within its bound).
+
+    Every entry is emitted, including ones the bound later drops from the record, so a host can
+    feed a structured observer (metrics, traces, an operator view) without parsing log text.
+    Nothing to carry out.
+    """
+
+    entry: LogEntry
+
+
 Effect = (
     OpenUpstream
     | CloseUpstream
@@ -103,6 +115,7 @@ Effect = (
     | PersistRecord
     | CloseClient
     | StateChanged
+    | Logged
 )
 """Any output effect."""
 
@@ -110,6 +123,7 @@ __all__ = [
     "CloseClient",
     "CloseUpstream",
     "Effect",
+    "Logged",
     "OpenUpstream",
     "PersistRecord",
     "RecordTranscript",

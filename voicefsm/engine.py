@@ -23,10 +23,13 @@ from voicefsm import events as ev
 from voicefsm.machine import FATAL_CLOSE_CODES, MACHINE, UPSTREAM_UP, close_is_resumable
 from voicefsm.model import (
     EndReason,
+    LogEntry,
+    LogKind,
     PendingItem,
     SessionConfig,
     SessionRecord,
     SessionStats,
+    SessionUsage,
     State,
     TranscriptLine,
 )
@@ -44,6 +47,9 @@ _LIVE = State.LIVE
 _WARNING = State.WARNING
 _ENDED = State.ENDED
 _CONNECTION_EVENTS = (ev.UpstreamReady, ev.UpstreamClosed, ev.GoAway)
+USAGE_LOG_INTERVAL_S = 60.0
+"""Usage reports arrive about once per turn; the event log keeps one ``usage`` entry at most this
+often (the sums in the record are always complete)."""
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*s\s*$")
 
 
@@ -71,6 +77,7 @@ class Session:
         "_awaiting_start",
         "_buffer",
         "_buffered_bytes",
+        "_client_audio_bytes",
         "_client_connected",
         "_connect_deadline",
         "_connection_id",
@@ -78,13 +85,19 @@ class Session:
         "_end_detail",
         "_ended_at",
         "_failures",
+        "_gap_since",
         "_grace_until",
         "_handle",
         "_handle_at",
         "_last_client_seen",
+        "_log",
+        "_log_dropped",
+        "_log_unsaved",
+        "_model_audio_bytes",
         "_model_turn_open",
         "_next_attempt_at",
         "_next_ping_at",
+        "_opened_handle_at",
         "_out",
         "_overflow_reported",
         "_ping_seq",
@@ -94,6 +107,8 @@ class Session:
         "_timer_due",
         "_transcript_count",
         "_upstream_open",
+        "_usage",
+        "_usage_logged_at",
         "config",
         "deadline",
         "end_reason",
@@ -152,6 +167,16 @@ class Session:
         self._next_ping_at = 0.0
         self._ping_seq = 0
         self._grace_until: float | None = None
+        # the record's story and usage
+        self._log: list[LogEntry] = []
+        self._log_dropped = 0
+        self._log_unsaved = False
+        self._gap_since: float | None = None
+        self._opened_handle_at: float | None = None
+        self._usage: SessionUsage | None = None
+        self._usage_logged_at: float | None = None
+        self._client_audio_bytes = 0
+        self._model_audio_bytes = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -185,6 +210,7 @@ class Session:
             self.deadline = now + self.config.time_limit_s
             self._last_client_seen = now
             self._next_ping_at = now + self.config.heartbeat_interval_s
+            self._gap_since = now
             self._open_upstream(now)
             self._persist()
         elif self._upstream_open or self._next_attempt_at is not None:
@@ -192,31 +218,47 @@ class Session:
         elif now >= self.deadline:
             self._end(now, EndReason.TIME_LIMIT, "the deadline passed while the session was stored")
         else:
+            stored = next((e.state_to for e in reversed(self._log) if e.state_to), None)
+            self._log_entry(
+                now,
+                LogKind.RESTORED,
+                state_from=stored,
+                state_to=State.RESUMING,
+                why="restored from its record",
+            )
+            self._gap_since = now
             self._begin_resume(now, "restored from its record")
         return self._flush(now)
 
     def handle(self, event: ev.Event, now: float) -> list[fx.Effect]:
         """Apply one event at time ``now``; return the effects to carry out, in order."""
-        if self._awaiting_start:
-            raise SessionError(f"session {self.session_id}: call start(now) before handle()")
         event_type = type(event)
+        if self._awaiting_start:
+            if event_type is ev.UpstreamAudioUnsent and self.started_at is not None:
+                self._on_upstream_audio_unsent(event, now)  # type: ignore[arg-type]
+                return self._take()
+            raise SessionError(f"session {self.session_id}: call start(now) before handle()")
         state = self.state
         # The two per-chunk events take a short path: no trigger, no timer recomputation.
         if now < self._timer_due:
             if event_type is ev.ClientAudio:
                 self._last_client_seen = now
                 if state is _LIVE or state is _WARNING:
-                    return [fx.SendAudioUpstream(event.data)]  # type: ignore[union-attr]
+                    data = event.data  # type: ignore[union-attr]
+                    self._client_audio_bytes += len(data)
+                    return [fx.SendAudioUpstream(data)]
                 if state is not _ENDED:
                     self._hold(event.data, now)  # type: ignore[union-attr]
                 return self._take()
             if event_type is ev.ModelAudio:
                 if state is _ENDED:
                     return []
+                data = event.data  # type: ignore[union-attr]
+                self._model_audio_bytes += len(data)
                 self._model_turn_open = True
                 self._conversation_started = True
                 if self._client_connected:
-                    return [fx.SendAudioToClient(event.data)]  # type: ignore[union-attr]
+                    return [fx.SendAudioToClient(data)]
                 return []
         handler = self._HANDLERS.get(event_type)
         if handler is None:
@@ -232,7 +274,7 @@ class Session:
             self._fire_timers(now)
         # else: a close is applied before the timers due with it, so a timer's output (the
         # wrap-up prompt, say) goes to the next connection, not to the one reported dead.
-        if self.state is not _ENDED:
+        if self.state is not _ENDED or event_type is ev.UpstreamAudioUnsent:
             handler(self, event, now)
         return self._flush(now)
 
@@ -267,7 +309,20 @@ class Session:
                 for item in self._buffer
             ],
             stats=self.stats.model_copy(),
+            usage=self._usage_snapshot(),
+            log=list(self._log),
+            log_dropped=self._log_dropped,
         )
+
+    def _usage_snapshot(self) -> SessionUsage:
+        audio = {
+            "client_audio_bytes": self._client_audio_bytes,
+            "model_audio_bytes": self._model_audio_bytes,
+        }
+        if self._usage is None:
+            return SessionUsage(**audio)
+        # `_usage` is replaced, never changed in place, so sharing its dicts is safe.
+        return self._usage.model_copy(update=audio)
 
     @classmethod
     def restore(cls, record: SessionRecord, now: float, *, seed: int | None = None) -> Session:
@@ -288,6 +343,11 @@ class Session:
         session._handle_at = record.handle_received_at
         session._conversation_started = record.conversation_started
         session._transcript_count = record.transcript_count
+        session._log = list(record.log)
+        session._log_dropped = record.log_dropped
+        session._usage = record.usage
+        session._client_audio_bytes = record.usage.client_audio_bytes
+        session._model_audio_bytes = record.usage.model_audio_bytes
         for item in record.pending:
             if item.audio is not None:
                 session._buffer.append(item.audio)
@@ -320,10 +380,25 @@ class Session:
         # next_timer() is never at or before `now` when the host gets the effects.
         self._fire_timers(now)
         self._timer_due = self._compute_timer() if self.state is not _ENDED else float("inf")
+        if self._log_unsaved:
+            self._persist()  # a call that adds to the log leaves it stored
         return self._take()
 
     def _persist(self) -> None:
+        self._log_unsaved = False
         self._out.append(fx.PersistRecord(self.snapshot()))
+
+    def _log_entry(self, now: float, kind: LogKind, **fields: Any) -> None:
+        entry = LogEntry(at=now, kind=kind, **fields)
+        log = self._log
+        limit = self.config.max_log_entries
+        if len(log) >= limit:
+            # Keep how the interview began and what happened last; drop from between.
+            del log[limit // 2]
+            self._log_dropped += 1
+        log.append(entry)
+        self._log_unsaved = True
+        self._out.append(fx.Logged(entry))
 
     def _tell_client(self, message: Any) -> None:
         self._out.append(fx.SendToClient(message))
@@ -371,8 +446,11 @@ class Session:
             return
         if self._client_connected:
             if now >= self._last_client_seen + config.heartbeat_timeout_s:
-                self._client_lost(now)
                 silence = f"no message from the client for {config.heartbeat_timeout_s:g} s"
+                self._log_entry(
+                    now, LogKind.HEARTBEAT_TIMEOUT, gap_s=round(now - self._last_client_seen, 3)
+                )
+                self._client_lost(now, f"heartbeat timeout: {silence}")
                 self._out.append(fx.CloseClient(4408, f"heartbeat timeout: {silence}"))
                 return
             if now >= self._next_ping_at:
@@ -391,6 +469,9 @@ class Session:
         if self._connect_deadline is not None and now >= self._connect_deadline:
             self._connect_deadline = None
             why = f"upstream not ready within {config.connect_timeout_s:g} s"
+            self._log_entry(
+                now, LogKind.UPSTREAM_CLOSED, connection_id=self._connection_id, why=why
+            )
             self._out.append(fx.CloseUpstream(self._connection_id, why))
             self._upstream_open = False
             self._attempt_failed(now, why, code=None)
@@ -411,7 +492,14 @@ class Session:
     def _after_state_change(self, event_data: Any) -> None:
         now: float = event_data.kwargs["now"]
         previous: State = event_data.kwargs["previous"]
-        self._out.append(fx.StateChanged(previous, self.state, event_data.kwargs["why"], now))
+        why: str = event_data.kwargs["why"]
+        # Log entries come first, so the effects a state change is known by stay adjacent.
+        self._log_entry(now, LogKind.STATE, state_from=previous, state_to=self.state, why=why)
+        if self.state is _ENDED:
+            self._log_end(now, previous)
+        elif previous in UPSTREAM_UP and self.state is State.RESUMING:
+            self._gap_since = now
+        self._out.append(fx.StateChanged(previous, self.state, why, now))
         if self.state is _ENDED:
             self._on_enter_ended(now)
             return
@@ -420,6 +508,15 @@ class Session:
                 SessionStateMessage(state=self.state, remaining_s=self._remaining(now))
             )
         self._persist()
+
+    def _log_end(self, now: float, previous: State) -> None:
+        unsent = sum(1 for i in self._buffer if isinstance(i, bytes))
+        if unsent:
+            why = "buffered when the session ended"
+            self._log_entry(now, LogKind.AUDIO_UNSENT, count=unsent, why=why)
+        self._log_entry(
+            now, LogKind.END, state_from=previous, reason=self.end_reason, why=self._end_detail
+        )
 
     def _on_enter_ended(self, now: float) -> None:
         assert self.end_reason is not None
@@ -459,7 +556,19 @@ class Session:
         self._upstream_open = True
         self._connect_deadline = now + self.config.connect_timeout_s
         self.stats.connect_attempts += 1
-        self._out.append(fx.OpenUpstream(self._connection_id, handle, self._failures + 1))
+        attempt = self._failures + 1
+        self._opened_handle_at = self._handle_at if handle is not None else None
+        self._log_entry(
+            now,
+            LogKind.UPSTREAM_OPENED,
+            connection_id=self._connection_id,
+            count=attempt,
+            handle_age_s=self._handle_age(now) if handle is not None else None,
+        )
+        self._out.append(fx.OpenUpstream(self._connection_id, handle, attempt))
+
+    def _handle_age(self, now: float) -> float | None:
+        return None if self._handle_at is None else round(now - self._handle_at, 3)
 
     def _usable_handle(self, now: float) -> tuple[str | None, str]:
         """The handle to resume with, or ``None`` and why there is none."""
@@ -537,6 +646,13 @@ class Session:
             self._open_upstream(now, handle)
 
     def _rotate(self, now: float, why: str) -> None:
+        self._log_entry(
+            now,
+            LogKind.ROTATION,
+            connection_id=self._connection_id,
+            why=why,
+            handle_age_s=self._handle_age(now),
+        )
         self._out.append(fx.CloseUpstream(self._connection_id, why))
         self._upstream_open = False
         self._begin_resume(now, why)
@@ -556,6 +672,9 @@ class Session:
             self.stats.bytes_overflowed += size
             if not self._overflow_reported:
                 self._overflow_reported = True
+                self._log_entry(
+                    now, LogKind.AUDIO_OVERFLOW, count=self.config.resume_buffer_max_bytes
+                )
                 self._tell_client(
                     ErrorMessage(
                         code="audio_overflow",
@@ -579,6 +698,7 @@ class Session:
             if isinstance(item, bytes):
                 out.append(fx.SendAudioUpstream(item))
                 flushed += 1
+                self._client_audio_bytes += len(item)
             else:
                 out.append(fx.SendTextUpstream(item))
                 self._conversation_started = True
@@ -591,6 +711,7 @@ class Session:
     def _give_warning(self, now: float) -> None:
         self.warning_given = True
         remaining = self._remaining(now)
+        self._log_entry(now, LogKind.WARNING, time_left_s=round(remaining, 3))
         self._tell_client(SessionWarning(remaining_s=remaining))
         minutes = max(1, round(remaining / 60))
         prompt = self.config.wrap_up_prompt.replace("{minutes}", str(minutes))
@@ -603,9 +724,10 @@ class Session:
             self._buffer.append(prompt)
             self._persist()
 
-    def _client_lost(self, now: float) -> None:
+    def _client_lost(self, now: float, why: str) -> None:
         self._client_connected = False
         self._grace_until = now + self.config.client_grace_s
+        self._log_entry(now, LogKind.CLIENT_LEFT, why=why)
 
     # ------------------------------------------------------------------ event handlers
 
@@ -620,6 +742,16 @@ class Session:
         was_resuming = self.state is State.RESUMING
         self._connect_deadline = None
         self._failures = 0
+        self._log_entry(
+            now,
+            LogKind.UPSTREAM_READY,
+            connection_id=self._connection_id,
+            gap_s=None if self._gap_since is None else round(now - self._gap_since, 3),
+            handle_age_s=(
+                None if self._opened_handle_at is None else round(now - self._opened_handle_at, 3)
+            ),
+        )
+        self._gap_since = None
         if was_resuming:
             self.stats.resumes += 1
         self._release_buffer()
@@ -628,11 +760,13 @@ class Session:
     def _on_client_audio(self, event: ev.ClientAudio, now: float) -> None:
         self._last_client_seen = now
         if self.state in UPSTREAM_UP:
+            self._client_audio_bytes += len(event.data)
             self._out.append(fx.SendAudioUpstream(event.data))
         else:
             self._hold(event.data, now)
 
     def _on_model_audio(self, event: ev.ModelAudio, now: float) -> None:
+        self._model_audio_bytes += len(event.data)
         self._model_turn_open = True
         self._conversation_started = True
         if self._client_connected:
@@ -682,6 +816,9 @@ class Session:
             return
         self.stats.goaways += 1
         time_left = parse_duration(event.time_left)
+        self._log_entry(
+            now, LogKind.GOAWAY, connection_id=self._connection_id, time_left_s=time_left
+        )
         budget = max(0.0, (time_left or 0.0) - self.config.goaway_margin_s)
         limit = now + budget
         self._rotate_by = limit if self._rotate_by is None else min(self._rotate_by, limit)
@@ -694,6 +831,13 @@ class Session:
         self._upstream_open = False
         why = f"upstream closed ({event.code if event.code is not None else 'no close code'}"
         why += f": {event.reason})" if event.reason else ")"
+        self._log_entry(
+            now,
+            LogKind.UPSTREAM_CLOSED,
+            connection_id=self._connection_id,
+            close_code=event.code,
+            why=event.reason or None,
+        )
         if self.state in UPSTREAM_UP:
             if close_is_resumable(event.code):
                 self._begin_resume(now, why)
@@ -710,6 +854,36 @@ class Session:
     def _on_usage(self, event: ev.Usage, now: float) -> None:
         if event.prompt_tokens is not None:
             self.stats.last_prompt_tokens = event.prompt_tokens
+        usage = self._usage if self._usage is not None else SessionUsage()
+        self._usage = usage = usage.model_copy(
+            update={
+                "reports": usage.reports + 1,
+                "prompt_tokens": usage.prompt_tokens + (event.prompt_tokens or 0),
+                "response_tokens": usage.response_tokens + (event.response_tokens or 0),
+                "total_tokens": usage.total_tokens + (event.total_tokens or 0),
+                "cached_tokens": usage.cached_tokens + (event.cached_tokens or 0),
+                "thoughts_tokens": usage.thoughts_tokens + (event.thoughts_tokens or 0),
+                "prompt_tokens_by_modality": _add_counts(
+                    usage.prompt_tokens_by_modality, event.prompt_by_modality
+                ),
+                "response_tokens_by_modality": _add_counts(
+                    usage.response_tokens_by_modality, event.response_by_modality
+                ),
+            }
+        )
+        logged = self._usage_logged_at
+        if logged is None or now - logged >= USAGE_LOG_INTERVAL_S:
+            self._usage_logged_at = now
+            self._log_entry(now, LogKind.USAGE, count=usage.total_tokens)
+
+    def _on_upstream_audio_unsent(self, event: ev.UpstreamAudioUnsent, now: float) -> None:
+        if event.chunks < 0:
+            raise ValueError(f"UpstreamAudioUnsent.chunks must be >= 0, got {event.chunks}")
+        if event.chunks == 0:
+            return
+        self.stats.upstream_audio_unsent += event.chunks
+        self._log_entry(now, LogKind.AUDIO_UNSENT, count=event.chunks, why=event.reason or None)
+        self._persist()
 
     def _on_tool_activity(self, event: ev.ToolActivity, now: float) -> None:
         self._conversation_started = True
@@ -732,9 +906,13 @@ class Session:
 
     def _on_client_gone(self, event: ev.ClientGone, now: float) -> None:
         if self._client_connected:
-            self._client_lost(now)
+            self._client_lost(now, event.reason or "the client's connection closed")
 
     def _on_client_back(self, event: ev.ClientBack, now: float) -> None:
+        away = None
+        if not self._client_connected and self._grace_until is not None:
+            away = round(now - (self._grace_until - self.config.client_grace_s), 3)
+        self._log_entry(now, LogKind.CLIENT_BACK, gap_s=away)
         self._client_connected = True
         self._grace_until = None
         self._last_client_seen = now
@@ -773,8 +951,19 @@ Session._HANDLERS = {
     ev.ClientGone: Session._on_client_gone,
     ev.ClientBack: Session._on_client_back,
     ev.HeartbeatAck: Session._on_heartbeat_ack,
+    ev.UpstreamAudioUnsent: Session._on_upstream_audio_unsent,
     ev.Fatal: Session._on_fatal,
     ev.Tick: Session._on_tick,
 }
+
+
+def _add_counts(totals: dict[str, int], counts: tuple[tuple[str, int], ...]) -> dict[str, int]:
+    if not counts:
+        return totals
+    merged = dict(totals)
+    for modality, tokens in counts:
+        merged[modality] = merged.get(modality, 0) + tokens
+    return merged
+
 
 _DEFAULT_CONFIG = SessionConfig()

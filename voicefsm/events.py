@@ -96,11 +96,19 @@ class UpstreamError:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token usage as reported by the upstream."""
+    """One token-usage report from the upstream (``usageMetadata``); the session sums them.
+
+    ``*_by_modality`` are ``(modality, token_count)`` pairs from ``prompt_tokens_details`` /
+    ``response_tokens_details``, with the modality as the server names it (``"AUDIO"``, ...).
+    """
 
     prompt_tokens: int | None = None
     response_tokens: int | None = None
     total_tokens: int | None = None
+    cached_tokens: int | None = None
+    thoughts_tokens: int | None = None
+    prompt_by_modality: tuple[tuple[str, int], ...] = ()
+    response_by_modality: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +171,20 @@ class Fatal:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamAudioUnsent:
+    """The host reports ``chunks`` of candidate audio that never reached a model.
+
+    For example chunks still in flight to the upstream at a normal end, or audio written into a
+    connection that then proved dead. Pure bookkeeping, accepted in any state, even after the
+    end: it adds to ``SessionStats.upstream_audio_unsent``, logs an ``audio_unsent`` entry and
+    persists the record. ``reason`` says where it was lost, for the log.
+    """
+
+    chunks: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed: the host calls ``handle(Tick(), now)`` at ``next_timer()``."""
 
@@ -187,7 +209,7 @@ UpstreamEvent = (
 ClientEvent = ClientAudio | ClientText | ClientEnd | ClientGone | ClientBack | HeartbeatAck
 """Events about the client (the candidate's browser or app)."""
 
-Event = UpstreamEvent | ClientEvent | Fatal | Tick
+Event = UpstreamEvent | ClientEvent | UpstreamAudioUnsent | Fatal | Tick
 """Any input event."""
 
 __all__ = [
@@ -210,6 +232,7 @@ __all__ = [
     "ToolActivity",
     "TurnComplete",
     "Unknown",
+    "UpstreamAudioUnsent",
     "UpstreamClosed",
     "UpstreamError",
     "UpstreamEvent",

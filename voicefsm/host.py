@@ -5,8 +5,14 @@ consumer (:meth:`SessionHost.run`) feeds the engine and carries out its effects,
 ever touch a session. Timers come from ``next_timer()``: the consumer waits on the inbox at most
 until then and feeds a :class:`~voicefsm.events.Tick`.
 
-The host talks to the client through a :class:`ClientChannel` and to the model through an
-:class:`Upstream`; web adapters and upstreams implement those small protocols.
+The consumer never awaits an upstream: closing a connection takes back its unsent audio at once
+and leaves the tear-down (cancelling, the closing handshake, aborting the socket if the peer does
+not answer) to a task beside it, so a dead peer cannot hold a timer, the audio or the client back.
+``run()`` waits for every tear-down (each bounded by the upstream) before it returns.
+
+The ports the host composes (:class:`~voicefsm.ports.ClientChannel`,
+:class:`~voicefsm.ports.Upstream`, :class:`~voicefsm.ports.SessionSink`, the observer notes) are
+in :mod:`voicefsm.ports`.
 """
 
 from __future__ import annotations
@@ -15,159 +21,76 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 from voicefsm import effects as fx
 from voicefsm import events as ev
 from voicefsm.engine import Session
-from voicefsm.model import SessionConfig, SessionRecord, TranscriptLine
-from voicefsm.protocol import ServerMessage
+from voicefsm.memory import MemoryChannel, MemorySink
+from voicefsm.model import SessionRecord, State
+from voicefsm.ports import (
+    ClientChannel,
+    ClientInput,
+    EndNote,
+    HostNote,
+    HostObserver,
+    LogNote,
+    Report,
+    SessionSink,
+    StateNote,
+    Upstream,
+    UpstreamCloseNote,
+    UpstreamConnection,
+    UpstreamOpenNote,
+    UpstreamTornDownNote,
+)
 
 logger = logging.getLogger("voicefsm.host")
 
-ClientInput = ev.ClientAudio | ev.ClientText | ev.ClientEnd | ev.HeartbeatAck | ev.Fatal
-"""What a client channel delivers."""
+# Re-exported for code written before voicefsm.ports and voicefsm.memory existed.
+__all__ = [
+    "ClientChannel",
+    "ClientInput",
+    "MemoryChannel",
+    "MemorySink",
+    "Report",
+    "SessionHost",
+    "SessionLog",
+    "SessionSink",
+    "Upstream",
+    "UpstreamConnection",
+]
 
-Report = Callable[[ev.Event], None]
-"""How an upstream connection hands events to the session's inbox."""
+TEARDOWN_DEFER_S = 0.5
+"""Longest a closed connection's tear-down waits for the next connection to become ready.
 
+A rotation's new TLS and websocket handshakes would otherwise share the event loop with the old
+connection's closing handshake (on loopback that doubled the GoAway-to-setup gap); the socket
+work of a closed connection waits until the next one is ready, the session ends, or this long.
+"""
 
-class ClientChannel(Protocol):
-    """The client side, as the host sees it (a websocket, or :class:`MemoryChannel` in tests)."""
-
-    async def receive(self) -> ClientInput | None:
-        """The next message from the client; ``None`` once the client has gone."""
-        ...
-
-    async def send_audio(self, data: bytes) -> None:
-        """Send interviewer audio."""
-        ...
-
-    async def send_message(self, message: ServerMessage) -> None:
-        """Send a JSON message."""
-        ...
-
-    async def close(self, code: int, reason: str) -> None:
-        """Close the connection to the client."""
-        ...
-
-
-class UpstreamConnection(Protocol):
-    """One upstream connection, opened by :meth:`Upstream.open`."""
-
-    def send_audio(self, data: bytes) -> None:
-        """Queue candidate audio for sending, in order."""
-        ...
-
-    def send_text(self, text: str) -> None:
-        """Queue a text turn for sending."""
-        ...
-
-    async def close(self) -> list[bytes]:
-        """Stop the connection for good; return the audio it accepted but never sent."""
-        ...
+TEARDOWN_GRACE_S = 2.0
+"""How long ``run()`` waits, past the upstream's own bound, for a tear-down before cancelling it."""
 
 
-class Upstream(Protocol):
-    """Opens connections to the model. Each one reports its events through ``report``.
+class SessionLog(logging.LoggerAdapter[logging.Logger]):
+    """A logger adapter that prefixes ``[<session id>]`` and puts ``session_id`` on records.
 
-    A connection reports :class:`~voicefsm.events.UpstreamReady` once it can take audio and
-    exactly one :class:`~voicefsm.events.UpstreamClosed` if it ends by itself, both tagged with
-    ``connection_id``. It must never reconnect on its own: the session decides.
+    One adapter per session, over one module logger: nothing per session stays in ``logging``'s
+    registry after the session ends.
     """
 
-    def open(
-        self,
-        *,
-        connection_id: int,
-        handle: str | None,
-        session_id: str,
-        config: SessionConfig,
-        report: Report,
-    ) -> UpstreamConnection:
-        """Start opening connection ``connection_id``, resuming ``handle`` if given.
+    def __init__(self, base: logging.Logger, session_id: str) -> None:
+        super().__init__(base, {"session_id": session_id})
+        self.session_id = session_id
+        self._prefix = f"[{session_id[:12]}] "
 
-        An upstream may also define ``async def forget(session_id)``: the host calls it once the
-        session has ended, to drop per-session state (ADK's session, for instance).
-        """
-        ...
-
-
-class SessionSink(Protocol):
-    """Where the host persists records and transcript lines (a store)."""
-
-    async def save(self, record: SessionRecord) -> object:
-        """Save the latest record of a session (the result, e.g. a version, is ignored)."""
-        ...
-
-    async def append_transcript(self, session_id: str, line: TranscriptLine) -> object:
-        """Append one finished transcript line."""
-        ...
-
-
-class MemorySink:
-    """Keeps the latest record and the transcript of each session in memory."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, SessionRecord] = {}
-        self.transcripts: dict[str, list[TranscriptLine]] = {}
-
-    async def save(self, record: SessionRecord) -> None:
-        """Keep ``record`` as the session's latest."""
-        self.records[record.session_id] = record
-
-    async def append_transcript(self, session_id: str, line: TranscriptLine) -> None:
-        """Append ``line`` to the session's transcript."""
-        self.transcripts.setdefault(session_id, []).append(line)
-
-
-class MemoryChannel:
-    """An in-memory client channel: tests and embedded callers push input and read output."""
-
-    def __init__(self) -> None:
-        self._input: asyncio.Queue[ClientInput | None] = asyncio.Queue()
-        self.audio: list[bytes] = []
-        self.messages: list[ServerMessage] = []
-        self.closed: tuple[int, str] | None = None
-        self._changed = asyncio.Condition()
-
-    def push(self, message: ClientInput) -> None:
-        """Deliver a message from the client."""
-        self._input.put_nowait(message)
-
-    def leave(self) -> None:
-        """The client goes away (as a dropped websocket would)."""
-        self._input.put_nowait(None)
-
-    async def receive(self) -> ClientInput | None:
-        """The next message from the client."""
-        return await self._input.get()
-
-    async def send_audio(self, data: bytes) -> None:
-        """Record interviewer audio sent to the client."""
-        self.audio.append(data)
-        await self._notify()
-
-    async def send_message(self, message: ServerMessage) -> None:
-        """Record a message sent to the client."""
-        self.messages.append(message)
-        await self._notify()
-
-    async def close(self, code: int, reason: str) -> None:
-        """Record the close; further input ends."""
-        self.closed = (code, reason)
-        self._input.put_nowait(None)
-        await self._notify()
-
-    async def wait_for(self, predicate: Callable[[MemoryChannel], bool]) -> None:
-        """Wait until ``predicate(self)`` holds (bound it with ``asyncio.timeout``)."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: predicate(self))
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        """Prefix the message with the session id and attach it as ``record.session_id``."""
+        extra = kwargs.get("extra")
+        kwargs["extra"] = {"session_id": self.session_id, **(extra or {})}
+        return self._prefix + str(msg), kwargs
 
 
 class SessionHost:
@@ -175,8 +98,12 @@ class SessionHost:
 
     ``clock`` gives epoch seconds (``time.time``). ``run()`` returns the final record once the
     session has ended; it never leaves a connection or task behind. Cancelling ``run()`` ends the
-    session with ``error`` before the cancellation propagates. ``observer`` is called with every
-    state change (and the end reason, on the change into ``ended``), e.g. for metrics.
+    session with ``error`` before the cancellation propagates.
+
+    Two hooks, both called synchronously on the consumer (they must not block):
+    ``observer(change, end_reason)`` with every state change (the metrics' hook), and
+    ``on_note(note)`` with structured :data:`~voicefsm.ports.HostNote` s — state changes,
+    upstream opens, closes and finished tear-downs, and the end.
     """
 
     def __init__(
@@ -188,6 +115,7 @@ class SessionHost:
         sink: SessionSink | None = None,
         clock: Callable[[], float] = time.time,
         observer: Callable[[fx.StateChanged, str | None], None] | None = None,
+        on_note: HostObserver | None = None,
         client_send_timeout_s: float = 5.0,
     ) -> None:
         self.session = session
@@ -200,10 +128,15 @@ class SessionHost:
         self._connections: dict[int, UpstreamConnection] = {}
         self._current: UpstreamConnection | None = None
         self._carry: list[bytes] = []
+        self._teardowns: set[asyncio.Task[int]] = set()
+        self._deferred: list[tuple[UpstreamConnection, int, float]] = []
+        self._deferred_timer: asyncio.TimerHandle | None = None
         self._pending_client = client
         self._observer = observer
+        self._on_note = on_note
         self.client_send_timeout_s = client_send_timeout_s
         self._detach_reason: str | None = None
+        self._log = SessionLog(logger, session.session_id)
 
     # ------------------------------------------------------------------ entry points
 
@@ -233,29 +166,30 @@ class SessionHost:
     async def run(self) -> SessionRecord:
         """Drive the session until it ends (or :meth:`detach`); return its record."""
         session = self.session
-        log = logger.getChild(session.session_id[:12])
         if self._pending_client is not None:
             self._start_reader(self._pending_client)
             self._pending_client = None
         try:
-            await self._apply(session.start(self._clock()), log)
+            await self._apply(session.start(self._clock()))
             while not session.ended and self._detach_reason is None:
                 event = await self._next_event()
                 if self._detach_reason is not None:
                     break
-                await self._apply(session.handle(event, self._clock()), log)
+                await self._apply(session.handle(event, self._clock()))
+                if self._deferred and type(event) is ev.UpstreamReady:
+                    self._start_teardowns()
             if self._detach_reason is not None and not session.ended:
-                log.warning("detached without ending the session: %s", self._detach_reason)
+                self._log.warning("detached without ending the session: %s", self._detach_reason)
                 client, self._client = self._client, None
                 if client is not None:
                     with contextlib.suppress(Exception):
                         await client.close(4410, self._detach_reason[:120])
         except asyncio.CancelledError:
-            await self._fail("the host was cancelled", log)
+            await self._fail("the host was cancelled")
             raise
         except Exception as error:
-            log.exception("session host failed")
-            await self._fail(f"{type(error).__name__}: {error}", log)
+            self._log.exception("session host failed")
+            await self._fail(f"{type(error).__name__}: {error}")
         finally:
             await self._shutdown()
         return session.snapshot()
@@ -277,36 +211,62 @@ class SessionHost:
         except TimeoutError:
             return ev.Tick()
 
-    async def _fail(
-        self, detail: str, log: logging.LoggerAdapter[logging.Logger] | logging.Logger
-    ) -> None:
+    async def _fail(self, detail: str) -> None:
         if self.session.ended:
             return
         with contextlib.suppress(Exception):
             effects = self.session.handle(ev.Fatal(f"host failure: {detail}"), self._clock())
             # Carry out the end effects even while being cancelled.
-            await asyncio.shield(self._apply(effects, log))
+            await asyncio.shield(self._apply(effects))
 
     async def _shutdown(self) -> None:
-        for connection in list(self._connections.values()):
-            with contextlib.suppress(Exception):
-                await connection.close()
-        self._connections.clear()
+        for connection_id in list(self._connections):
+            self._close_upstream(connection_id, "the host is stopping")
         self._current = None
-        forget = getattr(self.upstream, "forget", None)
-        if forget is not None and (self.session.ended or self.detached):
-            with contextlib.suppress(Exception):
-                await forget(self.session.session_id)
+        self._start_teardowns()
+        if self._teardowns:
+            # Each tear-down is bounded by its upstream; this is a second, outer bound.
+            _, stuck = await asyncio.wait(self._teardowns, timeout=TEARDOWN_GRACE_S + 10.0)
+            for task in stuck:
+                self._log.error("an upstream tear-down did not finish; cancelling it")
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=TEARDOWN_GRACE_S)
+        await self._count_late_unsent()
+        if self.session.ended or self.detached:
+            try:
+                await self.upstream.forget(self.session.session_id)
+            except Exception as error:
+                self._log.warning("forgetting the upstream session failed: %r", error)
         if self._client_reader is not None:
             self._client_reader.cancel()
             await asyncio.wait({self._client_reader})  # never raises, unlike awaiting it
             self._client_reader = None
 
+    async def _count_late_unsent(self) -> None:
+        """Hand the engine the unsent-audio counts that arrived after its loop stopped."""
+        late: list[ev.UpstreamAudioUnsent] = []
+        while not self._inbox.empty():
+            event = self._inbox.get_nowait()
+            if isinstance(event, ev.UpstreamAudioUnsent):
+                late.append(event)
+        if self._carry:
+            late.append(ev.UpstreamAudioUnsent(len(self._carry), "the host stopped"))
+            self._carry = []
+        if self.detached and not self.session.ended:
+            # The next worker owns the record now; only say what this one could not send.
+            for event in late:
+                self._log.warning("%d audio chunks unsent: %s", event.chunks, event.reason)
+            return
+        for event in late:
+            try:
+                await self._apply(self.session.handle(event, self._clock()))
+            except Exception as error:
+                self._log.warning("recording unsent audio failed: %r", error)
+
     # ------------------------------------------------------------------ effects
 
-    async def _apply(
-        self, effects: list[fx.Effect], log: logging.LoggerAdapter[logging.Logger] | logging.Logger
-    ) -> None:
+    async def _apply(self, effects: list[fx.Effect]) -> None:
         for effect in effects:
             if isinstance(effect, fx.SendAudioUpstream):
                 if self._current is not None:
@@ -319,31 +279,65 @@ class SessionHost:
             elif isinstance(effect, fx.SendToClient | fx.CloseClient):
                 await self._to_client(effect)
             elif isinstance(effect, fx.OpenUpstream):
-                await self._open(effect, log)
+                self._open(effect)
             elif isinstance(effect, fx.CloseUpstream):
-                await self._close_upstream(effect.connection_id)
-                log.info("closed upstream #%d: %s", effect.connection_id, effect.reason)
+                self._close_upstream(effect.connection_id, effect.reason)
             elif isinstance(effect, fx.RecordTranscript):
                 await self.sink.append_transcript(self.session.session_id, effect.line)
             elif isinstance(effect, fx.PersistRecord):
                 await self.sink.save(effect.record)
             elif isinstance(effect, fx.StateChanged):
-                log.info("%s -> %s: %s", effect.previous, effect.state, effect.why)
-                if self._observer is not None:
-                    reason = self.session.end_reason
-                    self._observer(effect, reason.value if reason is not None else None)
+                self._state_changed(effect)
+            elif isinstance(effect, fx.Logged) and self._on_note is not None:
+                self._note(LogNote(self.session.session_id, effect.entry))
 
-    async def _open(
-        self, effect: fx.OpenUpstream, log: logging.LoggerAdapter[logging.Logger] | logging.Logger
-    ) -> None:
+    def _note(self, note: HostNote) -> None:
+        if self._on_note is not None:
+            try:
+                self._on_note(note)
+            except Exception:
+                self._log.exception("the host observer failed")
+
+    def _state_changed(self, effect: fx.StateChanged) -> None:
+        self._log.info("%s -> %s: %s", effect.previous, effect.state, effect.why)
+        reason = self.session.end_reason
+        if self._observer is not None:
+            self._observer(effect, reason.value if reason is not None else None)
+        session_id = self.session.session_id
+        ended = effect.state is State.ENDED
+        self._note(
+            StateNote(
+                session_id,
+                effect.previous,
+                effect.state,
+                effect.why,
+                effect.at,
+                reason if ended else None,
+            )
+        )
+        if ended and reason is not None:
+            self._note(EndNote(session_id, reason, self.session.end_detail or "", effect.at))
+
+    def _open(self, effect: fx.OpenUpstream) -> None:
         # Whatever is still registered is dead or being replaced: take back its unsent audio.
         for connection_id in list(self._connections):
-            await self._close_upstream(connection_id)
-        log.info(
-            "opening upstream #%d (%s, attempt %d)",
+            self._close_upstream(connection_id, "replaced by a new connection")
+        carried, self._carry = self._carry, []
+        self._log.info(
+            "opening upstream #%d (%s, attempt %d, %d chunks to re-send)",
             effect.connection_id,
             "resuming" if effect.handle else "fresh",
             effect.attempt,
+            len(carried),
+        )
+        self._note(
+            UpstreamOpenNote(
+                self.session.session_id,
+                effect.connection_id,
+                effect.handle is not None,
+                effect.attempt,
+                len(carried),
+            )
         )
         connection = self.upstream.open(
             connection_id=effect.connection_id,
@@ -354,25 +348,74 @@ class SessionHost:
         )
         self._connections[effect.connection_id] = connection
         self._current = connection
-        carried, self._carry = self._carry, []
         for chunk in carried:
             connection.send_audio(chunk)
-        if carried:
-            log.info("re-sending %d audio chunks the previous connection never sent", len(carried))
 
-    async def _close_upstream(self, connection_id: int) -> None:
+    def _close_upstream(self, connection_id: int, reason: str) -> None:
         connection = self._connections.pop(connection_id, None)
         if connection is None:
             return
         if connection is self._current:
             self._current = None
+        started = time.monotonic()
         try:
-            unsent = await connection.close()
+            handed_back = connection.close()
         except Exception as error:  # a failing close must not end the interview
-            logger.warning("closing upstream #%d failed: %s", connection_id, type(error).__name__)
-            unsent = []
-        if not self.session.ended:
-            self._carry.extend(unsent)
+            self._log.warning("closing upstream #%d failed: %r", connection_id, error)
+            handed_back = []
+        if self.session.ended:
+            self._count_unsent(len(handed_back), "the session ended")
+        else:
+            self._carry.extend(handed_back)
+        self._log.info("closed upstream #%d: %s", connection_id, reason)
+        self._note(
+            UpstreamCloseNote(self.session.session_id, connection_id, reason, len(handed_back))
+        )
+        self._deferred.append((connection, connection_id, started))
+        if self.session.ended:
+            self._start_teardowns()
+        elif self._deferred_timer is None:
+            loop = asyncio.get_running_loop()
+            self._deferred_timer = loop.call_later(TEARDOWN_DEFER_S, self._start_teardowns)
+
+    def _start_teardowns(self) -> None:
+        """Start the tear-down of every closed connection (beside the consumer)."""
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
+        deferred, self._deferred = self._deferred, []
+        for connection, connection_id, started in deferred:
+            name = f"voicefsm-upstream-{self.session.session_id[:12]}-{connection_id}-teardown"
+            coro = self._tear_down(connection, connection_id, started)
+            task = asyncio.create_task(coro, name=name)
+            self._teardowns.add(task)
+            task.add_done_callback(self._teardowns.discard)
+
+    async def _tear_down(
+        self, connection: UpstreamConnection, connection_id: int, started: float
+    ) -> int:
+        try:
+            unconfirmed = await connection.wait_closed()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self._log.warning("tearing down upstream #%d failed: %r", connection_id, error)
+            unconfirmed = 0
+        seconds = time.monotonic() - started
+        self._log.info("upstream #%d torn down in %.3f s", connection_id, seconds)
+        self._note(
+            UpstreamTornDownNote(self.session.session_id, connection_id, seconds, unconfirmed)
+        )
+        self._count_unsent(unconfirmed, f"upstream #{connection_id} closed unconfirmed")
+        return unconfirmed
+
+    def _count_unsent(self, chunks: int, reason: str) -> None:
+        if chunks <= 0:
+            return
+        self._log.warning("%d audio chunks may never have reached the model: %s", chunks, reason)
+        # Through the inbox, so the consumer stays the only caller of the engine; whatever is
+        # still queued when the loop stops is handled by _shutdown.
+        self.post(ev.UpstreamAudioUnsent(chunks, reason))
 
     async def _to_client(
         self, effect: fx.SendAudioToClient | fx.SendToClient | fx.CloseClient
@@ -385,7 +428,7 @@ class SessionHost:
             async with asyncio.timeout(self.client_send_timeout_s):
                 await self._send(client, effect)
         except Exception as error:  # a dead or stuck client socket is the client leaving
-            logger.info(
+            self._log.info(
                 "client send failed (%s); treating the client as gone", type(error).__name__
             )
             if self._client is client:

@@ -8,9 +8,19 @@ written by one worker means the same instant on another.
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    computed_field,
+    model_serializer,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 
 class State(enum.StrEnum):
@@ -107,6 +117,33 @@ class SessionConfig(BaseModel):
         False,
         description="Send finished transcript lines to the client (off: they stay server-side).",
     )
+    upstream_ping_interval_s: float = Field(
+        5.0,
+        ge=0.1,
+        description=(
+            "How often the host pings the upstream connection (a websocket ping) to notice a "
+            "silent one; the check is the host's, the engine only carries the setting."
+        ),
+    )
+    upstream_pong_timeout_s: float = Field(
+        4.0,
+        ge=0.1,
+        description=(
+            "A ping not answered within this long makes the host treat the upstream as dead and "
+            "report it closed (resumable). Together with the interval this bounds how long a "
+            "silent upstream goes unnoticed (about interval + timeout); too short a timeout "
+            "raises false alarms on a slow network or a busy event loop."
+        ),
+    )
+    max_log_entries: int = Field(
+        500,
+        ge=10,
+        description=(
+            "Bound of the record's event log. When full, the log keeps its first half (how the "
+            "interview began) and the newest entries; the oldest of the newer half is dropped "
+            "and counted in SessionRecord.log_dropped."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_relations(self) -> SessionConfig:
@@ -169,6 +206,9 @@ class SessionStats(BaseModel):
     bytes_overflowed: int = 0
     chunks_unsent_at_end: int = 0
     """Buffered chunks still waiting when the session ended."""
+    upstream_audio_unsent: int = 0
+    """Chunks the host reported as never reaching a model (in flight at the end, written into a
+    dead connection): :class:`voicefsm.events.UpstreamAudioUnsent`."""
     transcript_lines: int = 0
     ignored_resumption_updates: int = 0
     """Updates with resumable=false or an empty handle (they never replace a good handle)."""
@@ -176,6 +216,131 @@ class SessionStats(BaseModel):
     tool_calls: int = 0
     last_prompt_tokens: int | None = None
     """The most recent usage report's prompt size: how full the context window is."""
+
+
+class LogKind(enum.StrEnum):
+    """What a :class:`LogEntry` records; which optional fields each kind fills is listed here."""
+
+    STATE = "state"
+    """A state change: ``state_from``, ``state_to``, ``why``."""
+    UPSTREAM_OPENED = "upstream_opened"
+    """A connection was asked for: ``connection_id``, ``count`` (the attempt in this outage,
+    from 1), ``handle_age_s`` (age of the resumption handle it resumes; absent: a fresh one)."""
+    UPSTREAM_READY = "upstream_ready"
+    """A connection answered setup: ``connection_id``, ``gap_s`` (since the session stopped
+    sending upstream: the loss, the rotation, or the start for the first connection),
+    ``handle_age_s`` (of the handle it resumed)."""
+    GOAWAY = "goaway"
+    """The server announced the end of a connection: ``connection_id``, ``time_left_s``
+    (absent when the GoAway had no parsable ``time_left``)."""
+    UPSTREAM_CLOSED = "upstream_closed"
+    """The current connection closed, failed, or was abandoned (connect timeout):
+    ``connection_id``, ``close_code`` (absent: no close frame), ``why``."""
+    ROTATION = "rotation"
+    """The session closed a working connection to move to a new one (after a GoAway):
+    ``connection_id`` (the one closed), ``why``, ``handle_age_s`` (of the handle to resume)."""
+    WARNING = "warning"
+    """The end-of-interview warning was given: ``time_left_s`` (interview time left)."""
+    CLIENT_LEFT = "client_left"
+    """The client went away (closed, or stopped answering heartbeats): ``why``."""
+    CLIENT_BACK = "client_back"
+    """A client (re)attached: ``gap_s`` (how long it was away; absent when not known)."""
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    """The client sent nothing for ``gap_s`` seconds (a ``client_left`` entry follows)."""
+    AUDIO_OVERFLOW = "audio_overflow"
+    """The resume buffer was full: the first refused chunk of an outage (``count``: bytes the
+    buffer holds). Totals are in the stats."""
+    AUDIO_UNSENT = "audio_unsent"
+    """Audio at risk: ``count`` candidate chunks never reached a model, ``why`` says where (left
+    in the buffer at the end, or reported by the host as lost at the upstream)."""
+    USAGE = "usage"
+    """Token usage so far: ``count`` (total tokens summed over the session). Logged for the first
+    report, then at most once per ``USAGE_LOG_INTERVAL_S`` of :mod:`voicefsm.engine`; the full
+    sums are in :attr:`SessionRecord.usage`."""
+    RESTORED = "restored"
+    """The session was rebuilt from its record (a take-over or restart) and started again:
+    ``state_from`` (the state it was stored in), ``state_to`` (``resuming``), ``why``."""
+    END = "end"
+    """The session ended: ``state_from``, ``reason``, ``why`` (the end detail)."""
+
+
+@pydantic_dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One line of a session's event log: a time, a kind and the few fields that kind uses.
+
+    Unused fields are ``None`` and left out of the JSON, so a stored entry is a handful of keys.
+    A frozen dataclass (about 130 bytes), because a session keeps up to
+    ``SessionConfig.max_log_entries`` of them.
+    """
+
+    at: float
+    """When it happened (epoch seconds)."""
+    kind: LogKind
+    why: str | None = None
+    state_from: State | None = None
+    state_to: State | None = None
+    reason: EndReason | None = None
+    connection_id: int | None = None
+    close_code: int | None = None
+    time_left_s: float | None = None
+    gap_s: float | None = None
+    handle_age_s: float | None = None
+    count: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
+
+def _no_modalities() -> dict[str, int]:
+    return {}
+
+
+class SessionUsage(BaseModel):
+    """What the session consumed: the upstream's usage reports summed, and audio each way.
+
+    Token counts are the sums of every ``usageMetadata`` report (the Live API reports usage per
+    turn); ``*_by_modality`` sums its ``prompt_tokens_details`` / ``response_tokens_details``
+    (keys as the server names them: ``"AUDIO"``, ``"TEXT"``, ...), present only when the server
+    gives them. Audio is counted in bytes and shown in seconds: candidate audio handed to the
+    upstream (16 kHz 16-bit mono) and interviewer audio received from it (24 kHz 16-bit mono).
+    No prices here: a cost is computed from these sums by whoever knows the prices.
+    """
+
+    reports: int = 0
+    """Usage reports received."""
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    thoughts_tokens: int = 0
+    prompt_tokens_by_modality: dict[str, int] = Field(default_factory=_no_modalities)
+    response_tokens_by_modality: dict[str, int] = Field(default_factory=_no_modalities)
+    client_audio_bytes: int = 0
+    """Candidate audio sent upstream (forwarded live or flushed after a resume)."""
+    model_audio_bytes: int = 0
+    """Interviewer audio received from the upstream."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def client_audio_s(self) -> float:
+        """Seconds of candidate audio sent upstream (16 kHz 16-bit mono)."""
+        return self.client_audio_bytes / CLIENT_AUDIO_BYTES_PER_S
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def model_audio_s(self) -> float:
+        """Seconds of interviewer audio received (24 kHz 16-bit mono)."""
+        return self.model_audio_bytes / MODEL_AUDIO_BYTES_PER_S
+
+
+CLIENT_AUDIO_BYTES_PER_S = 16_000 * 2
+"""Candidate audio: 16 kHz, 16-bit, mono PCM."""
+MODEL_AUDIO_BYTES_PER_S = 24_000 * 2
+"""Interviewer audio: 24 kHz, 16-bit, mono PCM."""
 
 
 class PendingItem(BaseModel):
@@ -216,3 +381,9 @@ class SessionRecord(BaseModel):
     transcript_count: int = 0
     pending: list[PendingItem] = Field(default_factory=list)
     stats: SessionStats = Field(default_factory=SessionStats)
+    usage: SessionUsage = Field(default_factory=SessionUsage)
+    log: list[LogEntry] = Field(default_factory=list)
+    """The bounded event log, oldest first (see :class:`LogKind` and
+    ``SessionConfig.max_log_entries``). Records written before the log existed load with none."""
+    log_dropped: int = 0
+    """Entries dropped at the bound, from between the first half and the newest entries."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar, runtime_checkable
 
 from voicefsm.model import EndReason, SessionRecord, State, TranscriptLine
+from voicefsm.ports import SessionSink
 
 logger = logging.getLogger("voicefsm.stores")
 
@@ -185,26 +186,15 @@ class SessionSummary:
 # ---------------------------------------------------------------------------------------- protocol
 
 
-class RecordSink(Protocol):
-    """Anything that takes a host's writes: :class:`voicefsm.host.SessionSink` with any result.
-
-    Stores return the new version from ``save``; the host ignores results.
-    """
-
-    async def save(self, record: SessionRecord) -> object:
-        """Save the latest record of a session."""
-        ...
-
-    async def append_transcript(self, session_id: str, line: TranscriptLine) -> object:
-        """Append one finished transcript line."""
-        ...
+RecordSink = SessionSink
+"""Anything that takes a host's writes: the one sink port, :class:`voicefsm.ports.SessionSink`."""
 
 
 @runtime_checkable
 class SessionStore(Protocol):
     """Durable session state: records with compare-and-set, transcripts, leases with fencing.
 
-    A superset of :class:`voicefsm.host.SessionSink`: a store (unfenced) or ``store.fenced(lease)``
+    A superset of :class:`voicefsm.ports.SessionSink`: a store (unfenced) or ``store.fenced(lease)``
     (fenced) can be passed as a host's ``sink``.
     """
 

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -341,6 +342,12 @@ class FakeLiveConnection:
         """True if the server dropped the TCP connection without a close frame (code 1006)."""
         self.script_error: Exception | None = None
         """The exception the script raised, if any."""
+        self.reading_stopped: bool = False
+        """True once :meth:`stop_reading` was called."""
+        self.pings_ignored: int = 0
+        """Pings left unanswered after :meth:`ignore_pings`."""
+        self.close_frames_ignored: int = 0
+        """Client close frames dropped after :meth:`hang_on_close`."""
         self._ws: ServerConnection | None = None
         self._finished = False
         self._message_index = 0
@@ -568,6 +575,48 @@ class FakeLiveConnection:
         self.aborted = True
         logger.debug("connection #%d aborting the TCP connection", self.number)
         ws.transport.abort()
+
+    # ----------------------------------------------------------------------------- faults
+
+    def stop_reading(self) -> None:
+        """Stop reading from the socket, as a hung peer would: nothing the client sends after
+        this is processed (no audio recorded, no pong, no answer to a close frame), and once
+        the socket buffers fill, the client's writes block."""
+        ws = self._require_ws()
+        self.reading_stopped = True
+        ws.transport.pause_reading()
+        self._changed()
+
+    def ignore_pings(self) -> None:
+        """Keep reading (audio is still recorded) but never answer a ping with a pong."""
+        ws = self._require_ws()
+        protocol = ws.protocol
+        send_frame = protocol.send_frame
+
+        def without_pongs(frame: Frame) -> None:
+            if frame.opcode is Opcode.PONG:
+                self.pings_ignored += 1
+                self._changed()
+                return
+            send_frame(frame)
+
+        protocol.send_frame = without_pongs  # type: ignore[method-assign]
+
+    def hang_on_close(self) -> None:
+        """Never complete a closing handshake the client starts: its close frame is read and
+        dropped, and the TCP connection stays open until the client aborts it."""
+        ws = self._require_ws()
+        protocol = ws.protocol
+        recv_frame = protocol.recv_frame
+
+        def ignoring_close(frame: Frame) -> None:
+            if frame.opcode is Opcode.CLOSE:
+                self.close_frames_ignored += 1
+                self._changed()
+                return
+            recv_frame(frame)
+
+        protocol.recv_frame = ignoring_close  # type: ignore[method-assign]
 
     def schedule_close(
         self, delay: float, code: int = 1000, reason: str = ""

@@ -31,6 +31,8 @@ __all__ = [
     "GenerationComplete",
     "GoAway",
     "Hang",
+    "HangOnClose",
+    "IgnorePings",
     "InputTranscript",
     "Interrupted",
     "ModelAudio",
@@ -42,6 +44,7 @@ __all__ = [
     "SetupComplete",
     "Sleep",
     "Step",
+    "StopReading",
     "ToolCall",
     "ToolCallCancellation",
     "TurnComplete",
@@ -332,6 +335,33 @@ class Abort(Step):
     async def run(self, conn: FakeLiveConnection) -> None:
         """Abort the transport."""
         conn.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class StopReading(Step):
+    """Stop reading the socket (no more audio, pongs or close answers are processed)."""
+
+    async def run(self, conn: FakeLiveConnection) -> None:
+        """Pause reading the transport."""
+        conn.stop_reading()
+
+
+@dataclass(frozen=True, slots=True)
+class IgnorePings(Step):
+    """Keep reading but never answer a ping."""
+
+    async def run(self, conn: FakeLiveConnection) -> None:
+        """Drop every pong from now on."""
+        conn.ignore_pings()
+
+
+@dataclass(frozen=True, slots=True)
+class HangOnClose(Step):
+    """Never complete a closing handshake the client starts."""
+
+    async def run(self, conn: FakeLiveConnection) -> None:
+        """Drop the client's close frame from now on."""
+        conn.hang_on_close()
 
 
 # --------------------------------------------------------------------------- timing
