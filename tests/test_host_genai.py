@@ -11,6 +11,7 @@ import itertools
 import os
 import time
 
+import pytest
 from genai_rig import GenaiRig, fast_config, sequence_numbers, upstream_tasks
 from google.genai import types
 
@@ -191,7 +192,8 @@ async def test_the_connection_gives_up_on_a_setup_that_never_completes_by_itself
         )
         async with asyncio.timeout(10):
             await reported.wait()
-        assert await connection.close() == []
+        assert connection.close() == []
+        assert await connection.wait_closed() == 0
     assert len(reports) == 1
     closed = reports[0]
     assert isinstance(closed, ev.UpstreamClosed)
@@ -202,7 +204,7 @@ async def test_the_connection_gives_up_on_a_setup_that_never_completes_by_itself
 async def test_close_does_not_wait_for_a_peer_that_never_answers_the_closing_handshake() -> None:
     async def deaf(conn: FakeLiveConnection) -> None:
         await conn.send_setup_complete()
-        conn._require_ws().transport.pause_reading()  # the close frame is never read
+        conn.hang_on_close()
         await conn.wait_closed(timeout=None)
 
     async with FakeLiveServer(scripts=[deaf]) as server:
@@ -218,11 +220,82 @@ async def test_close_does_not_wait_for_a_peer_that_never_answers_the_closing_han
         async with asyncio.timeout(10):
             await ready.wait()
         connection.send_audio(b"\x00" * 640)
-        # websockets alone would wait its 10 s close timeout; 2 stages of 0.2 s at most here.
+        assert connection.close() == []  # the chunk was written at once
+        # websockets alone would wait its 10 s close timeout; 0.2 s + an abort here.
         async with asyncio.timeout(3):
-            await connection.close()
+            unconfirmed = await connection.wait_closed()
+        assert unconfirmed == 1  # written, but the peer never confirmed reading it
         assert connection.done
         assert not upstream_tasks()
+        assert server.connections[0].close_frames_ignored == 1
+
+
+def assert_every_chunk_in_order_once_resent(server: FakeLiveServer, sent: int) -> int:
+    """Every chunk arrived; the second connection starts at or before where the first stopped.
+
+    Returns how many chunks arrived twice (re-sent although the dead peer had read them).
+    """
+    first, second = (sequence_numbers([c]) for c in server.connections)
+    assert first == list(range(len(first)))
+    assert second, "nothing reached the resumed connection"
+    assert second == list(range(second[0], second[0] + len(second)))
+    assert second[0] <= len(first)
+    assert set(first) | set(second) == set(range(sent))
+    return len(first) - second[0]
+
+
+@pytest.mark.parametrize("fault", ["stop_reading", "ignore_pings"])
+async def test_a_silent_upstream_is_resumed_and_the_audio_it_swallowed_is_resent(
+    fault: str,
+) -> None:
+    async def goes_silent(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(30)
+        getattr(conn, fault)()  # from now on the connection is silent
+        await conn.wait_closed(timeout=None)
+
+    config = fast_config(upstream_ping_interval_s=0.2, upstream_pong_timeout_s=0.5)
+    async with (
+        FakeLiveServer(scripts=[goes_silent, setup_only]) as server,
+        GenaiRig(server, config) as rig,
+    ):
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                rig.send_audio(1)
+                await asyncio.sleep(0.005)
+
+        streamer = asyncio.create_task(stream())
+        second = await server.wait_for_connection(2, timeout=10)
+        await rig.wait_state("live", count=2)
+        await second.wait_for_audio_chunks(20)
+        stop.set()
+        await streamer
+        first = server.connections[0]
+        await second.wait_for(lambda c: sequence_numbers([c])[-1:] == [rig.sent - 1], timeout=10)
+        record = await rig.end()
+        assert not upstream_tasks()
+    assert second.resumption_handle == "h-1"
+    assert record.stats.resumes == 1
+    duplicated = assert_every_chunk_in_order_once_resent(server, rig.sent)
+    if fault == "stop_reading":
+        assert first.reading_stopped
+    else:
+        assert first.pings_ignored >= 1
+        assert duplicated > 0  # it had read them: re-sending errs on the side of no loss
+
+
+async def test_audio_at_a_normal_end_is_delivered_or_counted_as_unsent() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, GenaiRig(server) as rig:
+        await rig.wait_state("live")
+        rig.send_audio(40)
+        rig.channel.push(ev.ClientEnd())
+        record = await rig.finish()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    assert conn.audio_chunk_count + record.stats.upstream_audio_unsent == 40
 
 
 async def test_client_audio_sent_while_resuming_arrives_after_the_resume_in_order() -> None:
@@ -481,7 +554,7 @@ async def test_audio_keeps_its_order_when_the_websocket_applies_flow_control() -
     async def slow_reader(conn: FakeLiveConnection) -> None:
         await conn.send_setup_complete()
         transport = conn._require_ws().transport
-        transport.pause_reading()
+        transport.pause_reading()  # stop_reading() without the resume this test needs
         await release.wait()
         transport.resume_reading()
         await conn.wait_closed(timeout=None)
@@ -512,6 +585,7 @@ async def test_audio_keeps_its_order_when_the_websocket_applies_flow_control() -
         release.set()
         conn = server.connections[0]
         await conn.wait_for_audio_chunks(count, timeout=60)
-        unsent = await connection.close()
+        unsent = connection.close()
+        assert await connection.wait_closed() == 0
     assert unsent == []
     assert [int.from_bytes(chunk[:4], "big") for chunk in conn.audio_chunks] == list(range(count))
