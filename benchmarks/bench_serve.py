@@ -128,6 +128,21 @@ def relay_main(port: int, base_url: str, ca_file: str) -> None:
                 await asyncio.wait({sender})
 
     app = Starlette(routes=[WebSocketRoute("/interview", relay)])
+    profile = os.environ.get("BENCH_SERVE_RELAY_PROFILE")
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.runcall(
+            uvicorn.run,
+            app,
+            host="127.0.0.1",
+            port=port,
+            ws="websockets-sansio",
+            log_level="warning",
+        )
+        profiler.dump_stats(profile)
+        return
     uvicorn.run(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")
 
 
@@ -147,13 +162,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(kind: str, port: int, base_url: str, ca_file: str, cpu: int | None) -> Any:
-    """Start one server process; return the Popen."""
+def start_server(
+    kind: str, port: int, base_url: str, ca_file: str, cpu: int | None, profile: Path | None
+) -> Any:
+    """Start one server process; return the Popen (``profile``: run voicefsm under cProfile)."""
     env = {**os.environ, "VOICEFSM_JWT_SECRET": SECRET, "PYTHONPATH": str(ROOT)}
+    if profile is not None:
+        env["BENCH_SERVE_RELAY_PROFILE"] = f"{profile}.relay"
     env.pop("GOOGLE_API_KEY", None)
     if kind == "voicefsm-serve":
+        profiling = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
         argv = [
             sys.executable,
+            *profiling,
             "-m",
             "voicefsm.cli",
             "serve",
@@ -294,9 +315,18 @@ async def run_once(
     cpu = cpu_seconds(pid) - cpu_before
     await asyncio.wait(feeders)
     await asyncio.sleep(1.0)
-    for client in clients:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.ws.close(), 5)
+    # End each interview (voicefsm would otherwise keep it, and its upstream, for the client's
+    # reconnect grace), then close; the relay ends its session when the socket closes.
+    if kind == "voicefsm-serve":
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.ws.send('{"end_session": true}')
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(15):  # the server closes each with 1000 once ended
+                await asyncio.gather(*(c.ws.wait_closed() for c in clients))
+    await asyncio.gather(
+        *(asyncio.wait_for(c.ws.close(), 5) for c in clients), return_exceptions=True
+    )
     for reader in readers:
         reader.cancel()
     await asyncio.wait(readers)
@@ -393,6 +423,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fake-cpu", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument(
+        "--profile-server", type=Path, help="run voicefsm serve under cProfile, stats to this file"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.window = "10,30", 1, 3.0
@@ -407,7 +440,9 @@ async def amain(args: argparse.Namespace, pipe: Any) -> list[ServeResult]:
         ca.write(hello["ca_pem"])
     ports = {kind: free_port() for kind in SERVERS}
     processes = {
-        kind: start_server(kind, ports[kind], hello["base_url"], ca.name, args.cpu)
+        kind: start_server(
+            kind, ports[kind], hello["base_url"], ca.name, args.cpu, args.profile_server
+        )
         for kind in SERVERS
     }
     results: list[ServeResult] = []
@@ -434,7 +469,7 @@ async def amain(args: argparse.Namespace, pipe: Any) -> list[ServeResult]:
                     )
     finally:
         for process in processes.values():
-            process.terminate()
+            process.send_signal(2)  # SIGINT: uvicorn shuts down cleanly (and cProfile writes)
         for process in processes.values():
             try:
                 process.wait(10)
