@@ -7,9 +7,11 @@ and no ADK anywhere: CI also runs this file with google-genai 3.x in a venv with
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import os
 import time
+from collections.abc import Iterator
 
 import pytest
 from genai_rig import GenaiRig, fast_config, sequence_numbers, upstream_tasks
@@ -19,6 +21,14 @@ from voicefsm import EndReason
 from voicefsm import events as ev
 from voicefsm.genai_live import GenaiClassifier, GenaiTool
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
+
+
+@pytest.fixture(autouse=True, params=["direct", "genai"])
+def wire(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on both wire paths of the upstream."""
+    GenaiRig.wire = request.param
+    yield request.param
+    GenaiRig.wire = "direct"
 
 
 async def setup_only(conn: FakeLiveConnection) -> None:
@@ -528,6 +538,41 @@ def test_classify_joins_transcript_fragments_into_one_finished_line() -> None:
         server_content=types.LiveServerContent(generation_complete=True)
     )
     assert classifier.classify(generation) == []  # nothing pending any more
+
+
+def test_the_wire_classifier_agrees_with_the_pydantic_one() -> None:
+    frames: list[dict[str, object]] = [
+        {"serverContent": {"outputTranscription": {"text": "Wel"}}},
+        {
+            "serverContent": {
+                "modelTurn": {
+                    "parts": [{"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": "AQI="}}]
+                },
+                "outputTranscription": {"text": "come", "finished": True},
+            }
+        },
+        {"serverContent": {"inputTranscription": {"text": "hi"}, "turnComplete": True}},
+        {"serverContent": {"interrupted": True, "generationComplete": True}},
+        {"toolCall": {"functionCalls": [{"id": "fc-1", "name": "lookup", "args": {}}]}},
+        {"sessionResumptionUpdate": {"newHandle": "h-1", "resumable": True}},
+        {"sessionResumptionUpdate": {"resumable": False}},
+        {"usageMetadata": {"promptTokenCount": 5, "responseTokenCount": 2, "totalTokenCount": 7}},
+        {"goAway": {"timeLeft": "10s"}},
+        {"setupComplete": {"sessionId": "s"}},
+        {"toolCallCancellation": {"ids": ["fc-1"]}},
+        {"somethingNew": {}},
+        {"serverContent": {"modelTurn": {"parts": [{"text": "thinking"}]}}},
+    ]
+    by_wire, by_model = GenaiClassifier(3), GenaiClassifier(3)
+    for frame in frames:
+        # genai's parser consumes the dict it is given
+        message = types.LiveServerMessage._from_response(response=copy.deepcopy(frame), kwargs={})
+        wire_events = by_wire.classify_wire(frame)
+        model_events = by_model.classify(message)
+        if frame.get("somethingNew") is not None:  # only the wording differs
+            assert [type(e) for e in wire_events] == [type(e) for e in model_events]
+        else:
+            assert wire_events == model_events, frame
 
 
 def test_classify_tags_goaway_and_reads_resumption_updates() -> None:

@@ -26,9 +26,11 @@ This module imports google-genai only; it works with google-genai 2.x and 3.x.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import inspect
+import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
@@ -138,6 +140,83 @@ class GenaiClassifier:
             out.append(ev.Unknown("LiveServerMessage with no recognised field"))
         return out
 
+    def classify_wire(self, message: Mapping[str, Any]) -> list[ev.Event]:
+        """:meth:`classify` for one server message as decoded JSON (the wire's camelCase).
+
+        The same events, in the same order, without building genai's pydantic models: what the
+        direct wire path of :class:`GenaiConnection` uses.
+        """
+        out: list[ev.Event] = []
+        known = False
+        content = _field(message, "serverContent", "server_content")
+        if content is not None:
+            known = True
+            heard = _field(content, "inputTranscription", "input_transcription")
+            if heard is not None:
+                text = heard.get("text")
+                if text:
+                    self._heard += text
+                    out.append(ev.InputTranscript(text=text, finished=False))
+                if heard.get("finished"):
+                    self._flush_heard(out)
+            said = _field(content, "outputTranscription", "output_transcription")
+            if said is not None:
+                text = said.get("text")
+                if text:
+                    self._said += text
+                    out.append(ev.OutputTranscript(text=text, finished=False))
+                if said.get("finished"):
+                    self._flush_said(out)
+            turn = _field(content, "modelTurn", "model_turn")
+            if turn is not None:
+                for part in turn.get("parts") or ():
+                    out.append(_wire_part(part))
+            interrupted = content.get("interrupted")
+            turn_complete = _field(content, "turnComplete", "turn_complete")
+            if (
+                interrupted
+                or turn_complete
+                or _field(content, "generationComplete", "generation_complete")
+            ):
+                self._flush_heard(out)
+                self._flush_said(out)
+            if interrupted:
+                out.append(ev.Interrupted())
+            if turn_complete:
+                out.append(ev.TurnComplete())
+        tool_call = _field(message, "toolCall", "tool_call")
+        if tool_call is not None:
+            known = True
+            for call in _field(tool_call, "functionCalls", "function_calls") or ():
+                out.append(ev.ToolActivity(name=call.get("name") or "?", phase="call"))
+        update = _field(message, "sessionResumptionUpdate", "session_resumption_update")
+        if update is not None:
+            known = True
+            out.append(
+                ev.ResumptionUpdate(
+                    handle=_field(update, "newHandle", "new_handle") or None,
+                    resumable=bool(update.get("resumable")),
+                )
+            )
+        usage = _field(message, "usageMetadata", "usage_metadata")
+        if usage is not None:
+            known = True
+            out.append(
+                ev.Usage(
+                    prompt_tokens=_field(usage, "promptTokenCount", "prompt_token_count"),
+                    response_tokens=_field(usage, "responseTokenCount", "response_token_count"),
+                    total_tokens=_field(usage, "totalTokenCount", "total_token_count"),
+                )
+            )
+        go_away = _field(message, "goAway", "go_away")
+        if go_away is not None:
+            known = True
+            time_left = _field(go_away, "timeLeft", "time_left")
+            out.append(ev.GoAway(time_left=time_left, connection_id=self.connection_id))
+        if not known and not any(key in message for key in _WIRE_BOOKKEEPING):
+            out.append(ev.Unknown("server message with no recognised field"))
+        return out
+
     def _flush_heard(self, out: list[ev.Event]) -> None:
         if self._heard:
             out.append(ev.InputTranscript(text=self._heard, finished=True))
@@ -159,6 +238,51 @@ def _is_bookkeeping(message: types.LiveServerMessage) -> bool:
             "voice_activity",
         )
     )
+
+
+_WIRE_BOOKKEEPING: Final = frozenset(
+    {
+        "setupComplete",
+        "setup_complete",
+        "toolCallCancellation",
+        "tool_call_cancellation",
+        "voiceActivityDetectionSignal",
+        "voice_activity_detection_signal",
+        "voiceActivity",
+        "voice_activity",
+    }
+)
+
+
+def _field(mapping: Mapping[str, Any], camel: str, snake: str) -> Any:
+    """A field of a wire object: the API writes camelCase; snake_case is accepted too."""
+    value = mapping.get(camel)
+    return value if value is not None else mapping.get(snake)
+
+
+def _wire_part(part: Mapping[str, Any]) -> ev.Event:
+    inline = _field(part, "inlineData", "inline_data")
+    if inline is not None:
+        mime = _field(inline, "mimeType", "mime_type") or ""
+        data = inline.get("data")
+        if mime.startswith("audio/") and data:
+            return ev.ModelAudio(data=base64.b64decode(data), mime_type=mime)
+        return ev.Unknown(f"inline data of type {mime or 'unknown'}")
+    call = _field(part, "functionCall", "function_call")
+    if call is not None:
+        return ev.ToolActivity(name=call.get("name") or "?", phase="call")
+    response = _field(part, "functionResponse", "function_response")
+    if response is not None:
+        return ev.ToolActivity(name=response.get("name") or "?", phase="response")
+    if part.get("text"):
+        return ev.Unknown("text part")
+    return ev.Unknown("empty or unrecognised content part")
+
+
+def _audio_frame(data: bytes) -> str:
+    """The ``realtimeInput`` message genai's ``send_realtime_input(audio=...)`` sends."""
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'{{"realtimeInput":{{"audio":{{"mimeType":"{INPUT_AUDIO_MIME}","data":"{encoded}"}}}}}}'
 
 
 def close_code(error: BaseException) -> tuple[int | None, str]:
@@ -329,6 +453,7 @@ class GenaiConnection:
         self._session: Any = None
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._sender_busy = False
+        self._direct = False
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
         self._unconfirmed: deque[bytes] = deque(maxlen=UNCONFIRMED_MAX_CHUNKS)
         self._written = 0
@@ -470,6 +595,8 @@ class GenaiConnection:
         self._outbox.wakeup.set()
 
     def _send_one(self, session: Any, item: bytes | str) -> Coroutine[Any, Any, None]:
+        if isinstance(item, bytes) and self._direct:
+            return cast(Coroutine[Any, Any, None], self._ws.send(_audio_frame(item)))
         if isinstance(item, bytes):
             return cast(
                 Coroutine[Any, Any, None],
@@ -564,6 +691,11 @@ class GenaiConnection:
                     self._report_closed(None, "the server answered the setup without setupComplete")
                     return
                 self._session = session
+                self._direct = (
+                    upstream.wire == "direct"
+                    and self._ws is not None
+                    and not getattr(upstream.client, "vertexai", False)
+                )
                 self._emit(
                     ev.UpstreamReady(
                         connection_id=self.connection_id, upstream_session_id=setup.session_id
@@ -572,7 +704,10 @@ class GenaiConnection:
                 helpers.append(asyncio.create_task(self._send_loop(session)))
                 if self._ws is not None:
                     helpers.append(asyncio.create_task(self._check_liveness(self._ws)))
-                await self._receive_loop(session)
+                if self._direct:
+                    await self._receive_wire(session, self._ws)
+                else:
+                    await self._receive_loop(session)
             finally:
                 for helper in helpers:
                     helper.cancel()
@@ -630,6 +765,40 @@ class GenaiConnection:
         except _CONNECTION_ERRORS as error:
             self._report_closed(*close_code(error))
 
+    async def _receive_wire(self, session: Any, ws: Any) -> None:
+        """The receive loop on the websocket itself: JSON to events, no pydantic models."""
+        classify = GenaiClassifier(self.connection_id).classify_wire
+        try:
+            while True:
+                raw = await ws.recv()
+                try:
+                    message = json.loads(raw) if raw else {}
+                except ValueError:
+                    self._emit(ev.Unknown("a server frame that is not JSON"))
+                    continue
+                if not isinstance(message, dict):
+                    self._emit(ev.Unknown("a server frame that is not a JSON object"))
+                    continue
+                for event in classify(message):
+                    self._emit(event)
+                tool_call = _field(message, "toolCall", "tool_call")
+                if tool_call is not None and not self._closing:
+                    calls = _field(tool_call, "functionCalls", "function_calls") or ()
+                    self._start_tools(
+                        session,
+                        types.LiveServerToolCall(
+                            function_calls=[types.FunctionCall.model_validate(c) for c in calls]
+                        ),
+                    )
+                cancelled = _field(message, "toolCallCancellation", "tool_call_cancellation")
+                if cancelled is not None:
+                    for call_id in cancelled.get("ids") or ():
+                        task = self._tool_tasks.pop(call_id, None)
+                        if task is not None:
+                            task.cancel()
+        except ConnectionClosed as error:
+            self._report_closed(*close_code(error))
+
     # ------------------------------------------------------------------ tools
 
     def _start_tools(self, session: Any, tool_call: types.LiveServerToolCall) -> None:
@@ -681,6 +850,13 @@ class GenaiUpstream:
     raises answers ``{"error": ...}``. ``close_timeout_s`` bounds a connection's closing
     handshake before its socket is aborted (websockets' default is 10 s). The session's
     ``upstream_ping_interval_s`` / ``upstream_pong_timeout_s`` drive the liveness check.
+
+    ``wire``: genai opens every connection (handshake, setup, ``setupComplete``) and sends text
+    turns and tool responses; with ``"direct"`` (the default, Gemini API clients) audio frames
+    and server messages go straight over genai's websocket as the Live API's JSON, skipping
+    genai's per-frame pydantic conversions (about a third of a raw genai session's CPU, see
+    ``docs/benchmarks.md``); ``"genai"`` uses ``send_realtime_input`` and ``receive()`` for
+    every frame. Vertex AI clients always use ``"genai"``.
     """
 
     def __init__(
@@ -693,9 +869,13 @@ class GenaiUpstream:
         tools: Sequence[GenaiTool | ToolHandler] = (),
         tool_timeout_s: float = 30.0,
         close_timeout_s: float = 1.0,
+        wire: str = "direct",
     ) -> None:
         if not model:
             raise ValueError("GenaiUpstream needs a model name")
+        if wire not in ("direct", "genai"):
+            raise ValueError(f"wire must be 'direct' or 'genai', got {wire!r}")
+        self.wire = wire
         if tool_timeout_s <= 0 or close_timeout_s <= 0:
             raise ValueError("tool_timeout_s and close_timeout_s must be positive")
         self.model = model
