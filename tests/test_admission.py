@@ -37,6 +37,13 @@ class ManualClock:
         return self.now
 
 
+class InjectedLag(LoopLagMonitor):
+    """A monitor fed by the test only: the machine's own load never reaches it."""
+
+    def start(self) -> None:
+        pass
+
+
 def test_the_monitor_keeps_the_worst_lag_of_its_window() -> None:
     clock = ManualClock()
     monitor = LoopLagMonitor(interval_s=0.05, window_s=2.0, clock=clock)
