@@ -92,13 +92,6 @@ def test_a_single_stall_refuses_nobody_but_sustained_lag_does() -> None:
         Admission(0.025, late_fraction=0)
 
 
-class InjectedLag(LoopLagMonitor):
-    """A monitor whose samples only the test gives (the real loop's lag would make it flaky)."""
-
-    def start(self) -> None:
-        """Never sample the real loop."""
-
-
 def block_the_loop(seconds: float) -> None:
     """Hold the event loop, as a worker past its capacity does."""
     time.sleep(seconds)
