@@ -40,7 +40,7 @@ from test_web import (
     open_stack,
     start_session,
 )
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.limits import Admission, ServiceLimits
@@ -98,7 +98,6 @@ async def test_the_starlette_adapter_warns_when_uvicorn_allows_bigger_frames(
 ) -> None:
     import uvicorn
     from starlette.applications import Starlette
-    from websockets.asyncio.client import connect
 
     from voicefsm.web.starlette import interview_route
 
@@ -302,7 +301,6 @@ async def test_serve_logs_no_token_at_its_default_settings(
     server_process: Callable[[str], tuple[int, int]], tmp_path: Path
 ) -> None:
     from flood_server import SECRET as SERVE_SECRET
-    from websockets.asyncio.client import connect
 
     _, port = server_process("serve")
     await wait_listening(port)
@@ -483,6 +481,12 @@ async def test_idle_and_slow_loris_connections_are_closed(
     async with bare_server(kind) as port:
         assert await closed_by_server(port, nothing)
         assert await closed_by_server(port, trickle)
+        # A websocket is past the request head: the deadline does not cut it.
+        ws = await connect(f"ws://127.0.0.1:{port}/interview")
+        await asyncio.sleep(1.0)  # twice the deadline; what is tested is that nothing happens
+        await ws.send(json.dumps({"type": "auth", "token": "not-a-jwt"}))
+        assert await close_code(ws) == 4401
+        assert ws.close_reason is not None and ws.close_reason.startswith("invalid token")
 
 
 # ----------------------------------------------------------------------------- 5. one host
