@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jwt
 import pytest
@@ -648,3 +649,21 @@ async def test_a_wrong_algorithm_token_with_mixed_algorithms_is_4401(stack: Stac
     good = await stack.connect("alice")  # the HS256 side still works
     assert (await next_json(good, "session_created"))["session_id"]
     await good.close()
+
+
+@pytest.mark.parametrize("session_id", ["abc\nINFO forged line", "x" * 129, "a b"])
+async def test_an_implausible_session_id_is_unknown_without_a_lookup(
+    stack: Stack, session_id: str
+) -> None:
+    looked_up: list[str] = []
+    real_load = stack.service.store.load
+
+    async def load(sid: str) -> Any:
+        looked_up.append(sid)
+        return await real_load(sid)
+
+    stack.service.store.load = load  # type: ignore[method-assign]
+    ws = await stack.connect("alice", query=urlencode({"session": session_id}))
+    assert (await next_json(ws, "error"))["code"] == "unknown_session"
+    assert await close_code(ws) == 4404
+    assert looked_up == []
