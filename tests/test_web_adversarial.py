@@ -323,6 +323,34 @@ async def test_deep_nesting_as_the_first_message_is_refused_4401(stack: Stack) -
     assert stack.fake.connections == []
 
 
+NASTY_FRAMES: list[str | bytes] = [
+    "[" * 20_000,
+    '{"a":' * 10_000 + "1" + "}" * 10_000,
+    "1" * 5000,  # more digits than int() takes
+    '{"mime_type": "audio/pcm", "data": ' + "[" * 900 + "]" * 900 + "}",
+    '{"type": "pong", "seq": 1e400}',
+    '{"mime_type": "' + "\u0000" * 500 + '", "data": "AAAA"}',
+    '{"end_session": "yes"}',
+    '{"mime_type": "text/plain", "data": "\\ud83d"}',  # a lone surrogate, escaped in JSON
+    b"\x01",
+]
+
+
+async def test_nasty_frames_each_get_an_error_and_the_session_goes_on(stack: Stack) -> None:
+    ws, _ = await start_session(stack)
+    for frame in NASTY_FRAMES:
+        await ws.send(frame)
+        error = await next_json(ws, "error")
+        assert error["code"] in {"invalid_json", "invalid_message", "unknown_mime_type"} | {
+            "invalid_audio"
+        }, (frame[:40], error)
+        assert len(error["message"]) < 300
+    await ws.send(chunk(0))
+    await stack.fake.connections[0].wait_for_audio_chunks(1)
+    await ws.send(json.dumps({"end_session": True}))
+    assert (await next_json(ws, "session_ended"))["reason"] == "user_ended"
+
+
 class FailingTransport:
     """A transport whose reader breaks."""
 
