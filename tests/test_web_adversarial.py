@@ -124,6 +124,17 @@ async def test_the_starlette_adapter_warns_when_uvicorn_allows_bigger_frames(
         await asyncio.wait_for(task, 15)
 
 
+async def test_a_text_frame_that_is_not_utf8_closes_1007_and_the_session_survives(
+    stack: Stack,
+) -> None:
+    ws, session_id = await start_session(stack)
+    await ws.send(b'{"type": "pong", "x": "\xff\xfe"}', text=True)
+    assert await close_code(ws) == 1007
+    again = await stack.connect("alice", query=f"session={session_id}")
+    assert (await state_live(again))["state"] == "live"
+    await again.close()
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of process ``pid``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
