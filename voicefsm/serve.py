@@ -127,12 +127,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with running() as service:
-            state["service"] = service
+            state["service"] = service  # kept once stopped: it refuses connections (draining)
             app.state.service = service
-            try:
-                yield
-            finally:
-                state.pop("service", None)
+            yield
 
     app = FastAPI(title="voicefsm", lifespan=lifespan, docs_url=None, redoc_url=None)
     label = (
