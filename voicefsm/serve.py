@@ -63,6 +63,8 @@ class ServeSettings:
     worker_id: str | None = None
     """This worker's name in leases; keep it stable across restarts (default ``host:port``)."""
     lease_ttl_s: float = 15.0
+    orphan_sweep_s: float | None = 30.0
+    """How often this worker finalises sessions nobody drives any more; ``None``: never."""
     live_base_url: str | None = None
     """Talk to this Live endpoint instead (e.g. a shared fake server: ``https://127.0.0.1:PORT``)."""
     live_ca_file: str | None = None
@@ -100,6 +102,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 store=store,
                 worker_id=settings.worker_id,
                 lease_ttl_s=settings.lease_ttl_s,
+                orphan_sweep_s=settings.orphan_sweep_s,
                 metrics=metrics,
                 origins=settings.origins or None,
             )
