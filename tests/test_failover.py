@@ -878,3 +878,68 @@ async def test_a_rolling_restart_of_two_workers_on_redis_loses_no_interview(
             assert "host was cancelled" not in worker.log_text()
     finally:
         await store.close()
+
+
+# ----------------------------------------------------------------------------- 6: orphans
+
+
+async def voicefsm_sessions(store_url: str) -> list[list[str]]:
+    """Run ``voicefsm sessions --store URL``; its rows, split into columns (header dropped)."""
+    process = await asyncio.create_subprocess_exec(
+        *voicefsm_command(),
+        "sessions",
+        "--store",
+        store_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=worker_env(SECRET),
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, f"voicefsm sessions failed:\n{err.decode()}"
+    return [line.split() for line in out.decode().splitlines()[1:]]
+
+
+async def test_a_session_whose_worker_died_and_whose_client_never_came_back_is_ended(
+    tmp_path: Path, upstream: Upstream, workers: WorkerPool
+) -> None:
+    """The demo-mode restart that left ``voicefsm transcript`` saying ``live`` forever."""
+    database = tmp_path / "orphans.db"
+    store_url = f"sqlite://{database}"
+    options = ["--client-grace", "2", "--lease-ttl", "2", "--orphan-sweep", "0.5"]
+    worker = workers.add(
+        "w1",
+        free_port(),
+        ["--store", store_url, "--worker-id", "w1", *options, *live_args(upstream)],
+    )
+    await start_workers(worker)
+    store = SQLiteStore(database)
+    try:
+        async with clients() as opened:
+            client, session_id, _ = await start_session(worker.url, opened)
+            first = await upstream.connection(1)
+            await upstream.say(first, BEFORE[:3])
+            await stored_lines(store, session_id, 3)
+            await asyncio.to_thread(worker.kill)  # and the client never comes back
+            assert await client.close_code() == 1006
+        await start_workers(worker)  # the restarted worker sweeps the store
+        final = await stored_record(
+            store, session_id, lambda r: r.state is State.ENDED, "the orphan to be ended"
+        )
+        assert final.end_reason == "disconnected"
+        assert final.end_detail is not None and "worker stopped" in final.end_detail
+        assert final.transcript_count == 3
+        assert as_lines(await store.read_transcript(session_id)) == numbered(BEFORE[:3])
+        output = await voicefsm_transcript(session_id, store_url)
+        assert output.splitlines()[0] == f"session {session_id} (user alice): ended"
+        assert output.splitlines()[1].startswith("ended: disconnected: its worker stopped")
+        (row,) = await voicefsm_sessions(store_url)
+        assert (row[0], row[1], row[2], row[-2], row[-1]) == (
+            session_id,
+            "alice",
+            "ended",
+            "disconnected",
+            "-",
+        )
+        assert "finalised orphaned session" in worker.log_text()
+    finally:
+        await store.close()

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from live_rig import starlette_service
 from redis_server import free_port
 from test_failover import (
     AFTER,
@@ -321,3 +322,21 @@ async def test_a_signal_drains_the_service_before_the_server_hears_of_it(
         assert signal.getsignal(sig) == server_handler  # put back as it was
     finally:
         signal.signal(sig, original)
+
+
+async def test_a_draining_service_turns_new_connections_away() -> None:
+    service = InterviewService(
+        NoUpstream(),  # type: ignore[arg-type]
+        JWTAuthenticator(SECRET),
+        store=MemoryStore(),
+    )
+    async with starlette_service(service, free_port()) as url:
+        await service.shutdown()
+        assert service.draining
+        fresh = await Client.connect(url)
+        assert await fresh.close_code() == 1013  # a new session: try another worker
+        back = await Client.connect(url, session_id="some-session")
+        assert await back.close_code() == 4410  # a reconnect: go elsewhere
+        assert "shutting down" in (back.ws.close_reason or "")
+        for client in (fresh, back):
+            await client.aclose()

@@ -54,7 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = SessionConfig(
-        time_limit_s=args.minutes * 60, warning_before_s=min(300, args.minutes * 60 / 9)
+        time_limit_s=args.minutes * 60,
+        warning_before_s=min(300, args.minutes * 60 / 9),
+        client_grace_s=args.client_grace,
     )
     settings = ServeSettings(
         config=config,
@@ -65,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
         store_url=args.store,
         worker_id=args.worker_id,
         lease_ttl_s=args.lease_ttl,
+        orphan_sweep_s=args.orphan_sweep or None,
         live_base_url=args.live_base_url,
         live_ca_file=args.live_ca_file,
         upstream=args.upstream,
@@ -308,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--worker-id", help="this worker's name in leases (default host:port)")
     serve.add_argument("--lease-ttl", type=float, default=15.0, help="session lease seconds")
+    serve.add_argument(
+        "--client-grace",
+        type=float,
+        default=60.0,
+        help="seconds a dropped client may take to come back to its session",
+    )
+    serve.add_argument(
+        "--orphan-sweep",
+        type=float,
+        default=30.0,
+        help="seconds between passes that end sessions nobody drives any more (0: never)",
+    )
     serve.add_argument("--live-base-url", help="Live API endpoint to use instead of Google's")
     serve.add_argument("--live-ca-file", help="CA certificate (PEM) for --live-base-url")
     serve.add_argument(

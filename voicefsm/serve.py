@@ -68,6 +68,8 @@ class ServeSettings:
     worker_id: str | None = None
     """This worker's name in leases; keep it stable across restarts (default ``host:port``)."""
     lease_ttl_s: float = 15.0
+    orphan_sweep_s: float | None = 30.0
+    """How often this worker finalises sessions nobody drives any more; ``None``: never."""
     live_base_url: str | None = None
     """Talk to this Live endpoint instead (e.g. a shared fake server: ``https://127.0.0.1:PORT``)."""
     live_ca_file: str | None = None
@@ -140,6 +142,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 store=store,
                 worker_id=settings.worker_id,
                 lease_ttl_s=settings.lease_ttl_s,
+                orphan_sweep_s=settings.orphan_sweep_s,
                 metrics=metrics,
                 origins=settings.origins or None,
                 service_limits=settings.service_limits,
@@ -173,12 +176,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with running() as service:
-            state["service"] = service
+            state["service"] = service  # kept once stopped: it refuses connections (draining)
             app.state.service = service
-            try:
-                yield
-            finally:
-                state.pop("service", None)
+            yield
 
     app = FastAPI(
         title="voicefsm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None

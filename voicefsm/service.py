@@ -66,6 +66,9 @@ MEMORY_SHUTDOWN_DETAIL = (
 )
 """The end detail of a session ended by the shutdown of a service on the memory store."""
 
+FENCED_OUT_REASON = "another worker took the session over; reconnect to continue"
+"""The 4410 close reason of a worker that lost a session to another one."""
+
 SUBPROTOCOL = "voicefsm.v1"
 """The subprotocol the server selects when the client offers it."""
 TOKEN_SUBPROTOCOL_PREFIX = "bearer."
@@ -493,7 +496,7 @@ class InterviewService:
             # Fenced out (another worker took the session): stop writing and hand it over;
             # the session lives on there, so it must not end here.
             if host_of and not host_of[0].session.ended:
-                host_of[0].detach("another worker took the session over; reconnect to continue")
+                host_of[0].detach(FENCED_OUT_REASON)
 
         sink = RetryingSink(
             self.store.fenced(lease), name=session.session_id[:12], on_refused=refused
@@ -527,7 +530,8 @@ class InterviewService:
         host = live.host
 
         def lost(error: LeaseLost) -> None:
-            host.detach(f"another worker took the session over ({error})")
+            logger.warning("session %s: %s", host.session.session_id, error)
+            host.detach(FENCED_OUT_REASON)
 
         try:
             async with LeaseKeeper(self.store, live.lease, on_lost=lost):
