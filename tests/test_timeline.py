@@ -504,6 +504,14 @@ async def test_the_operator_pages_need_the_operator_role(
     assert interview.transcript[0].text in page.text
     missing = await operator_client.get("/operator/sessions/nope", headers=_bearer(operator))
     assert missing.status_code == 404
+    ended = await operator_client.get("/operator/?state=ended", headers=_bearer(operator))
+    assert session_id in ended.text
+    live = await operator_client.get("/operator/?state=live", headers=_bearer(operator))
+    assert session_id not in live.text and "No sessions match" in live.text
+    other = await operator_client.get("/operator/?owner=someone", headers=_bearer(operator))
+    assert session_id not in other.text
+    bad = await operator_client.get("/operator/?state=sleeping", headers=_bearer(operator))
+    assert bad.status_code == 400
 
 
 async def test_a_token_in_the_url_becomes_a_cookie_and_leaves_the_url(

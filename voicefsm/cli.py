@@ -144,7 +144,10 @@ def _timeline(args: argparse.Namespace) -> int:
             lines = await store.read_transcript(args.session_id)
         finally:
             await store.close()
-        page = render_timeline(stored.record, lines, prices=prices)
+        record = stored.record
+        # A running session's last band reaches the present (never past the deadline).
+        now = None if record.ended_at is not None else min(time.time(), record.deadline)
+        page = render_timeline(record, lines, prices=prices, now=now)
         _write_page(page, args.output or f"timeline-{args.session_id}.html")
         return 0
 
