@@ -281,6 +281,29 @@ def test_a_restored_session_draws_its_take_over_and_counts_its_gap_once() -> Non
     assert _sample(metrics, "voicefsm_tokens_total", labels) == 50  # not the first worker's 100
 
 
+def test_a_running_session_is_drawn_up_to_now() -> None:
+    from voicefsm import events as ev
+    from voicefsm.engine import Session
+
+    start = 1_800_000_000.0
+    session = Session(SessionConfig(), session_id="running", seed=1)
+    session.start(start)
+    session.handle(ev.UpstreamReady(connection_id=1), start + 0.1)
+    session.handle(ev.ClientGone("network"), start + 60)
+    record = session.snapshot()
+    timeline = build_timeline(record, now=start + 90)
+    assert [(b.state, b.start, b.end) for b in timeline.bands] == [
+        (State.CONNECTING, start, start + 0.1),
+        (State.LIVE, start + 0.1, start + 90),
+    ]
+    assert [(s.start, s.end, s.returned) for s in timeline.away] == [
+        (start + 60, start + 90, False)
+    ]
+    assert "still running" in render_html(timeline)
+    early = build_timeline(record, now=start + 1)  # a clock behind the log never draws backwards
+    assert all(band.end >= band.start for band in early.bands)
+
+
 def test_a_log_cut_at_its_bound_still_draws_a_whole_axis() -> None:
     result = simulate("interview", seed=7, config=SessionConfig(max_log_entries=20))
     record = _record(result)
