@@ -11,6 +11,8 @@ import pytest
 from voicefsm import EndReason, LogEntry, LogKind, Session, SessionConfig, SessionRecord, State
 from voicefsm import effects as fx
 from voicefsm import events as ev
+from voicefsm.buffer import ResumeBuffer
+from voicefsm.engine import TIMERS
 from voicefsm.protocol import (
     ErrorMessage,
     Ping,
@@ -1181,3 +1183,68 @@ def test_the_record_says_the_conversation_started_as_soon_as_it_did(event: ev.Ev
     assert restored.ended and restored.end_reason is EndReason.UPSTREAM_LOST
     # ... and later chunks are not persisted one by one
     assert of(host.send(event), fx.PersistRecord) == []
+
+
+# ----------------------------------------------------------------------------- timers, one table
+
+
+def test_timers_are_one_table_in_priority_order_and_next_timer_is_its_earliest() -> None:
+    assert [t.name for t in TIMERS] == [
+        "deadline",
+        "warning",
+        "heartbeat_timeout",
+        "ping",
+        "client_grace",
+        "connect_timeout",
+        "retry",
+        "rotate_by",
+    ]
+    host = Host(SessionConfig(time_limit_s=600, warning_before_s=60, connect_timeout_s=5))
+
+    def earliest() -> float:
+        return min(d for t in TIMERS if (d := t.due(host.session)) is not None)
+
+    assert host.session.next_timer() == earliest()  # connecting
+    host.after(0.1).ready()
+    host.send(ev.GoAway("50s"))
+    assert host.session.next_timer() == earliest()  # rotating
+    host.after(2).send(ev.ClientGone())
+    assert host.session.next_timer() == earliest()  # client away
+
+
+def test_timers_due_together_fire_in_table_order() -> None:
+    # a late call finds the warning and the heartbeat timeout both due: the warning comes first
+    host = live_host(
+        time_limit_s=600, warning_before_s=60, heartbeat_interval_s=10, heartbeat_timeout_s=30
+    )
+    effects = host.at(T0 + 545).send(ev.Tick())
+    warning = next(
+        i
+        for i, e in enumerate(effects)
+        if isinstance(e, fx.SendToClient) and isinstance(e.message, SessionWarning)
+    )
+    gone = effects.index(next(e for e in effects if isinstance(e, fx.CloseClient)))
+    assert warning < gone
+
+
+def test_the_resume_buffer_keeps_order_bounds_audio_and_round_trips_through_the_record() -> None:
+    buffer = ResumeBuffer(max_audio_bytes=10)
+    assert buffer.hold_audio(b"12345") and buffer.hold_audio(b"6789")
+    buffer.hold_text("typed")
+    assert not buffer.hold_audio(b"ab")  # 9 + 2 > 10: refused, not kept
+    assert (buffer.audio_bytes, buffer.audio_chunks, len(buffer)) == (9, 2, 3)
+    again = ResumeBuffer.from_pending(buffer.to_pending(), 10)
+    assert list(again) == [b"12345", b"6789", "typed"] and again.audio_bytes == 9
+    assert buffer.release() == [b"12345", b"6789", "typed"]
+    assert (len(buffer), buffer.audio_bytes) == (0, 0)
+
+
+def test_a_session_holds_a_resume_buffer_only_while_it_holds_input() -> None:
+    host = live_host()
+    assert host.session._buffer is None
+    host.handle_update("h-1")
+    host.close(1011)
+    host.send(ev.ClientAudio(b"\x00" * 640))
+    assert host.session._buffer is not None and len(host.session._buffer) == 1
+    host.after(0.1).ready()
+    assert host.session._buffer is None

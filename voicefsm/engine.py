@@ -16,18 +16,17 @@ import math
 import random
 import re
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from voicefsm import effects as fx
 from voicefsm import events as ev
+from voicefsm.buffer import ResumeBuffer
 from voicefsm.machine import FATAL_CLOSE_CODES, MACHINE, UPSTREAM_UP, close_is_resumable
 from voicefsm.model import (
     EndReason,
     LogEntry,
     LogKind,
-    PendingItem,
     SessionConfig,
     SessionRecord,
     SessionStats,
@@ -85,7 +84,6 @@ class Session:
     __slots__ = (
         "_awaiting_start",
         "_buffer",
-        "_buffered_bytes",
         "_client_audio_bytes",
         "_client_connected",
         "_connect_deadline",
@@ -166,8 +164,7 @@ class Session:
         self._handle_at: float | None = None
         self._conversation_started = False
         self._model_turn_open = False
-        self._buffer: deque[bytes | str] = deque()
-        self._buffered_bytes = 0
+        self._buffer: ResumeBuffer | None = None  # created when an outage first holds input
         self._overflow_reported = False
         self._transcript_count = 0
         # client
@@ -338,10 +335,7 @@ class Session:
             conversation_started=self._conversation_started,
             client_connected=self._client_connected,
             transcript_count=self._transcript_count,
-            pending=[
-                PendingItem(audio=item) if isinstance(item, bytes) else PendingItem(text=item)
-                for item in self._buffer
-            ],
+            pending=self._buffer.to_pending() if self._buffer is not None else [],
             stats=self.stats.model_copy(),
             usage=self._usage_snapshot(),
             log=list(self._log),
@@ -382,12 +376,10 @@ class Session:
         session._usage = record.usage
         session._client_audio_bytes = record.usage.client_audio_bytes
         session._model_audio_bytes = record.usage.model_audio_bytes
-        for item in record.pending:
-            if item.audio is not None:
-                session._buffer.append(item.audio)
-                session._buffered_bytes += len(item.audio)
-            elif item.text is not None:
-                session._buffer.append(item.text)
+        if record.pending:
+            session._buffer = ResumeBuffer.from_pending(
+                record.pending, record.config.resume_buffer_max_bytes
+            )
         if record.state is _ENDED:
             session._awaiting_start = False  # nothing to start: it absorbs every event
             session.state = _ENDED
@@ -501,83 +493,97 @@ class Session:
 
     def _compute_timer(self) -> float:
         due = self.deadline
-        if not self.warning_given:
-            due = min(due, self.deadline - self.config.warning_before_s)
-        if self._connect_deadline is not None:
-            due = min(due, self._connect_deadline)
-        if self._next_attempt_at is not None:
-            due = min(due, self._next_attempt_at)
-        if self._rotate_by is not None:
-            due = min(due, self._rotate_by)
-        if self._client_connected:
-            due = min(
-                due,
-                self._next_ping_at,
-                self._last_client_seen + self.config.heartbeat_timeout_s,
-            )
-        elif self._grace_until is not None:
-            due = min(due, self._grace_until)
+        for timer in _TIMERS:
+            at = timer.due(self)
+            if at is not None and at < due:
+                due = at
         return due
 
     def _fire_timers(self, now: float) -> None:
         # Each pass clears at least the timer that fired; the bound is a guard, not a budget.
-        for _ in range(16):
+        for _ in range(2 * len(_TIMERS)):
             if self.state is _ENDED or now < self._compute_timer():
                 return
-            self._fire_one_timer(now)
+            for timer in _TIMERS:
+                at = timer.due(self)
+                if at is not None and now >= at:
+                    timer.fire(self, now)
+                    break
         raise RuntimeError(f"session {self.session_id}: timers did not settle at {now}")
 
-    def _fire_one_timer(self, now: float) -> None:
-        config = self.config
-        if now >= self.deadline:
-            self._end(now, EndReason.TIME_LIMIT, f"the {config.time_limit_s:g} s limit was reached")
-            return
-        if not self.warning_given and now >= self.deadline - config.warning_before_s:
-            self._give_warning(now)
-            return
-        if self._client_connected:
-            if now >= self._last_client_seen + config.heartbeat_timeout_s:
-                silence = f"no message from the client for {config.heartbeat_timeout_s:g} s"
-                self._log_entry(
-                    now, LogKind.HEARTBEAT_TIMEOUT, gap_s=round(now - self._last_client_seen, 3)
-                )
-                self._client_lost(now, f"heartbeat timeout: {silence}")
-                self._out.append(fx.CloseClient(4408, f"heartbeat timeout: {silence}"))
-                return
-            if now >= self._next_ping_at:
-                self._ping_seq += 1
-                self._tell_client(Ping(seq=self._ping_seq))
-                # Stay on the ping grid, skipping the pings a late call missed.
-                interval = config.heartbeat_interval_s
-                missed = math.floor((now - self._next_ping_at) / interval) + 1
-                self._next_ping_at += missed * interval
-                if self._next_ping_at <= now:  # float rounding
-                    self._next_ping_at = now + interval
-                return
-        elif self._grace_until is not None and now >= self._grace_until:
-            self._end(
-                now,
-                EndReason.DISCONNECTED,
-                f"the client did not come back within {config.client_grace_s:g} s",
-            )
-            return
-        if self._connect_deadline is not None and now >= self._connect_deadline:
-            self._connect_deadline = None
-            why = f"upstream not ready within {config.connect_timeout_s:g} s"
-            self._log_entry(
-                now, LogKind.UPSTREAM_CLOSED, connection_id=self._connection_id, why=why
-            )
-            self._out.append(fx.CloseUpstream(self._connection_id, why))
-            self._upstream_open = False
-            self._attempt_failed(now, why, code=None)
-            return
-        if self._next_attempt_at is not None and now >= self._next_attempt_at:
-            self._next_attempt_at = None
-            self._retry(now)
-            return
-        if self._rotate_by is not None and now >= self._rotate_by:
-            self._rotate(now, "GoAway time is running out and no turn boundary came")
-            return
+    # Each timer: when it is due (``None``: not armed) and what firing it does. Firing must
+    # disarm it or move it past ``now``. The order is the priority of :data:`_TIMERS`.
+
+    def _deadline_due(self) -> float | None:
+        return self.deadline
+
+    def _fire_deadline(self, now: float) -> None:
+        self._end(
+            now, EndReason.TIME_LIMIT, f"the {self.config.time_limit_s:g} s limit was reached"
+        )
+
+    def _warning_due(self) -> float | None:
+        return None if self.warning_given else self.deadline - self.config.warning_before_s
+
+    def _heartbeat_timeout_due(self) -> float | None:
+        if not self._client_connected:
+            return None
+        return self._last_client_seen + self.config.heartbeat_timeout_s
+
+    def _fire_heartbeat_timeout(self, now: float) -> None:
+        silence = f"no message from the client for {self.config.heartbeat_timeout_s:g} s"
+        self._log_entry(
+            now, LogKind.HEARTBEAT_TIMEOUT, gap_s=round(now - self._last_client_seen, 3)
+        )
+        self._client_lost(now, f"heartbeat timeout: {silence}")
+        self._out.append(fx.CloseClient(4408, f"heartbeat timeout: {silence}"))
+
+    def _ping_due(self) -> float | None:
+        return self._next_ping_at if self._client_connected else None
+
+    def _fire_ping(self, now: float) -> None:
+        self._ping_seq += 1
+        self._tell_client(Ping(seq=self._ping_seq))
+        # Stay on the ping grid, skipping the pings a late call missed.
+        interval = self.config.heartbeat_interval_s
+        missed = math.floor((now - self._next_ping_at) / interval) + 1
+        self._next_ping_at += missed * interval
+        if self._next_ping_at <= now:  # float rounding
+            self._next_ping_at = now + interval
+
+    def _client_grace_due(self) -> float | None:
+        return None if self._client_connected else self._grace_until
+
+    def _fire_client_grace(self, now: float) -> None:
+        self._end(
+            now,
+            EndReason.DISCONNECTED,
+            f"the client did not come back within {self.config.client_grace_s:g} s",
+        )
+
+    def _connect_timeout_due(self) -> float | None:
+        return self._connect_deadline
+
+    def _fire_connect_timeout(self, now: float) -> None:
+        self._connect_deadline = None
+        why = f"upstream not ready within {self.config.connect_timeout_s:g} s"
+        self._log_entry(now, LogKind.UPSTREAM_CLOSED, connection_id=self._connection_id, why=why)
+        self._out.append(fx.CloseUpstream(self._connection_id, why))
+        self._upstream_open = False
+        self._attempt_failed(now, why, code=None)
+
+    def _retry_due(self) -> float | None:
+        return self._next_attempt_at
+
+    def _fire_retry(self, now: float) -> None:
+        self._next_attempt_at = None
+        self._retry(now)
+
+    def _rotate_by_due(self) -> float | None:
+        return self._rotate_by
+
+    def _fire_rotate_by(self, now: float) -> None:
+        self._rotate(now, "GoAway time is running out and no turn boundary came")
 
     # ------------------------------------------------------------------ transitions
 
@@ -605,7 +611,7 @@ class Session:
         self._persist()
 
     def _log_end(self, now: float, previous: State) -> None:
-        unsent = sum(1 for i in self._buffer if isinstance(i, bytes))
+        unsent = self._buffer.audio_chunks if self._buffer is not None else 0
         if unsent:
             why = "buffered when the session ended"
             self._log_entry(now, LogKind.AUDIO_UNSENT, count=unsent, why=why)
@@ -618,10 +624,9 @@ class Session:
         assert self._end_detail is not None
         self._connect_deadline = self._next_attempt_at = self._rotate_by = None
         self._grace_until = None
-        if self._buffer:
-            self.stats.chunks_unsent_at_end += sum(1 for i in self._buffer if isinstance(i, bytes))
-            self._buffer.clear()
-            self._buffered_bytes = 0
+        if self._buffer is not None:
+            self.stats.chunks_unsent_at_end += self._buffer.audio_chunks
+            self._buffer = None
         # The client hears first and the record is saved before the upstream's (slower)
         # teardown.
         self._tell_client(
@@ -775,12 +780,19 @@ class Session:
 
     # ------------------------------------------------------------------ client input buffering
 
+    def _resume_buffer(self) -> ResumeBuffer:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = ResumeBuffer(self.config.resume_buffer_max_bytes)
+        return buffer
+
     def _hold(self, item: bytes | str, now: float) -> None:
+        buffer = self._resume_buffer()
         if isinstance(item, str):
-            self._buffer.append(item)
+            buffer.hold_text(item)
             return
-        size = len(item)
-        if self._buffered_bytes + size > self.config.resume_buffer_max_bytes:
+        if not buffer.hold_audio(item):
+            size = len(item)
             self.stats.chunks_overflowed += 1
             self.stats.bytes_overflowed += size
             if not self._overflow_reported:
@@ -800,14 +812,16 @@ class Session:
                     )
                 )
             return
-        self._buffer.append(item)
-        self._buffered_bytes += size
         self.stats.chunks_buffered += 1
 
     def _release_buffer(self) -> None:
+        if self._buffer is None:
+            return
+        items = self._buffer.release()
+        self._buffer = None
         flushed = 0
         out = self._out
-        for item in self._buffer:
+        for item in items:
             if isinstance(item, bytes):
                 out.append(fx.SendAudioUpstream(item))
                 flushed += 1
@@ -815,8 +829,6 @@ class Session:
             else:
                 out.append(fx.SendTextUpstream(item))
                 self._start_conversation()
-        self._buffer.clear()
-        self._buffered_bytes = 0
         self.stats.chunks_flushed += flushed
 
     # ------------------------------------------------------------------ warning, client presence
@@ -834,7 +846,7 @@ class Session:
         else:
             # Not connected right now: the prompt waits with the buffered input, and `ready`
             # lands in `warning` because `warning_given` is set.
-            self._buffer.append(prompt)
+            self._resume_buffer().hold_text(prompt)
             self._persist()
 
     def _client_lost(self, now: float, why: str) -> None:
@@ -1093,5 +1105,32 @@ def _add_counts(totals: dict[str, int], counts: tuple[tuple[str, int], ...]) -> 
         merged[modality] = merged.get(modality, 0) + tokens
     return merged
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timer:
+    """One of the session's timers: when it is due and what firing it does."""
+
+    name: str
+    due: Callable[[Session], float | None]
+    """When it is due (absolute epoch seconds), ``None`` while it is not armed."""
+    fire: Callable[[Session, float], None]
+    """Fire it at ``now``; this disarms it or moves it past ``now``."""
+
+
+TIMERS: tuple[Timer, ...] = (
+    Timer("deadline", Session._deadline_due, Session._fire_deadline),
+    Timer("warning", Session._warning_due, Session._give_warning),
+    Timer("heartbeat_timeout", Session._heartbeat_timeout_due, Session._fire_heartbeat_timeout),
+    Timer("ping", Session._ping_due, Session._fire_ping),
+    Timer("client_grace", Session._client_grace_due, Session._fire_client_grace),
+    Timer("connect_timeout", Session._connect_timeout_due, Session._fire_connect_timeout),
+    Timer("retry", Session._retry_due, Session._fire_retry),
+    Timer("rotate_by", Session._rotate_by_due, Session._fire_rotate_by),
+)
+"""Every timer of a session, declared once, in priority order: when several are due in one
+call, they fire one at a time from the top of this table (the deadline first, so nothing else can
+happen at or after it; then the warning, so it reaches the client before any end but the
+deadline; then client presence, then the upstream). ``next_timer()`` is the earliest due."""
+_TIMERS = TIMERS
 
 _DEFAULT_CONFIG = SessionConfig()
