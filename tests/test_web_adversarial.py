@@ -40,7 +40,7 @@ from test_web import (
     open_stack,
     start_session,
 )
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.limits import Admission, ServiceLimits
@@ -98,7 +98,6 @@ async def test_the_starlette_adapter_warns_when_uvicorn_allows_bigger_frames(
 ) -> None:
     import uvicorn
     from starlette.applications import Starlette
-    from websockets.asyncio.client import connect
 
     from voicefsm.web.starlette import interview_route
 
@@ -165,20 +164,23 @@ async def flood_one(port: int, frame_bytes: int) -> None:
 
 
 @pytest.fixture
-def server_process(request: pytest.FixtureRequest) -> Any:
-    """Start ``flood_server.py MODE`` on a free port; yield ``(pid, port)``; kill it by pid."""
+def server_process(tmp_path: Path) -> Any:
+    """Start ``flood_server.py MODE`` on a free port (its output in ``tmp_path/MODE.log``);
+    yield ``(pid, port)``; kill it by pid."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(mode: str) -> tuple[int, int]:
         port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("GOOGLE_API_KEY", None)
+        log = (tmp_path / f"{mode}.log").open("wb")
         process = subprocess.Popen(
             [sys.executable, str(HERE / "flood_server.py"), mode, str(port)],
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
+        log.close()
         started.append(process)
         return process.pid, port
 
@@ -293,6 +295,24 @@ async def test_no_token_appears_in_any_log_line(stack: Stack) -> None:
 
 
 # ----------------------------------------------------------------------------- 3. bad frames
+
+
+async def test_serve_logs_no_token_at_its_default_settings(
+    server_process: Callable[[str], tuple[int, int]], tmp_path: Path
+) -> None:
+    from flood_server import SECRET as SERVE_SECRET
+
+    _, port = server_process("serve")
+    await wait_listening(port)
+    token = JWTAuthenticator(SERVE_SECRET).issue("alice")
+    async with connect(f"ws://127.0.0.1:{port}/interview?token={token}", open_timeout=30) as ws:
+        await next_json(ws, "session_created", within=30)
+        await ws.send(json.dumps({"end_session": True}))
+        await next_json(ws, "session_ended", within=30)
+    log = (tmp_path / "serve.log").read_text()
+    assert "/interview?token=[redacted]" in log  # uvicorn did log the URL, redacted
+    assert token not in log
+    assert token.rsplit(".", 1)[1] not in log
 
 
 async def test_deep_nesting_as_the_first_message_is_refused_4401(stack: Stack) -> None:
@@ -461,6 +481,12 @@ async def test_idle_and_slow_loris_connections_are_closed(
     async with bare_server(kind) as port:
         assert await closed_by_server(port, nothing)
         assert await closed_by_server(port, trickle)
+        # A websocket is past the request head: the deadline does not cut it.
+        ws = await connect(f"ws://127.0.0.1:{port}/interview")
+        await asyncio.sleep(1.0)  # twice the deadline; what is tested is that nothing happens
+        await ws.send(json.dumps({"type": "auth", "token": "not-a-jwt"}))
+        assert await close_code(ws) == 4401
+        assert ws.close_reason is not None and ws.close_reason.startswith("invalid token")
 
 
 # ----------------------------------------------------------------------------- 5. one host

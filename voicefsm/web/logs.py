@@ -49,11 +49,19 @@ def redact(text: str) -> str:
     return text
 
 
+_STANDARD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__)
+
+
 class TokenRedactingFilter(logging.Filter):
-    """A logging filter that redacts tokens from a record's message (it never drops one)."""
+    """A logging filter that redacts tokens from a record (it never drops one).
+
+    It rewrites the message and also the record's extra string fields: aiohttp's access log
+    passes the request line as ``extra`` (``first_request_line``), which a structured (JSON)
+    formatter would write out.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite ``record`` in place if its message holds a token."""
+        """Rewrite ``record`` in place if its message or extra fields hold a token."""
         try:
             message = record.getMessage()
         except Exception:  # a broken record is the handler's business, not ours
@@ -62,6 +70,16 @@ class TokenRedactingFilter(logging.Filter):
         if cleaned != message:
             record.msg = cleaned
             record.args = None
+        for name, value in list(record.__dict__.items()):
+            if name in _STANDARD_ATTRIBUTES:
+                continue
+            if isinstance(value, str):
+                record.__dict__[name] = redact(value)
+            elif isinstance(value, dict):
+                record.__dict__[name] = {
+                    key: redact(item) if isinstance(item, str) else item
+                    for key, item in value.items()
+                }
         return True
 
 
