@@ -776,3 +776,54 @@ async def test_the_store_may_come_from_a_coroutine(interview: SimulationResult) 
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         listing = await client.get("/operator/", headers=_bearer(operator))
     assert listing.status_code == 200 and _record(interview).session_id in listing.text
+
+
+async def test_voicefsm_serve_shows_a_stored_interview_to_operators_only(
+    tmp_path: Path, interview: SimulationResult
+) -> None:
+    """The real app under uvicorn, its lifespan started, reading a SQLite store over HTTP."""
+    import asyncio
+
+    import uvicorn
+
+    from voicefsm.serve import ServeSettings, create_app
+
+    record = _record(interview)
+    database = tmp_path / "served.db"
+    async with SQLiteStore(str(database)) as store:
+        await store.save(record)
+        for line in interview.transcript:
+            await store.append_transcript(record.session_id, line)
+    settings = ServeSettings(
+        config=SessionConfig(), jwt_secret=SECRET, store_url=f"sqlite://{database}", fake=True
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        auth = JWTAuthenticator(SECRET)
+        page_path = f"/operator/sessions/{record.session_id}"
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert (await client.get(page_path)).status_code == 401
+            candidate = _bearer(auth.issue(record.owner or "cand-1"))
+            refused = await client.get(page_path, headers=candidate)
+            assert refused.status_code == 403
+            assert interview.transcript[0].text not in refused.text
+            operator = _bearer(auth.issue("ops-1", roles=["operator"]))
+            listing = await client.get("/operator/", headers=operator)
+            assert listing.status_code == 200 and record.session_id in listing.text
+            page = await client.get(page_path, headers=operator)
+            assert page.status_code == 200
+            assert page.headers["content-security-policy"].startswith("default-src 'none'")
+            assert page.text.count('data-kind="rotation"') == record.stats.resumes
+            assert interview.transcript[0].text in page.text
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 20)
