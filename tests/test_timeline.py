@@ -304,6 +304,50 @@ def test_a_running_session_is_drawn_up_to_now() -> None:
     assert all(band.end >= band.start for band in early.bands)
 
 
+def test_heartbeat_timeouts_overflow_and_unsent_audio_are_marked_where_they_happened() -> None:
+    from voicefsm import events as ev
+    from voicefsm.engine import Session
+
+    start = 1_800_000_000.0
+    config = SessionConfig(
+        resume_buffer_max_bytes=640 * 3,
+        heartbeat_interval_s=10,
+        heartbeat_timeout_s=30,
+        client_grace_s=20,
+        resume_backoff_base_s=5,
+        resume_backoff_cap_s=5,
+    )
+    session = Session(config, session_id="faulty", seed=1)
+    session.start(start)
+    session.handle(ev.UpstreamReady(connection_id=1), start + 0.1)
+    session.handle(ev.ResumptionUpdate("h-1", True), start + 1)
+    session.handle(ev.UpstreamClosed(1006, "dropped", connection_id=1), start + 2)
+    for n in range(5):  # the buffer holds three chunks; the fourth overflows
+        session.handle(ev.ClientAudio(bytes(640)), start + 2.1 + n * 0.02)
+    now = start + 2.2
+    while not session.ended:  # the upstream never answers, the client goes quiet
+        due = session.next_timer()
+        assert due is not None and due < start + 3600
+        now = due
+        session.handle(ev.Tick(), now)
+    record = session.snapshot()
+    timeline = build_timeline(record)
+    for kind, log_kind in (
+        ("heartbeat_timeout", LogKind.HEARTBEAT_TIMEOUT),
+        ("overflow", LogKind.AUDIO_OVERFLOW),
+        ("unsent", LogKind.AUDIO_UNSENT),
+        ("close", LogKind.UPSTREAM_CLOSED),
+    ):
+        want = [entry.at for entry in kinds(record, log_kind)]
+        assert want, f"the engine logged no {log_kind}"
+        assert [m.at for m in timeline.markers if m.kind == kind] == want, kind
+    (away,) = timeline.away
+    assert away.start == kinds(record, LogKind.CLIENT_LEFT)[0].at and not away.returned
+    page = render_html(timeline)
+    for kind in ("heartbeat_timeout", "overflow", "unsent", "away", "end"):
+        assert f'data-kind="{kind}"' in page, kind
+
+
 def test_a_log_cut_at_its_bound_still_draws_a_whole_axis() -> None:
     result = simulate("interview", seed=7, config=SessionConfig(max_log_entries=20))
     record = _record(result)
