@@ -551,7 +551,10 @@ async def test_the_operator_pages_need_the_operator_role(
     candidate = auth.issue("cand-1")
     session_id = _record(interview).session_id
     for path in ("/operator/", f"/operator/sessions/{session_id}"):
-        assert (await operator_client.get(path)).status_code == 401
+        unsigned = await operator_client.get(path)
+        assert unsigned.status_code == 401 and unsigned.headers["www-authenticate"].startswith(
+            "Bearer"
+        )
         bad = await operator_client.get(path, headers=_bearer("not-a-jwt"))
         assert bad.status_code == 401
         refused = await operator_client.get(path, headers=_bearer(candidate))

@@ -114,6 +114,7 @@ def operator_router(
                 f"{html.escape(str(error))}.</p>",
                 401,
             )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="voicefsm operator"'
             response.delete_cookie(COOKIE, path=prefix)
             return response
         if role not in who.roles:
