@@ -470,7 +470,10 @@ async def test_sigkill_mid_session_the_other_worker_takes_over_from_redis(
         assert as_lines(await store.read_transcript(session_id)) == everything
 
     output = await voicefsm_transcript(session_id, redis_server.url)
-    assert output.splitlines() == [
+    lines = output.splitlines()
+    usage = lines.pop(3)  # tokens, audio and an estimated cost (tests/test_timeline.py)
+    assert usage.startswith("usage: ") and "(estimate; prices as of " in usage
+    assert lines == [
         f"session {session_id} (user alice): ended",
         "ended: user_ended: the client ended the interview",
         f"resumes: 1, transcript lines: {len(everything)}",
