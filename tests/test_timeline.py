@@ -652,10 +652,12 @@ async def test_timeline_and_transcript_commands_read_the_store(
     assert f"{record.usage.prompt_tokens:,} prompt" in printed
     assert f"cost {cost.describe()}" in printed
     assert await _in_thread(["sessions", "--store", url, "--prices", str(prices)]) == 0
-    header, row = capsys.readouterr().out.splitlines()
-    assert header.endswith("EST. COST (prices of 2026-12-01)")
+    listed = capsys.readouterr()
+    header, row = listed.out.splitlines()
+    assert header.split()[-3:] == ["EST.COST", "END", "WORKER"]
+    assert "prices as of 2026-12-01 (test prices)" in listed.err
     priced = estimate_cost(usage_tokens(record.usage), PRICES)
-    assert row.startswith(record.session_id) and row.endswith(f"${priced.total:.4f}")
+    assert row.split()[0] == record.session_id and row.split()[-3] == f"${priced.total:.4f}"
 
 
 async def _in_thread(argv: list[str]) -> int:

@@ -218,9 +218,9 @@ def _sessions(args: argparse.Namespace) -> int:
                 str(s.state),
                 _when(s.started_at),
                 _when(s.deadline),
+                _cost(s.usage, prices),
                 str(s.end_reason) if s.end_reason is not None else "-",
                 s.worker if s.lease_live(now) and s.worker else "-",
-                _cost(s.usage, prices),
             ]
             for s in summaries
         ]
@@ -229,8 +229,11 @@ def _sessions(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no sessions in {args.store}", file=sys.stderr)
         return 0
-    header = ["SESSION", "OWNER", "STATE", "STARTED (UTC)", "DEADLINE (UTC)", "END", "WORKER"]
-    header.append(f"EST. COST (prices of {prices.as_of})")
+    header = ["SESSION", "OWNER", "STATE", "STARTED (UTC)", "DEADLINE (UTC)", "EST.COST"]
+    header += ["END", "WORKER"]
+    print(
+        f"EST.COST: estimated from prices as of {prices.as_of} ({prices.source})", file=sys.stderr
+    )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
