@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -1248,3 +1250,35 @@ def test_a_session_holds_a_resume_buffer_only_while_it_holds_input() -> None:
     assert host.session._buffer is not None and len(host.session._buffer) == 1
     host.after(0.1).ready()
     assert host.session._buffer is None
+
+
+def test_log_entries_the_engine_builds_equal_validated_ones() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.after(1).send(ev.GoAway("20s"))
+    for entry in host.session.snapshot().log:
+        fields = {k: v for k, v in dataclasses.asdict(entry).items() if v is not None}
+        assert LogEntry(**fields) == entry
+        assert LogEntry(**json.loads(json.dumps(fields))) == entry
+
+
+def test_a_started_session_keeps_under_one_kib() -> None:
+    """Issue 11.4: engine memory per started session (measured as bench_engine.py does)."""
+    import gc
+    import tracemalloc
+
+    config = SessionConfig()
+    keep: list[Session] = []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(500):
+            session = Session(config)
+            session.start(T0)  # the effects are dropped, as a host does once it carried them out
+            keep.append(session)
+        gc.collect()
+        per_session = (tracemalloc.get_traced_memory()[0] - before - sys.getsizeof(keep)) / 500
+    finally:
+        tracemalloc.stop()
+    assert per_session <= 1024, f"{per_session:.0f} B per started session"

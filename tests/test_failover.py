@@ -639,7 +639,12 @@ async def test_a_redis_outage_mid_session_loses_nothing_and_is_logged(
             stored = await reader.load(session_id)
             assert stored is not None
             assert stored.record.resumption_handle == outage_handle
-            assert stored.record == live.host.session.snapshot()  # the record is current
+            # the record is current (but for the audio counters, which move with every chunk
+            # and are stored with the next save)
+            current = live.host.session.snapshot()
+            assert stored.record.model_dump(exclude={"usage"}) == current.model_dump(
+                exclude={"usage"}
+            )
             assert as_lines(await reader.read_transcript(session_id)) == everything[:5]
             assert await redis_lease(reader, session_id) == (lease_token, "solo")
             await eventually(

@@ -73,6 +73,65 @@ class _NotAnEvent(TypeError):
 _logger = logging.getLogger(__name__)
 
 
+class SessionCounters:
+    """The counters a running session keeps: the fields of :class:`voicefsm.SessionStats`.
+
+    A ``__slots__`` object (a pydantic model costs several hundred bytes per session);
+    :meth:`Session.snapshot` copies it into the record's ``SessionStats``.
+    """
+
+    __slots__ = (
+        "bytes_overflowed",
+        "chunks_buffered",
+        "chunks_flushed",
+        "chunks_overflowed",
+        "chunks_unsent_at_end",
+        "connect_attempts",
+        "goaways",
+        "ignored_resumption_updates",
+        "last_prompt_tokens",
+        "resumes",
+        "tool_calls",
+        "transcript_lines",
+        "unknown_events",
+        "upstream_audio_unsent",
+    )
+
+    def __init__(self) -> None:
+        self.resumes = 0
+        self.connect_attempts = 0
+        self.goaways = 0
+        self.chunks_buffered = 0
+        self.chunks_flushed = 0
+        self.chunks_overflowed = 0
+        self.bytes_overflowed = 0
+        self.chunks_unsent_at_end = 0
+        self.upstream_audio_unsent = 0
+        self.transcript_lines = 0
+        self.ignored_resumption_updates = 0
+        self.unknown_events = 0
+        self.tool_calls = 0
+        self.last_prompt_tokens: int | None = None
+
+    def to_model(self) -> SessionStats:
+        """The counters as the record stores them."""
+        # (validating a dict is several times faster than pydantic's model_construct here)
+        return SessionStats.model_validate(
+            {name: getattr(self, name) for name in SessionCounters.__slots__}
+        )
+
+    @classmethod
+    def from_model(cls, stats: SessionStats) -> SessionCounters:
+        """Counters that continue from a stored ``SessionStats``."""
+        counters = cls()
+        for name in SessionCounters.__slots__:
+            setattr(counters, name, getattr(stats, name))
+        return counters
+
+    def __repr__(self) -> str:
+        return f"SessionCounters({self.to_model()!r})"
+
+
 class Session:
     """One interview: a state machine over classified events and time.
 
@@ -146,7 +205,8 @@ class Session:
         self._awaiting_start = True
         self.deadline = 0.0
         self.warning_given = False
-        self.stats = SessionStats()
+        self.stats = SessionCounters()
+        """The session's counters, live (``snapshot().stats`` is a stored copy)."""
         self._seed = seed
         self._rng: random.Random | None = None
         self._end_detail: str | None = None
@@ -257,6 +317,8 @@ class Session:
         if self._awaiting_start:
             if event_type is ev.UpstreamAudioUnsent and self.started_at is not None:
                 self._on_upstream_audio_unsent(event, now)  # type: ignore[arg-type]
+                if self._unsaved:
+                    self._save_now()
                 return self._take()
             raise SessionError(f"session {self.session_id}: call start(now) before handle()")
         state = self.state
@@ -300,8 +362,8 @@ class Session:
             # "The current connection" means the one current when the event arrived, not one
             # a timer due in this same call is about to open.
             event = dataclasses.replace(event, connection_id=self._connection_id)
-        if event_type is not ev.UpstreamClosed or now >= self.deadline:
-            self._fire_timers(now)
+        if now >= self._timer_due and (event_type is not ev.UpstreamClosed or now >= self.deadline):
+            self._fire_timers(now)  # (the cached earliest timer is never later than the true one)
         # else: a close is applied before the timers due with it, so a timer's output (the
         # wrap-up prompt, say) goes to the next connection, not to the one reported dead.
         if self.state is not _ENDED or event_type is ev.UpstreamAudioUnsent:
@@ -336,21 +398,25 @@ class Session:
             client_connected=self._client_connected,
             transcript_count=self._transcript_count,
             pending=self._buffer.to_pending() if self._buffer is not None else [],
-            stats=self.stats.model_copy(),
+            stats=self.stats.to_model(),
             usage=self._usage_snapshot(),
             log=list(self._log),
             log_dropped=self._log_dropped,
         )
 
     def _usage_snapshot(self) -> SessionUsage:
-        audio = {
-            "client_audio_bytes": self._client_audio_bytes,
-            "model_audio_bytes": self._model_audio_bytes,
-        }
         if self._usage is None:
-            return SessionUsage(**audio)
+            return SessionUsage(
+                client_audio_bytes=self._client_audio_bytes,
+                model_audio_bytes=self._model_audio_bytes,
+            )
         # `_usage` is replaced, never changed in place, so sharing its dicts is safe.
-        return self._usage.model_copy(update=audio)
+        return self._usage.model_copy(
+            update={
+                "client_audio_bytes": self._client_audio_bytes,
+                "model_audio_bytes": self._model_audio_bytes,
+            }
+        )
 
     @classmethod
     def restore(cls, record: SessionRecord, now: float, *, seed: int | None = None) -> Session:
@@ -366,7 +432,7 @@ class Session:
         session.started_at = record.started_at
         session.deadline = record.deadline
         session.warning_given = record.warning_given
-        session.stats = record.stats.model_copy()
+        session.stats = SessionCounters.from_model(record.stats)
         session._handle = record.resumption_handle
         session._handle_at = record.handle_received_at
         session._conversation_started = record.conversation_started
@@ -451,7 +517,7 @@ class Session:
             if not any(isinstance(e, fx.PersistRecord) and e.record.state is _ENDED for e in out):
                 if not any(isinstance(e, fx.Logged) and e.entry.kind is LogKind.END for e in out):
                     self._log_entry(now, LogKind.END, reason=reason, why=self._end_detail)
-                self._persist()
+                self._save_now()
         except Exception:
             _logger.exception("session %s: its final record could not be built", self.session_id)
         if self._upstream_open:
@@ -461,18 +527,22 @@ class Session:
     def _flush(self, now: float) -> list[fx.Effect]:
         # A handler (or start/restore) may have made a timer due right now: fire it here, so
         # next_timer() is never at or before `now` when the host gets the effects.
-        self._fire_timers(now)
-        self._timer_due = self._compute_timer() if self.state is not _ENDED else float("inf")
+        self._timer_due = self._fire_timers(now)
         if self._unsaved:
-            self._persist()  # a call that adds to the log leaves it stored
+            self._save_now()
         return self._take()
 
     def _persist(self) -> None:
+        """Something a restore depends on changed: the record is saved at the end of this call
+        (one ``PersistRecord`` per call, holding everything the call changed)."""
+        self._unsaved = True
+
+    def _save_now(self) -> None:
         self._unsaved = False
         self._out.append(fx.PersistRecord(self.snapshot()))
 
     def _log_entry(self, now: float, kind: LogKind, **fields: Any) -> None:
-        entry = LogEntry(at=now, kind=kind, **fields)
+        entry = _new_log_entry(now, kind, fields)
         log = self._log
         limit = self.config.max_log_entries
         if len(log) >= limit:
@@ -499,11 +569,15 @@ class Session:
                 due = at
         return due
 
-    def _fire_timers(self, now: float) -> None:
+    def _fire_timers(self, now: float) -> float:
+        """Fire every timer due at ``now``; return the earliest one left (``inf`` once ended)."""
         # Each pass clears at least the timer that fired; the bound is a guard, not a budget.
         for _ in range(2 * len(_TIMERS)):
-            if self.state is _ENDED or now < self._compute_timer():
-                return
+            if self.state is _ENDED:
+                return float("inf")
+            due = self._compute_timer()
+            if now < due:
+                return due
             for timer in _TIMERS:
                 at = timer.due(self)
                 if at is not None and now >= at:
@@ -635,7 +709,7 @@ class Session:
         self._out.append(fx.CloseClient(1000, f"session ended: {self.end_reason}"))
         upstream_open = self._upstream_open
         self._upstream_open = False
-        self._persist()
+        self._save_now()
         if upstream_open:
             self._out.append(
                 fx.CloseUpstream(self._connection_id, f"session ended: {self.end_reason}")
@@ -1104,6 +1178,23 @@ def _add_counts(totals: dict[str, int], counts: tuple[tuple[str, int], ...]) -> 
     for modality, tokens in counts:
         merged[modality] = merged.get(modality, 0) + tokens
     return merged
+
+
+_LOG_FIELDS = tuple(f.name for f in dataclasses.fields(LogEntry))
+_LOG_DEFAULTS = dict.fromkeys(_LOG_FIELDS)
+_set_slot = object.__setattr__
+
+
+def _new_log_entry(at: float, kind: LogKind, fields: dict[str, Any]) -> LogEntry:
+    """A :class:`LogEntry` from the engine's own, already typed, values, without the
+    validation pass its constructor runs (about half its cost)."""
+    entry: LogEntry = object.__new__(LogEntry)
+    values = {**_LOG_DEFAULTS, **fields}
+    values["at"] = at
+    values["kind"] = kind
+    for name in _LOG_FIELDS:
+        _set_slot(entry, name, values[name])
+    return entry
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

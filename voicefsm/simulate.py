@@ -440,7 +440,7 @@ class Simulation:
             end_reason=session.end_reason,
             end_detail=session.end_detail,
             ended_at_s=ended_at,
-            stats=session.stats,
+            stats=session.snapshot().stats,
             client_chunks_sent=self.client_chunk_seq,
             client_chunks_received_upstream=upstream.received,
             client_chunks_reordered=upstream.reordered,
