@@ -43,7 +43,7 @@ from voicefsm.pricing import (
     load_prices,
     usage_tokens,
 )
-from voicefsm.simulate import SimulationResult, simulate
+from voicefsm.simulate import SCENARIOS, SimulationResult, simulate
 from voicefsm.stores import MemoryStore, SQLiteStore
 from voicefsm.timeline import build_timeline, render_html, render_timeline
 from voicefsm.web.operator import COOKIE, operator_router
@@ -346,6 +346,21 @@ def test_heartbeat_timeouts_overflow_and_unsent_audio_are_marked_where_they_happ
     page = render_html(timeline)
     for kind in ("heartbeat_timeout", "overflow", "unsent", "away", "end"):
         assert f'data-kind="{kind}"' in page, kind
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_scenario_draws_its_end_and_bands_from_start_to_deadline(scenario: str) -> None:
+    result = simulate(scenario, seed=3)
+    record = _record(result)
+    timeline = build_timeline(record, result.transcript, prices=PRICES)
+    assert [(b.state, b.start, b.end) for b in timeline.bands] == expected_bands(record)
+    assert timeline.bands[0].start == record.started_at
+    assert timeline.bands[-1].end == record.deadline
+    (end,) = [m for m in timeline.markers if m.kind == "end"]
+    assert end.at == record.ended_at and end.label == f"end: {record.end_reason}"
+    page = render_html(timeline)
+    assert page.count('data-kind="band"') == len(timeline.bands)
+    assert page.count('data-kind="turn"') == len(result.transcript)
 
 
 def test_a_log_cut_at_its_bound_still_draws_a_whole_axis() -> None:
