@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jwt
 import pytest
@@ -121,6 +122,17 @@ async def test_the_starlette_adapter_warns_when_uvicorn_allows_bigger_frames(
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 15)
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_1007_and_the_session_survives(
+    stack: Stack,
+) -> None:
+    ws, session_id = await start_session(stack)
+    await ws.send(b'{"type": "pong", "x": "\xff\xfe"}', text=True)
+    assert await close_code(ws) == 1007
+    again = await stack.connect("alice", query=f"session={session_id}")
+    assert (await state_live(again))["state"] == "live"
+    await again.close()
 
 
 def rss_bytes(pid: int) -> int:
@@ -320,6 +332,34 @@ async def test_deep_nesting_as_the_first_message_is_refused_4401(stack: Stack) -
     await ws.send("[" * 5000)
     assert await close_code(ws) == 4401
     assert stack.fake.connections == []
+
+
+NASTY_FRAMES: list[str | bytes] = [
+    "[" * 20_000,
+    '{"a":' * 10_000 + "1" + "}" * 10_000,
+    "1" * 5000,  # more digits than int() takes
+    '{"mime_type": "audio/pcm", "data": ' + "[" * 900 + "]" * 900 + "}",
+    '{"type": "pong", "seq": 1e400}',
+    '{"mime_type": "' + "\u0000" * 500 + '", "data": "AAAA"}',
+    '{"end_session": "yes"}',
+    '{"mime_type": "text/plain", "data": "\\ud83d"}',  # a lone surrogate, escaped in JSON
+    b"\x01",
+]
+
+
+async def test_nasty_frames_each_get_an_error_and_the_session_goes_on(stack: Stack) -> None:
+    ws, _ = await start_session(stack)
+    for frame in NASTY_FRAMES:
+        await ws.send(frame)
+        error = await next_json(ws, "error")
+        assert error["code"] in {"invalid_json", "invalid_message", "unknown_mime_type"} | {
+            "invalid_audio"
+        }, (frame[:40], error)
+        assert len(error["message"]) < 300
+    await ws.send(chunk(0))
+    await stack.fake.connections[0].wait_for_audio_chunks(1)
+    await ws.send(json.dumps({"end_session": True}))
+    assert (await next_json(ws, "session_ended"))["reason"] == "user_ended"
 
 
 class FailingTransport:
@@ -648,3 +688,21 @@ async def test_a_wrong_algorithm_token_with_mixed_algorithms_is_4401(stack: Stac
     good = await stack.connect("alice")  # the HS256 side still works
     assert (await next_json(good, "session_created"))["session_id"]
     await good.close()
+
+
+@pytest.mark.parametrize("session_id", ["abc\nINFO forged line", "x" * 129, "a b"])
+async def test_an_implausible_session_id_is_unknown_without_a_lookup(
+    stack: Stack, session_id: str
+) -> None:
+    looked_up: list[str] = []
+    real_load = stack.service.store.load
+
+    async def load(sid: str) -> Any:
+        looked_up.append(sid)
+        return await real_load(sid)
+
+    stack.service.store.load = load  # type: ignore[method-assign]
+    ws = await stack.connect("alice", query=urlencode({"session": session_id}))
+    assert (await next_json(ws, "error"))["code"] == "unknown_session"
+    assert await close_code(ws) == 4404
+    assert looked_up == []

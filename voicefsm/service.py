@@ -240,6 +240,9 @@ class InterviewService:
             return
         session_id = transport.query.get("session")
         channel = WebChannel(transport, self.limits, self.metrics)
+        if session_id and not _plausible_session_id(session_id):
+            await _unknown_session(channel)  # never logged or looked up: it is client input
+            return
         live = (
             await self._reattach(session_id, principal, channel)
             if session_id
@@ -468,10 +471,7 @@ class InterviewService:
         """Pick up a session this worker does not drive: from the store, under a new lease."""
         stored = await self.store.load(session_id)
         if stored is None:
-            await channel.send_message(
-                ErrorMessage(code="unknown_session", message="no session with that id")
-            )
-            await channel.close(4404, "unknown session")
+            await _unknown_session(channel)
             return None
         record = stored.record
         if record.owner != principal.user_id:
@@ -582,3 +582,23 @@ async def _refuse(transport: Transport, refusal: Refusal) -> None:
         )
     with contextlib.suppress(Exception):
         await transport.close(refusal.close_code, refusal.reason[:120])
+
+
+MAX_SESSION_ID_LENGTH = 128
+"""Longest ``?session=`` value looked up; longer ones are unknown sessions."""
+
+
+def _plausible_session_id(session_id: str) -> bool:
+    """Whether a client-supplied session id may name a session (and so be logged and looked up)."""
+    return (
+        len(session_id) <= MAX_SESSION_ID_LENGTH
+        and session_id.isprintable()
+        and not any(character.isspace() for character in session_id)
+    )
+
+
+async def _unknown_session(channel: WebChannel) -> None:
+    await channel.send_message(
+        ErrorMessage(code="unknown_session", message="no session with that id")
+    )
+    await channel.close(4404, "unknown session")
