@@ -43,7 +43,7 @@ from voicefsm.pricing import (
     load_prices,
     usage_tokens,
 )
-from voicefsm.simulate import SimulationResult, simulate
+from voicefsm.simulate import SCENARIOS, SimulationResult, simulate
 from voicefsm.stores import MemoryStore, SQLiteStore
 from voicefsm.timeline import build_timeline, render_html, render_timeline
 from voicefsm.web.operator import COOKIE, operator_router
@@ -281,6 +281,88 @@ def test_a_restored_session_draws_its_take_over_and_counts_its_gap_once() -> Non
     assert _sample(metrics, "voicefsm_tokens_total", labels) == 50  # not the first worker's 100
 
 
+def test_a_running_session_is_drawn_up_to_now() -> None:
+    from voicefsm import events as ev
+    from voicefsm.engine import Session
+
+    start = 1_800_000_000.0
+    session = Session(SessionConfig(), session_id="running", seed=1)
+    session.start(start)
+    session.handle(ev.UpstreamReady(connection_id=1), start + 0.1)
+    session.handle(ev.ClientGone("network"), start + 60)
+    record = session.snapshot()
+    timeline = build_timeline(record, now=start + 90)
+    assert [(b.state, b.start, b.end) for b in timeline.bands] == [
+        (State.CONNECTING, start, start + 0.1),
+        (State.LIVE, start + 0.1, start + 90),
+    ]
+    assert [(s.start, s.end, s.returned) for s in timeline.away] == [
+        (start + 60, start + 90, False)
+    ]
+    assert "still running" in render_html(timeline)
+    early = build_timeline(record, now=start + 1)  # a clock behind the log never draws backwards
+    assert all(band.end >= band.start for band in early.bands)
+
+
+def test_heartbeat_timeouts_overflow_and_unsent_audio_are_marked_where_they_happened() -> None:
+    from voicefsm import events as ev
+    from voicefsm.engine import Session
+
+    start = 1_800_000_000.0
+    config = SessionConfig(
+        resume_buffer_max_bytes=640 * 3,
+        heartbeat_interval_s=10,
+        heartbeat_timeout_s=30,
+        client_grace_s=20,
+        resume_backoff_base_s=5,
+        resume_backoff_cap_s=5,
+    )
+    session = Session(config, session_id="faulty", seed=1)
+    session.start(start)
+    session.handle(ev.UpstreamReady(connection_id=1), start + 0.1)
+    session.handle(ev.ResumptionUpdate("h-1", True), start + 1)
+    session.handle(ev.UpstreamClosed(1006, "dropped", connection_id=1), start + 2)
+    for n in range(5):  # the buffer holds three chunks; the fourth overflows
+        session.handle(ev.ClientAudio(bytes(640)), start + 2.1 + n * 0.02)
+    now = start + 2.2
+    while not session.ended:  # the upstream never answers, the client goes quiet
+        due = session.next_timer()
+        assert due is not None and due < start + 3600
+        now = due
+        session.handle(ev.Tick(), now)
+    record = session.snapshot()
+    timeline = build_timeline(record)
+    for kind, log_kind in (
+        ("heartbeat_timeout", LogKind.HEARTBEAT_TIMEOUT),
+        ("overflow", LogKind.AUDIO_OVERFLOW),
+        ("unsent", LogKind.AUDIO_UNSENT),
+        ("close", LogKind.UPSTREAM_CLOSED),
+    ):
+        want = [entry.at for entry in kinds(record, log_kind)]
+        assert want, f"the engine logged no {log_kind}"
+        assert [m.at for m in timeline.markers if m.kind == kind] == want, kind
+    (away,) = timeline.away
+    assert away.start == kinds(record, LogKind.CLIENT_LEFT)[0].at and not away.returned
+    page = render_html(timeline)
+    for kind in ("heartbeat_timeout", "overflow", "unsent", "away", "end"):
+        assert f'data-kind="{kind}"' in page, kind
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_every_scenario_draws_its_end_and_bands_from_start_to_deadline(scenario: str) -> None:
+    result = simulate(scenario, seed=3)
+    record = _record(result)
+    timeline = build_timeline(record, result.transcript, prices=PRICES)
+    assert [(b.state, b.start, b.end) for b in timeline.bands] == expected_bands(record)
+    assert timeline.bands[0].start == record.started_at
+    assert timeline.bands[-1].end == record.deadline
+    (end,) = [m for m in timeline.markers if m.kind == "end"]
+    assert end.at == record.ended_at and end.label == f"end: {record.end_reason}"
+    page = render_html(timeline)
+    assert page.count('data-kind="band"') == len(timeline.bands)
+    assert page.count('data-kind="turn"') == len(result.transcript)
+
+
 def test_a_log_cut_at_its_bound_still_draws_a_whole_axis() -> None:
     result = simulate("interview", seed=7, config=SessionConfig(max_log_entries=20))
     record = _record(result)
@@ -484,7 +566,10 @@ async def test_the_operator_pages_need_the_operator_role(
     candidate = auth.issue("cand-1")
     session_id = _record(interview).session_id
     for path in ("/operator/", f"/operator/sessions/{session_id}"):
-        assert (await operator_client.get(path)).status_code == 401
+        unsigned = await operator_client.get(path)
+        assert unsigned.status_code == 401 and unsigned.headers["www-authenticate"].startswith(
+            "Bearer"
+        )
         bad = await operator_client.get(path, headers=_bearer("not-a-jwt"))
         assert bad.status_code == 401
         refused = await operator_client.get(path, headers=_bearer(candidate))
@@ -504,6 +589,14 @@ async def test_the_operator_pages_need_the_operator_role(
     assert interview.transcript[0].text in page.text
     missing = await operator_client.get("/operator/sessions/nope", headers=_bearer(operator))
     assert missing.status_code == 404
+    ended = await operator_client.get("/operator/?state=ended", headers=_bearer(operator))
+    assert session_id in ended.text
+    live = await operator_client.get("/operator/?state=live", headers=_bearer(operator))
+    assert session_id not in live.text and "No sessions match" in live.text
+    other = await operator_client.get("/operator/?owner=someone", headers=_bearer(operator))
+    assert session_id not in other.text
+    bad = await operator_client.get("/operator/?state=sleeping", headers=_bearer(operator))
+    assert bad.status_code == 400
 
 
 async def test_a_token_in_the_url_becomes_a_cookie_and_leaves_the_url(
@@ -578,10 +671,12 @@ async def test_timeline_and_transcript_commands_read_the_store(
     assert f"{record.usage.prompt_tokens:,} prompt" in printed
     assert f"cost {cost.describe()}" in printed
     assert await _in_thread(["sessions", "--store", url, "--prices", str(prices)]) == 0
-    header, row = capsys.readouterr().out.splitlines()
-    assert header.endswith("EST. COST (prices of 2026-12-01)")
+    listed = capsys.readouterr()
+    header, row = listed.out.splitlines()
+    assert header.split()[-3:] == ["EST.COST", "END", "WORKER"]
+    assert "prices as of 2026-12-01 (test prices)" in listed.err
     priced = estimate_cost(usage_tokens(record.usage), PRICES)
-    assert row.startswith(record.session_id) and row.endswith(f"${priced.total:.4f}")
+    assert row.split()[0] == record.session_id and row.split()[-3] == f"${priced.total:.4f}"
 
 
 async def _in_thread(argv: list[str]) -> int:
@@ -749,3 +844,54 @@ async def test_the_store_may_come_from_a_coroutine(interview: SimulationResult) 
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         listing = await client.get("/operator/", headers=_bearer(operator))
     assert listing.status_code == 200 and _record(interview).session_id in listing.text
+
+
+async def test_voicefsm_serve_shows_a_stored_interview_to_operators_only(
+    tmp_path: Path, interview: SimulationResult
+) -> None:
+    """The real app under uvicorn, its lifespan started, reading a SQLite store over HTTP."""
+    import asyncio
+
+    import uvicorn
+
+    from voicefsm.serve import ServeSettings, create_app
+
+    record = _record(interview)
+    database = tmp_path / "served.db"
+    async with SQLiteStore(str(database)) as store:
+        await store.save(record)
+        for line in interview.transcript:
+            await store.append_transcript(record.session_id, line)
+    settings = ServeSettings(
+        config=SessionConfig(), jwt_secret=SECRET, store_url=f"sqlite://{database}", fake=True
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(30):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        auth = JWTAuthenticator(SECRET)
+        page_path = f"/operator/sessions/{record.session_id}"
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert (await client.get(page_path)).status_code == 401
+            candidate = _bearer(auth.issue(record.owner or "cand-1"))
+            refused = await client.get(page_path, headers=candidate)
+            assert refused.status_code == 403
+            assert interview.transcript[0].text not in refused.text
+            operator = _bearer(auth.issue("ops-1", roles=["operator"]))
+            listing = await client.get("/operator/", headers=operator)
+            assert listing.status_code == 200 and record.session_id in listing.text
+            page = await client.get(page_path, headers=operator)
+            assert page.status_code == 200
+            assert page.headers["content-security-policy"].startswith("default-src 'none'")
+            assert page.text.count('data-kind="rotation"') == record.stats.resumes
+            assert interview.transcript[0].text in page.text
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 20)

@@ -160,7 +160,10 @@ def _timeline(args: argparse.Namespace) -> int:
             lines = await store.read_transcript(args.session_id)
         finally:
             await store.close()
-        page = render_timeline(stored.record, lines, prices=prices)
+        record = stored.record
+        # A running session's last band reaches the present (never past the deadline).
+        now = None if record.ended_at is not None else min(time.time(), record.deadline)
+        page = render_timeline(record, lines, prices=prices, now=now)
         _write_page(page, args.output or f"timeline-{args.session_id}.html")
         return 0
 
@@ -231,9 +234,9 @@ def _sessions(args: argparse.Namespace) -> int:
                 str(s.state),
                 _when(s.started_at),
                 _when(s.deadline),
+                _cost(s.usage, prices),
                 str(s.end_reason) if s.end_reason is not None else "-",
                 s.worker if s.lease_live(now) and s.worker else "-",
-                _cost(s.usage, prices),
             ]
             for s in summaries
         ]
@@ -242,8 +245,11 @@ def _sessions(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no sessions in {args.store}", file=sys.stderr)
         return 0
-    header = ["SESSION", "OWNER", "STATE", "STARTED (UTC)", "DEADLINE (UTC)", "END", "WORKER"]
-    header.append(f"EST. COST (prices of {prices.as_of})")
+    header = ["SESSION", "OWNER", "STATE", "STARTED (UTC)", "DEADLINE (UTC)", "EST.COST"]
+    header += ["END", "WORKER"]
+    print(
+        f"EST.COST: estimated from prices as of {prices.as_of} ({prices.source})", file=sys.stderr
+    )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))

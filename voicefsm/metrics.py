@@ -115,7 +115,12 @@ class SessionObserver:
         self.usage(record.usage)
 
     def following(self, sink: _Sink) -> ObservedSink:
-        """``sink`` with every saved record also shown to :meth:`record` (give it to the host)."""
+        """``sink`` with every record it saved also shown to :meth:`record`.
+
+        Wrap the store's (fenced) sink, below any retrying layer: a record is counted once it
+        is stored, a retried or repeated save counts nothing twice, and a save the store
+        refused (another worker owns the session) counts nothing.
+        """
         return ObservedSink(sink, self)
 
     def logged(self, entry: LogEntry) -> None:
@@ -196,7 +201,7 @@ class _Sink(Protocol):
 
 
 class ObservedSink:
-    """A host sink that shows each saved record to a :class:`SessionObserver`, then saves it."""
+    """A sink that saves each record, then shows it to a :class:`SessionObserver`."""
 
     def __init__(self, sink: _Sink, observer: SessionObserver) -> None:
         self._sink = sink
@@ -208,9 +213,10 @@ class ObservedSink:
         return self._sink
 
     async def save(self, record: SessionRecord) -> object:
-        """Count what the record adds, then save it."""
+        """Save the record, then count what it adds."""
+        result = await self._sink.save(record)
         self._observer.record(record)
-        return await self._sink.save(record)
+        return result
 
     async def append_transcript(self, session_id: str, line: TranscriptLine) -> object:
         """Append one transcript line."""

@@ -88,13 +88,15 @@ DEFAULT_PRICES = TokenPrices(
     as_of="2026-05-16",
     source=(
         "Gemini API paid tier, Gemini 2.5 Flash Native Audio (Live API), "
-        "https://ai.google.dev/gemini-api/docs/pricing as quoted on 2026-05-16; "
-        "check the page and your contract before relying on it"
+        "https://ai.google.dev/gemini-api/docs/pricing, as quoted in a summary dated "
+        "2026-05-16; check the page and your contract before relying on it"
     ),
 )
 """A starting point, not the truth: Gemini 2.5 Flash Native Audio on the Live API, paid tier, as
-listed on Google's pricing page around 2026-05-16 (text in $0.50, audio/video in $3.00, text out
-$2.00, audio out $12.00 per million tokens). Configure your own prices for real estimates."""
+Google's pricing page listed it according to a third-party summary dated 2026-05-16 (text in
+$0.50, audio/video in $3.00, text out $2.00, audio out $12.00 per million tokens); the page
+itself could not be read when these defaults were written. Configure your own prices for real
+estimates."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -498,17 +498,19 @@ class InterviewService:
             if host_of and not host_of[0].session.ended:
                 host_of[0].detach(FENCED_OUT_REASON)
 
-        sink = RetryingSink(
-            self.store.fenced(lease), name=session.session_id[:12], on_refused=refused
-        )
         observer = self.metrics.observer()
         if session.started_at is not None:  # restored: its record was counted where it ran
             observer.baseline(session.snapshot())
+        sink = RetryingSink(
+            observer.following(self.store.fenced(lease)),  # metrics count what was stored
+            name=session.session_id[:12],
+            on_refused=refused,
+        )
         host = SessionHost(
             session,
             self.upstream,
             client=None if attach else channel,
-            sink=observer.following(sink),
+            sink=sink,
             observer=observer,
         )
         host_of.append(host)

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from voicefsm.auth import Authenticator, AuthError, Principal
+from voicefsm.model import State
 from voicefsm.pricing import TokenPrices, estimate_cost, format_money, load_prices, usage_tokens
 from voicefsm.stores import SessionStore
 from voicefsm.timeline import render_timeline
@@ -81,8 +82,10 @@ def operator_router(
     prices: TokenPrices | None = None,
     limit: int = RECENT_LIMIT,
 ) -> APIRouter:
-    """The operator pages under ``prefix``: ``/`` lists recent sessions, ``/sessions/{id}`` draws
-    one session's timeline, with a cost estimate from ``prices`` (default:
+    """The operator pages under ``prefix``.
+
+    ``/`` lists recent sessions (``?state=`` and ``?owner=`` filter them); ``/sessions/{id}``
+    draws one session's timeline, with a cost estimate from ``prices`` (default:
     :func:`voicefsm.pricing.load_prices`, i.e. ``$VOICEFSM_PRICES`` or the documented defaults).
     """
     if not prefix.startswith("/") or prefix.endswith("/"):
@@ -111,6 +114,7 @@ def operator_router(
                 f"{html.escape(str(error))}.</p>",
                 401,
             )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="voicefsm operator"'
             response.delete_cookie(COOKIE, path=prefix)
             return response
         if role not in who.roles:
@@ -151,7 +155,17 @@ def operator_router(
         return endpoint
 
     async def sessions(request: Request, current: SessionStore) -> Response:
-        summaries = await current.list_sessions(limit=limit, newest_first=True)
+        state = request.query_params.get("state") or None
+        owner = request.query_params.get("owner") or None
+        if state is not None and state not in {s.value for s in State}:
+            choices = ", ".join(s.value for s in State)
+            return _page("Bad filter", f"<p>state must be one of {choices}.</p>", 400)
+        summaries = await current.list_sessions(
+            state=None if state is None else State(state),
+            owner=owner,
+            limit=limit,
+            newest_first=True,
+        )
         rows = []
         for s in summaries:
             cost = (
@@ -173,6 +187,8 @@ def operator_router(
             '<th class="n">lines</th><th class="n">est. cost</th></tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>"
             if summaries
+            else "<p>No sessions match these filters.</p>"
+            if state or owner
             else "<p>No sessions in the store yet.</p>"
         )
         return _page("Recent interviews", body)
