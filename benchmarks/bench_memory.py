@@ -314,10 +314,11 @@ def report(runs: Sequence[Run], args: argparse.Namespace, command: str) -> tuple
         f"* **Date:** {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"* **Machine:** {platform.platform()}, CPUs: {os.cpu_count()}; Python "
         f"{platform.python_version()}",
-        f"* **Method:** {args.lines} finished transcript lines (a 45-minute interview has ~700) "
-        f"played by the loopback fake as fast as one `SessionHost` on ADK takes them, with model "
-        f"audio, usage and resumption updates, client audio throughout and a GoAway every "
-        f"{args.rotate_every} lines; `gc.collect()` then `tracemalloc` at each checkpoint; "
+        f"* **Method:** {args.lines} finished transcript lines (a 45-minute interview has ~700), "
+        f"one every {args.pace:g} s, played by the loopback fake in its own process to one "
+        f"`SessionHost` on ADK, with model audio, usage and resumption updates, 20 ms client "
+        f"chunks at the real cadence and a GoAway every {args.rotate_every} lines; "
+        f"`gc.collect()` then `tracemalloc` at each checkpoint; "
         f"{args.repeats} interleaved runs per variant, medians. Growth per line: least-squares "
         f"slope over the second half.",
         "",

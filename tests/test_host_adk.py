@@ -687,3 +687,33 @@ async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() 
     assert seen == [["one"], ["one", "two"]]  # the standby's state was refreshed
     assert record.stats.resumes == 1
     assert second_conn.resumption_handle == "h-1"
+
+
+async def test_client_sends_that_suspend_or_not_all_arrive_in_order() -> None:
+    class SometimesSlow(MemoryChannel):
+        async def send_audio(self, data: bytes) -> None:
+            if data[0] % 2:
+                await asyncio.sleep(0)  # suspends: finished under the send timeout
+            await super().send_audio(data)
+
+    async def talks(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        for n in range(20):
+            await conn.send_model_audio(bytes([n]) * 480)
+        await conn.send_turn_complete()
+        await conn.wait_closed()
+
+    channel = SometimesSlow()
+    async with FakeLiveServer(scripts=[talks]) as server:
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="x")
+        host = SessionHost(
+            Session(fast_config()), AdkUpstream(agent, client=server.genai_client()), client=channel
+        )
+        task = asyncio.create_task(host.run())
+        async with asyncio.timeout(10):
+            await channel.wait_for(lambda c: len(c.audio) == 20)
+        channel.push(ev.ClientEnd())
+        record = await asyncio.wait_for(task, 15)
+    assert [chunk[0] for chunk in channel.audio] == list(range(20))
+    assert record.end_reason is EndReason.USER_ENDED
+    assert record.client_connected  # no send was taken for a failure
