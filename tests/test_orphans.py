@@ -242,13 +242,14 @@ async def test_the_service_sweeps_its_store(tmp_path: Path) -> None:
             while True:
                 stored = await store.load("forgotten")
                 assert stored is not None
-                if stored.record.state is State.ENDED:
+                # The sweeper counts the end just after its write: wait for both.
+                rendered = service.metrics.render().decode()
+                if stored.record.state is State.ENDED and "ended_total{" in rendered:
                     break
                 await asyncio.sleep(0.05)
         assert stored.record.end_reason is EndReason.TIME_LIMIT  # its deadline is long past
         assert stored.record.transcript_count == 2
         assert "sweeping-worker" in (stored.record.end_detail or "")
-        rendered = service.metrics.render().decode()
         assert 'voicefsm_sessions_ended_total{reason="time_limit"} 1.0' in rendered
     finally:
         await service.shutdown()

@@ -14,8 +14,8 @@ running its scripted :class:`~voicefsm.testing.Interviewer` in this process over
 The terminal is the client: candidate audio comes from a WAV file (``--wav``), the microphone
 (``--mic``, needs the optional ``sounddevice`` package) or, by default, silence, in 20 ms chunks
 of 16 kHz 16-bit mono PCM at real-time pace. Interviewer audio (24 kHz) is played with ``--play``
-(``sounddevice`` again) or just counted. The script prints the state timeline (from logger
-``voicefsm.host``), the warning and an end summary; transcripts only with ``--show-transcript``.
+(``sounddevice`` again) or just counted. The script prints the state timeline (from the host's
+structured notes), the warning and an end summary; transcripts only with ``--show-transcript``.
 This is an application built on the library, not an example to copy: an embedding backend uses
 :class:`voicefsm.service.InterviewService` (see the FastAPI and aiohttp guides).
 Ctrl-C ends the interview cleanly (``user_ended``); a second Ctrl-C cancels the host.
@@ -49,6 +49,13 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from voicefsm import protocol  # light: pydantic and transitions, no ADK or genai
+from voicefsm.ports import (
+    HostNote,
+    StateNote,
+    UpstreamCloseNote,
+    UpstreamOpenNote,
+    UpstreamTornDownNote,
+)
 
 if TYPE_CHECKING:  # ADK and genai wait until after argument parsing (keeps --help fast)
     from voicefsm import SessionConfig, SessionRecord
@@ -316,16 +323,14 @@ async def microphone(sounddevice: ModuleType) -> AsyncGenerator[bytes, None]:
 # --------------------------------------------------------------------------- the terminal client
 
 
-class Timeline(logging.Handler):
-    """Prints the host's log (state changes, upstream opens and closes) with elapsed time.
+class Timeline:
+    """Prints the host's structured notes (state changes, upstream opens and closes) with the
+    elapsed time; pass it to :class:`~voicefsm.host.SessionHost` as ``on_note``.
 
-    The host never logs transcript text; state changes are ``"<from> -> <to>: <why>"``.
+    Notes never carry transcript text, so nothing said is printed unless ``--show-transcript``.
     """
 
-    STATE_CHANGE = "%s -> %s: %s"
-
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
         self.started = time.monotonic()
 
     def stamp(self) -> str:
@@ -338,21 +343,26 @@ class Timeline(logging.Handler):
         """Print one timeline line."""
         print(f"{self.stamp()}   {text}", flush=True)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        """Print a log record: state changes in capitals, anything else as a note."""
-        template = str(record.msg)
-        session_id = getattr(record, "session_id", None)
-        if isinstance(session_id, str):  # one session here: the host's "[id] " prefix is noise
-            template = template.removeprefix(f"[{session_id[:12]}] ")
-        try:
-            text = template % record.args if record.args else template
-        except Exception:  # a malformed record must not break the interview
-            text = template
-        if template == self.STATE_CHANGE and isinstance(record.args, tuple):
-            previous, state, why = record.args
-            print(f"{self.stamp()} {previous} -> {str(state).upper()}  ({why})", flush=True)
-        else:
-            self.note(text)
+    def __call__(self, note: HostNote) -> None:
+        """Print a host note: state changes in capitals, upstream opens and closes as notes."""
+        if isinstance(note, StateNote):
+            print(
+                f"{self.stamp()} {note.previous.value} -> {note.state.value.upper()}  ({note.why})",
+                flush=True,
+            )
+        elif isinstance(note, UpstreamOpenNote):
+            how = "resuming" if note.resuming else "fresh"
+            resent = f", re-sending {note.resent_chunks} chunks" if note.resent_chunks else ""
+            self.note(
+                f"opening upstream #{note.connection_id} ({how}, attempt {note.attempt}{resent})"
+            )
+        elif isinstance(note, UpstreamCloseNote):
+            self.note(f"closed upstream #{note.connection_id}: {note.reason}")
+        elif isinstance(note, UpstreamTornDownNote) and note.unconfirmed_chunks:
+            self.note(
+                f"upstream #{note.connection_id}: {note.unconfirmed_chunks} chunks were never "
+                "confirmed by the peer (counted as unsent)"
+            )
 
 
 class TerminalChannel:
@@ -402,7 +412,7 @@ class TerminalChannel:
             self.pings += 1  # no answer needed: the audio stream itself keeps the heartbeat
         elif isinstance(message, protocol.SessionEnded):
             self.ended.set()
-        # session_state: the timeline prints state changes from the host's log, with the why.
+        # session_state: the timeline prints state changes from the host's notes, with the why.
 
     async def close(self, code: int, reason: str) -> None:
         """The session closed the client: stop the input and note the code."""
@@ -586,12 +596,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- the interview
 
 
-def configure_logging(args: argparse.Namespace, timeline: Timeline) -> None:
-    """Route the host's log to the timeline; with ``--verbose``, the rest of voicefsm too."""
-    host_logger = logging.getLogger("voicefsm.host")
-    host_logger.setLevel(logging.INFO)
-    host_logger.addHandler(timeline)
-    host_logger.propagate = False
+def configure_logging(args: argparse.Namespace) -> None:
+    """With ``--verbose``, log voicefsm at INFO (the timeline comes from the host's notes)."""
     if args.verbose:
         logging.basicConfig(
             level=logging.WARNING, format="             %(name)s: %(message)s", stream=sys.stdout
@@ -615,7 +621,7 @@ async def interview(
     from voicefsm.host import SessionHost
 
     timeline = Timeline()
-    configure_logging(args, timeline)
+    configure_logging(args)
     player = Player(sounddevice_out) if sounddevice_out is not None else None
 
     config = session_config(args.minutes)
@@ -658,7 +664,7 @@ async def interview(
         agent = LlmAgent(name="interviewer", model=args.model, instruction=instruction)
         upstream = AdkUpstream(agent, client=client)
         session = Session(config)
-        host = SessionHost(session, upstream, client=channel, sink=sink)
+        host = SessionHost(session, upstream, client=channel, sink=sink, on_note=timeline)
 
         if reader is not None:
             heard = f"WAV {args.wav} ({reader.describe()})"

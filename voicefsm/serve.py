@@ -30,7 +30,7 @@ from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.model import SessionConfig
 from voicefsm.service import InterviewService
-from voicefsm.stores import open_store
+from voicefsm.stores import SessionStore, open_store
 from voicefsm.web.headers import SecurityHeadersMiddleware
 from voicefsm.web.lifespan import ServiceLifecycle
 from voicefsm.web.logs import install_token_redaction
@@ -234,9 +234,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         service = await service_now()
         return JSONResponse({"ok": not service.draining, "sessions": len(service.sessions)})
 
-    app.include_router(
-        operator_router(lambda: getattr(state.get("service"), "store", None), authenticator)
-    )
+    async def store_now() -> SessionStore:
+        return (await service_now()).store
+
+    app.include_router(operator_router(store_now, authenticator))
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
     if use_fake:
         logger.warning("no GOOGLE_API_KEY: sessions use the scripted fake interviewer (demo mode)")
