@@ -69,6 +69,8 @@ MODEL_CHUNK_S = 0.04
 LAG_TICK_S = 0.01
 STAMP = struct.Struct(">dII")  # scheduled send time, interview id, sequence number
 SYSTEMS = ("voicefsm-adk", "voicefsm-genai", "bare-adk", "raw-genai")
+PROFILER: Any = None
+"""A ``cProfile.Profile`` enabled during the measured windows (``--profile``)."""
 INPUT_MIME = "audio/pcm;rate=16000"
 
 
@@ -104,13 +106,15 @@ class _Collector:
 
 def _fake_script(collector: _Collector) -> Callable[[Any], Any]:
     async def speak(conn: Any) -> None:
-        pcm = bytes(MODEL_CHUNK_BYTES)
+        silence = bytes(MODEL_CHUNK_BYTES - 8)
         start = time.monotonic()
         for k in itertools.count():
-            delay = start + k * MODEL_CHUNK_S - time.monotonic()
+            due = start + k * MODEL_CHUNK_S
+            delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await conn.send_model_audio(pcm)
+            # Stamped with its scheduled send time, for latency at the far end (bench_serve).
+            await conn.send_model_audio(struct.pack(">d", due) + silence)
             if k % 12 == 11:
                 await conn.send_output_transcription("word ", finished=False)
             if k % 50 == 49:
@@ -359,17 +363,22 @@ class Factory:
         from voicefsm.genai_live import GenaiUpstream
 
         context = ssl.create_default_context(cadata=ca_pem)
-        self.client = genai.Client(
-            api_key="fake-key",
-            http_options=types.HttpOptions(
-                base_url=base_url, api_version="v1alpha", async_client_args={"ssl": context}
-            ),
-        )
+
+        def client() -> genai.Client:
+            # One client per system: the upstreams hook the client's websocket options.
+            return genai.Client(
+                api_key="fake-key",
+                http_options=types.HttpOptions(
+                    base_url=base_url, api_version="v1alpha", async_client_args={"ssl": context}
+                ),
+            )
+
+        self.client = client()
         instruction = "Interview the candidate."
         self.adk_upstream = AdkUpstream(
-            LlmAgent(name="interviewer", model=MODEL, instruction=instruction), client=self.client
+            LlmAgent(name="interviewer", model=MODEL, instruction=instruction), client=client()
         )
-        self.genai_upstream = GenaiUpstream(MODEL, client=self.client, instruction=instruction)
+        self.genai_upstream = GenaiUpstream(MODEL, client=client(), instruction=instruction)
         defaults = SessionConfig()
         compression = types.ContextWindowCompressionConfig(
             trigger_tokens=defaults.compression_trigger_tokens,
@@ -509,7 +518,11 @@ async def run_once(
     fake_before = _ask(pipe, "collect")
     lags.clear()
     cpu_before = time.process_time()
+    if PROFILER is not None and n > 2:  # only the measured windows, not the warm-up round
+        PROFILER.enable()
     await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+    if PROFILER is not None:
+        PROFILER.disable()
     cpu = time.process_time() - cpu_before
     lag_samples = list(lags)
     rss = rss_bytes() - rss_before
@@ -732,11 +745,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.profile is not None:
             import cProfile
 
-            profiler = cProfile.Profile()
-            results = profiler.runcall(asyncio.run, amain(args, parent))
-            profiler.dump_stats(args.profile)
-        else:
-            results = asyncio.run(amain(args, parent))
+            global PROFILER
+            PROFILER = cProfile.Profile()
+        results = asyncio.run(amain(args, parent))
+        if PROFILER is not None:
+            PROFILER.dump_stats(args.profile)
     finally:
         with contextlib.suppress(Exception):
             parent.send("stop")

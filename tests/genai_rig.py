@@ -56,6 +56,9 @@ def sequence_numbers(connections: Sequence[FakeLiveConnection]) -> list[int]:
 class GenaiRig:
     """One session host on :class:`GenaiUpstream` against a fake server, in-memory client."""
 
+    wire = "direct"
+    """The upstream's wire path for rigs built from now on (tests run both)."""
+
     def __init__(
         self,
         server: FakeLiveServer,
@@ -69,7 +72,7 @@ class GenaiRig:
             client=server.genai_client(),
             instruction="Interview.",
             tools=tools,
-            **upstream_options,
+            **{"wire": self.wire, **upstream_options},
         )
         self.channel = MemoryChannel()
         self.sink = MemorySink()

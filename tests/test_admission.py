@@ -37,6 +37,13 @@ class ManualClock:
         return self.now
 
 
+class InjectedLag(LoopLagMonitor):
+    """A monitor fed by the test only: the machine's own load never reaches it."""
+
+    def start(self) -> None:
+        pass
+
+
 def test_the_monitor_keeps_the_worst_lag_of_its_window() -> None:
     clock = ManualClock()
     monitor = LoopLagMonitor(interval_s=0.05, window_s=2.0, clock=clock)
@@ -83,13 +90,6 @@ def test_a_single_stall_refuses_nobody_but_sustained_lag_does() -> None:
     assert why is not None and "over 25 ms in 3" in why and "worst 40 ms" in why
     with pytest.raises(ValueError, match="late_fraction"):
         Admission(0.025, late_fraction=0)
-
-
-class InjectedLag(LoopLagMonitor):
-    """A monitor whose samples only the test gives (the real loop's lag would make it flaky)."""
-
-    def start(self) -> None:
-        """Never sample the real loop."""
 
 
 def block_the_loop(seconds: float) -> None:

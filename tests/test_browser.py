@@ -22,6 +22,8 @@ plays a WAV this module writes.
   says in words why the interview cannot be resumed, and does not go on showing "live".
 * ``test_busy_retries_and_replaced_is_final``: against a scripted websocket, 1013 (busy) is
   retried and 4409 (opened elsewhere) is final, each explained.
+* ``test_a_busy_server_is_retried_for_a_new_interview``: 1013 before ``session_created`` (the
+  server refused to start one while overloaded) is retried, not a failure.
 
 Screenshots go to ``test-artifacts/`` (git-ignored): ``browser-interview.png`` (live, with the
 warning) and ``browser-interview-ended.png``.
@@ -571,6 +573,8 @@ async def test_new_interview_instead_ends_the_old_one(monkeypatch: pytest.Monkey
 
         await page.reload()
         await page.locator("#paused").wait_for()
+        assert await page.get_by_role("button", name="End interview").is_visible()
+        assert await page.get_by_role("button", name="Rejoin interview").is_visible()
         await page.get_by_role("button", name="Start a new interview instead").click()
         await page.wait_for_function(
             "(old) => window.voicefsm.sessionId !== null && window.voicefsm.sessionId !== old"
@@ -704,4 +708,40 @@ async def test_busy_retries_and_replaced_is_final() -> None:
         await asyncio.sleep(1.0)
         assert await debug("counters.connects") == 2  # final: no retry
         assert await page.evaluate("() => sessionStorage.getItem('voicefsm.session')") is None
+        assert not problems, "\n".join(problems)
+
+
+async def test_a_busy_server_is_retried_for_a_new_interview() -> None:
+    """1013 before ``session_created`` means "busy, retry": the page starts the interview later."""
+    _require_browser()
+    may_start = asyncio.Event()
+
+    async def script(websocket: Any, number: int) -> None:
+        if number == 1:  # admission control: the server is overloaded, nothing was started
+            await websocket.close(1013, "server busy, retry")
+            return
+        await may_start.wait()
+        await websocket.send_json(
+            {"type": "session_created", "session_id": "feedc0de" * 4, "time_limit_s": 600}
+        )
+        await websocket.send_json({"type": "session_state", "state": "live", "remaining_s": 600})
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass  # microphone audio and pongs, until the page leaves
+
+    async with _serving(_scripted_app(script)) as base_url, _chromium() as browser:
+        page = await browser.new_page()
+        problems = _watch(page)
+        debug = _debug(page)
+        await page.goto(base_url + "/")
+        await page.get_by_role("button", name="Start interview").click()
+        await page.wait_for_function("() => window.voicefsm.counters.connects === 2")
+        notice = await page.locator("#reconnecting-text").inner_text()
+        assert "The server is busy — trying again" in notice, notice
+        assert await debug("phase") == "reconnecting"
+        may_start.set()
+        await page.wait_for_function("() => window.voicefsm.state === 'live'")
+        assert await debug("sessionId") == "feedc0de" * 4
+        assert await debug("phase") == "connected"
+        assert await debug("counters.reconnects") == 0  # a retried start is not a reconnect
+        assert await page.locator("#errors").is_hidden()
         assert not problems, "\n".join(problems)

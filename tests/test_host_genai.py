@@ -7,10 +7,13 @@ and no ADK anywhere: CI also runs this file with google-genai 3.x in a venv with
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import os
 import time
+from collections.abc import Iterator
 
+import pytest
 from genai_rig import GenaiRig, fast_config, sequence_numbers, upstream_tasks
 from google.genai import types
 
@@ -18,6 +21,14 @@ from voicefsm import EndReason
 from voicefsm import events as ev
 from voicefsm.genai_live import GenaiClassifier, GenaiTool
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
+
+
+@pytest.fixture(autouse=True, params=["direct", "genai"])
+def wire(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on both wire paths of the upstream."""
+    GenaiRig.wire = request.param
+    yield request.param
+    GenaiRig.wire = "direct"
 
 
 async def setup_only(conn: FakeLiveConnection) -> None:
@@ -191,7 +202,8 @@ async def test_the_connection_gives_up_on_a_setup_that_never_completes_by_itself
         )
         async with asyncio.timeout(10):
             await reported.wait()
-        assert await connection.close() == []
+        assert connection.close() == []
+        assert await connection.wait_closed() == 0
     assert len(reports) == 1
     closed = reports[0]
     assert isinstance(closed, ev.UpstreamClosed)
@@ -202,7 +214,7 @@ async def test_the_connection_gives_up_on_a_setup_that_never_completes_by_itself
 async def test_close_does_not_wait_for_a_peer_that_never_answers_the_closing_handshake() -> None:
     async def deaf(conn: FakeLiveConnection) -> None:
         await conn.send_setup_complete()
-        conn._require_ws().transport.pause_reading()  # the close frame is never read
+        conn.hang_on_close()
         await conn.wait_closed(timeout=None)
 
     async with FakeLiveServer(scripts=[deaf]) as server:
@@ -218,11 +230,82 @@ async def test_close_does_not_wait_for_a_peer_that_never_answers_the_closing_han
         async with asyncio.timeout(10):
             await ready.wait()
         connection.send_audio(b"\x00" * 640)
-        # websockets alone would wait its 10 s close timeout; 2 stages of 0.2 s at most here.
+        assert connection.close() == []  # the chunk was written at once
+        # websockets alone would wait its 10 s close timeout; 0.2 s + an abort here.
         async with asyncio.timeout(3):
-            await connection.close()
+            unconfirmed = await connection.wait_closed()
+        assert unconfirmed == 1  # written, but the peer never confirmed reading it
         assert connection.done
         assert not upstream_tasks()
+        assert server.connections[0].close_frames_ignored == 1
+
+
+def assert_every_chunk_in_order_once_resent(server: FakeLiveServer, sent: int) -> int:
+    """Every chunk arrived; the second connection starts at or before where the first stopped.
+
+    Returns how many chunks arrived twice (re-sent although the dead peer had read them).
+    """
+    first, second = (sequence_numbers([c]) for c in server.connections)
+    assert first == list(range(len(first)))
+    assert second, "nothing reached the resumed connection"
+    assert second == list(range(second[0], second[0] + len(second)))
+    assert second[0] <= len(first)
+    assert set(first) | set(second) == set(range(sent))
+    return len(first) - second[0]
+
+
+@pytest.mark.parametrize("fault", ["stop_reading", "ignore_pings"])
+async def test_a_silent_upstream_is_resumed_and_the_audio_it_swallowed_is_resent(
+    fault: str,
+) -> None:
+    async def goes_silent(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(30)
+        getattr(conn, fault)()  # from now on the connection is silent
+        await conn.wait_closed(timeout=None)
+
+    config = fast_config(upstream_ping_interval_s=0.2, upstream_pong_timeout_s=0.5)
+    async with (
+        FakeLiveServer(scripts=[goes_silent, setup_only]) as server,
+        GenaiRig(server, config) as rig,
+    ):
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            while not stop.is_set():
+                rig.send_audio(1)
+                await asyncio.sleep(0.005)
+
+        streamer = asyncio.create_task(stream())
+        second = await server.wait_for_connection(2, timeout=10)
+        await rig.wait_state("live", count=2)
+        await second.wait_for_audio_chunks(20)
+        stop.set()
+        await streamer
+        first = server.connections[0]
+        await second.wait_for(lambda c: sequence_numbers([c])[-1:] == [rig.sent - 1], timeout=10)
+        record = await rig.end()
+        assert not upstream_tasks()
+    assert second.resumption_handle == "h-1"
+    assert record.stats.resumes == 1
+    duplicated = assert_every_chunk_in_order_once_resent(server, rig.sent)
+    if fault == "stop_reading":
+        assert first.reading_stopped
+    else:
+        assert first.pings_ignored >= 1
+        assert duplicated > 0  # it had read them: re-sending errs on the side of no loss
+
+
+async def test_audio_at_a_normal_end_is_delivered_or_counted_as_unsent() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, GenaiRig(server) as rig:
+        await rig.wait_state("live")
+        rig.send_audio(40)
+        rig.channel.push(ev.ClientEnd())
+        record = await rig.finish()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    assert conn.audio_chunk_count + record.stats.upstream_audio_unsent == 40
 
 
 async def test_client_audio_sent_while_resuming_arrives_after_the_resume_in_order() -> None:
@@ -457,6 +540,41 @@ def test_classify_joins_transcript_fragments_into_one_finished_line() -> None:
     assert classifier.classify(generation) == []  # nothing pending any more
 
 
+def test_the_wire_classifier_agrees_with_the_pydantic_one() -> None:
+    frames: list[dict[str, object]] = [
+        {"serverContent": {"outputTranscription": {"text": "Wel"}}},
+        {
+            "serverContent": {
+                "modelTurn": {
+                    "parts": [{"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": "AQI="}}]
+                },
+                "outputTranscription": {"text": "come", "finished": True},
+            }
+        },
+        {"serverContent": {"inputTranscription": {"text": "hi"}, "turnComplete": True}},
+        {"serverContent": {"interrupted": True, "generationComplete": True}},
+        {"toolCall": {"functionCalls": [{"id": "fc-1", "name": "lookup", "args": {}}]}},
+        {"sessionResumptionUpdate": {"newHandle": "h-1", "resumable": True}},
+        {"sessionResumptionUpdate": {"resumable": False}},
+        {"usageMetadata": {"promptTokenCount": 5, "responseTokenCount": 2, "totalTokenCount": 7}},
+        {"goAway": {"timeLeft": "10s"}},
+        {"setupComplete": {"sessionId": "s"}},
+        {"toolCallCancellation": {"ids": ["fc-1"]}},
+        {"somethingNew": {}},
+        {"serverContent": {"modelTurn": {"parts": [{"text": "thinking"}]}}},
+    ]
+    by_wire, by_model = GenaiClassifier(3), GenaiClassifier(3)
+    for frame in frames:
+        # genai's parser consumes the dict it is given
+        message = types.LiveServerMessage._from_response(response=copy.deepcopy(frame), kwargs={})
+        wire_events = by_wire.classify_wire(frame)
+        model_events = by_model.classify(message)
+        if frame.get("somethingNew") is not None:  # only the wording differs
+            assert [type(e) for e in wire_events] == [type(e) for e in model_events]
+        else:
+            assert wire_events == model_events, frame
+
+
 def test_classify_tags_goaway_and_reads_resumption_updates() -> None:
     goaway = types.LiveServerMessage(go_away=types.LiveServerGoAway(time_left="20s"))
     update = types.LiveServerMessage(
@@ -481,7 +599,7 @@ async def test_audio_keeps_its_order_when_the_websocket_applies_flow_control() -
     async def slow_reader(conn: FakeLiveConnection) -> None:
         await conn.send_setup_complete()
         transport = conn._require_ws().transport
-        transport.pause_reading()
+        transport.pause_reading()  # stop_reading() without the resume this test needs
         await release.wait()
         transport.resume_reading()
         await conn.wait_closed(timeout=None)
@@ -512,6 +630,7 @@ async def test_audio_keeps_its_order_when_the_websocket_applies_flow_control() -
         release.set()
         conn = server.connections[0]
         await conn.wait_for_audio_chunks(count, timeout=60)
-        unsent = await connection.close()
+        unsent = connection.close()
+        assert await connection.wait_closed() == 0
     assert unsent == []
     assert [int.from_bytes(chunk[:4], "big") for chunk in conn.audio_chunks] == list(range(count))

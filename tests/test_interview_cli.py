@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 import wave
 from array import array
 from pathlib import Path
@@ -82,6 +84,22 @@ def test_a_fake_interview_runs_to_its_time_limit(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def _read_until(fd: int, text: str, within: float) -> str:
+    """Read the child's stdout until ``text`` shows up; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    seen = b""
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
+        if not ready:
+            pytest.fail(f"{text!r} not printed within {within:g} s; got:\n{seen.decode()}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            pytest.fail(f"the command exited before printing {text!r}:\n{seen.decode()}")
+        seen += chunk
+    return seen.decode()
+
+
 def test_ctrl_c_ends_the_interview_as_user_ended() -> None:
     """The first Ctrl-C asks the session to end; the summary says ``user_ended``; exit 0."""
     with subprocess.Popen(
@@ -93,14 +111,13 @@ def test_ctrl_c_ends_the_interview_as_user_ended() -> None:
     ) as process:
         assert process.stdout is not None
         try:
-            for line in process.stdout:  # bounded by the 5-minute interview and the kill below
-                if "-> LIVE" in line:
-                    break
+            seen = _read_until(process.stdout.fileno(), "-> LIVE", within=60)
             process.send_signal(signal.SIGINT)
             out, err = process.communicate(timeout=60)
         finally:
             if process.poll() is None:
                 process.kill()
+        out = seen + out
     assert process.returncode == 0, out + err
     assert "Ctrl-C: ending the interview" in out
     assert "end reason     user_ended" in out

@@ -12,8 +12,12 @@ No ADK in the path. Each upstream connection is one task that
 * reports exactly one :class:`~voicefsm.events.UpstreamClosed` however the connection ends (a
   close code on receive, a failed send, a refused or timed-out connect) and then stops: it never
   reconnects by itself, the session decides;
-* sends candidate audio and text in order from a small sender task, keeping the audio it has not
-  handed to the websocket yet, which :meth:`GenaiConnection.close` returns;
+* sends candidate audio and text in order — in the caller's turn while the websocket takes
+  frames at once, else from a small sender task — keeping a ledger of the audio not yet
+  written (and, for a connection that proved dead, written but never confirmed by a pong),
+  which :meth:`GenaiConnection.close` hands back;
+* pings the peer (``SessionConfig.upstream_ping_interval_s``); no pong within
+  ``upstream_pong_timeout_s`` is a resumable 1006 close;
 * answers tool calls with the handlers given to :class:`GenaiUpstream` (``tool_response``).
 
 This module imports google-genai only; it works with google-genai 2.x and 3.x.
@@ -22,23 +26,27 @@ This module imports google-genai only; it works with google-genai 2.x and 3.x.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import contextvars
 import inspect
+import json
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from typing import Any, Final, cast
 
 from google import genai
 from google.genai import errors, types
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
 from voicefsm import events as ev
 from voicefsm.classify import FIELD_RULES
-from voicefsm.host import Report
+from voicefsm.host import SessionLog
 from voicefsm.model import SessionConfig
+from voicefsm.ports import Report
 
 logger = logging.getLogger("voicefsm.genai")
 
@@ -132,6 +140,83 @@ class GenaiClassifier:
             out.append(ev.Unknown("LiveServerMessage with no recognised field"))
         return out
 
+    def classify_wire(self, message: Mapping[str, Any]) -> list[ev.Event]:
+        """:meth:`classify` for one server message as decoded JSON (the wire's camelCase).
+
+        The same events, in the same order, without building genai's pydantic models: what the
+        direct wire path of :class:`GenaiConnection` uses.
+        """
+        out: list[ev.Event] = []
+        known = False
+        content = _field(message, "serverContent", "server_content")
+        if content is not None:
+            known = True
+            heard = _field(content, "inputTranscription", "input_transcription")
+            if heard is not None:
+                text = heard.get("text")
+                if text:
+                    self._heard += text
+                    out.append(ev.InputTranscript(text=text, finished=False))
+                if heard.get("finished"):
+                    self._flush_heard(out)
+            said = _field(content, "outputTranscription", "output_transcription")
+            if said is not None:
+                text = said.get("text")
+                if text:
+                    self._said += text
+                    out.append(ev.OutputTranscript(text=text, finished=False))
+                if said.get("finished"):
+                    self._flush_said(out)
+            turn = _field(content, "modelTurn", "model_turn")
+            if turn is not None:
+                for part in turn.get("parts") or ():
+                    out.append(_wire_part(part))
+            interrupted = content.get("interrupted")
+            turn_complete = _field(content, "turnComplete", "turn_complete")
+            if (
+                interrupted
+                or turn_complete
+                or _field(content, "generationComplete", "generation_complete")
+            ):
+                self._flush_heard(out)
+                self._flush_said(out)
+            if interrupted:
+                out.append(ev.Interrupted())
+            if turn_complete:
+                out.append(ev.TurnComplete())
+        tool_call = _field(message, "toolCall", "tool_call")
+        if tool_call is not None:
+            known = True
+            for call in _field(tool_call, "functionCalls", "function_calls") or ():
+                out.append(ev.ToolActivity(name=call.get("name") or "?", phase="call"))
+        update = _field(message, "sessionResumptionUpdate", "session_resumption_update")
+        if update is not None:
+            known = True
+            out.append(
+                ev.ResumptionUpdate(
+                    handle=_field(update, "newHandle", "new_handle") or None,
+                    resumable=bool(update.get("resumable")),
+                )
+            )
+        usage = _field(message, "usageMetadata", "usage_metadata")
+        if usage is not None:
+            known = True
+            out.append(
+                ev.Usage(
+                    prompt_tokens=_field(usage, "promptTokenCount", "prompt_token_count"),
+                    response_tokens=_field(usage, "responseTokenCount", "response_token_count"),
+                    total_tokens=_field(usage, "totalTokenCount", "total_token_count"),
+                )
+            )
+        go_away = _field(message, "goAway", "go_away")
+        if go_away is not None:
+            known = True
+            time_left = _field(go_away, "timeLeft", "time_left")
+            out.append(ev.GoAway(time_left=time_left, connection_id=self.connection_id))
+        if not known and not any(key in message for key in _WIRE_BOOKKEEPING):
+            out.append(ev.Unknown("server message with no recognised field"))
+        return out
+
     def _flush_heard(self, out: list[ev.Event]) -> None:
         if self._heard:
             out.append(ev.InputTranscript(text=self._heard, finished=True))
@@ -153,6 +238,51 @@ def _is_bookkeeping(message: types.LiveServerMessage) -> bool:
             "voice_activity",
         )
     )
+
+
+_WIRE_BOOKKEEPING: Final = frozenset(
+    {
+        "setupComplete",
+        "setup_complete",
+        "toolCallCancellation",
+        "tool_call_cancellation",
+        "voiceActivityDetectionSignal",
+        "voice_activity_detection_signal",
+        "voiceActivity",
+        "voice_activity",
+    }
+)
+
+
+def _field(mapping: Mapping[str, Any], camel: str, snake: str) -> Any:
+    """A field of a wire object: the API writes camelCase; snake_case is accepted too."""
+    value = mapping.get(camel)
+    return value if value is not None else mapping.get(snake)
+
+
+def _wire_part(part: Mapping[str, Any]) -> ev.Event:
+    inline = _field(part, "inlineData", "inline_data")
+    if inline is not None:
+        mime = _field(inline, "mimeType", "mime_type") or ""
+        data = inline.get("data")
+        if mime.startswith("audio/") and data:
+            return ev.ModelAudio(data=base64.b64decode(data), mime_type=mime)
+        return ev.Unknown(f"inline data of type {mime or 'unknown'}")
+    call = _field(part, "functionCall", "function_call")
+    if call is not None:
+        return ev.ToolActivity(name=call.get("name") or "?", phase="call")
+    response = _field(part, "functionResponse", "function_response")
+    if response is not None:
+        return ev.ToolActivity(name=response.get("name") or "?", phase="response")
+    if part.get("text"):
+        return ev.Unknown("text part")
+    return ev.Unknown("empty or unrecognised content part")
+
+
+def _audio_frame(data: bytes) -> str:
+    """The ``realtimeInput`` message genai's ``send_realtime_input(audio=...)`` sends."""
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'{{"realtimeInput":{{"audio":{{"mimeType":"{INPUT_AUDIO_MIME}","data":"{encoded}"}}}}}}'
 
 
 def close_code(error: BaseException) -> tuple[int | None, str]:
@@ -254,11 +384,50 @@ class _Outbox:
         return [item for item in self.items if isinstance(item, bytes)]
 
 
+UNCONFIRMED_MAX_CHUNKS = 1500
+"""Most written-but-unconfirmed chunks a connection keeps for re-sending (30 s of 20 ms chunks);
+older ones are only counted."""
+
+_CURRENT: contextvars.ContextVar[GenaiConnection] = contextvars.ContextVar("voicefsm_genai")
+
+
+def _track_websockets(client: genai.Client) -> None:
+    """Make the websockets this client opens register with the connection opening them.
+
+    genai passes its client's websocket options to websockets' ``connect``; a
+    ``create_connection`` class there sees every socket from its TCP handshake on, so voicefsm
+    can ping it, bound its closing handshake and abort it even before ``setupComplete``. An
+    earlier hook there (voicefsm's ADK upstream sets its own) is kept as the base class.
+    """
+    options = getattr(getattr(client, "_api_client", None), "_websocket_ssl_ctx", None)
+    if not isinstance(options, dict):
+        return  # another genai layout: pings and aborts then start at setupComplete
+    base = options.get("create_connection", ClientConnection)
+    if getattr(base, "_voicefsm_genai", False):
+        return
+
+    class _Tracked(base):  # type: ignore[valid-type,misc]
+        _voicefsm_genai = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            connection = _CURRENT.get(None)
+            if connection is not None:
+                connection._attach(self)
+
+    options["create_connection"] = _Tracked
+
+
 class GenaiConnection:
     """One upstream connection: a ``live.connect`` session driven by one task.
 
-    Built by :meth:`GenaiUpstream.open`; the host calls :meth:`send_audio`, :meth:`send_text`
-    and :meth:`close`.
+    Built by :meth:`GenaiUpstream.open`. The host sends with :meth:`send_audio` and
+    :meth:`send_text`, then calls :meth:`close` (at once, never blocks) and :meth:`wait_closed`
+    (the socket work, bounded), as :class:`voicefsm.ports.UpstreamConnection` says.
+
+    The audio ledger: chunks queued but not yet written are *unsent*; chunks written since the
+    peer last proved it had read everything (a pong to a later ping, or its close frame) are
+    *unconfirmed*.
     """
 
     def __init__(
@@ -273,15 +442,23 @@ class GenaiConnection:
     ) -> None:
         self.connection_id = connection_id
         self._upstream = upstream
+        self._config = config
         self._report = report
+        self._log = SessionLog(logger, session_id)
         self._outbox = _Outbox()
         self._closing = False
         self._closed_reported = False
+        self._dead = False
         self._ws: Any = None
         self._session: Any = None
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._sender_busy = False
+        self._direct = False
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
+        self._unconfirmed: deque[bytes] = deque(maxlen=UNCONFIRMED_MAX_CHUNKS)
+        self._written = 0
+        self._confirmed = 0
+        _track_websockets(upstream.client)
         self._task = asyncio.create_task(
             self._run(upstream.connect_config(handle, config), config.connect_timeout_s),
             name=f"voicefsm-upstream-{session_id[:12]}-{connection_id}",
@@ -290,49 +467,98 @@ class GenaiConnection:
     # ------------------------------------------------------------------ the host's side
 
     def send_audio(self, data: bytes) -> None:
-        """Send candidate audio, in order; it counts as unsent until the websocket took it."""
-        if not self._closing:
-            self._put(data)
+        """Send candidate audio, in order; it counts as unsent until written to the socket."""
+        if self._closing:
+            raise RuntimeError(f"upstream #{self.connection_id} is closed")
+        self._put(data)
 
     def send_text(self, text: str) -> None:
         """Send a text turn (the candidate's, or the wrap-up prompt), in order."""
         if not self._closing:
             self._put(text)
 
-    async def close(self) -> list[bytes]:
-        """Stop for good; return the audio never handed to the websocket.
+    def close(self) -> list[bytes]:
+        """Stop at once: nothing more is sent or reported. The socket work is :meth:`wait_closed`.
 
-        Waits at most the upstream's ``close_timeout_s`` for the websocket's closing handshake,
-        then aborts the TCP connection, so a peer that stops answering cannot hold the caller.
+        Returns the chunks never written, preceded, if the liveness check found the connection
+        dead, by those written since its last pong; a dead connection's socket is aborted now.
         """
-        unsent = self._outbox.unsent_audio()
         if self._closing:
-            return unsent
+            return []
         self._closing = True
+        handed_back = self._outbox.unsent_audio()
         self._outbox.items.clear()
         self._outbox.wakeup.set()
+        if self._dead:
+            handed_back[:0] = self._unconfirmed
+            self._confirm(self._written)  # handed back: no longer this connection's to count
+            self._abort()
         for task in self._tool_tasks.values():
             task.cancel()
+        return handed_back
+
+    async def wait_closed(self) -> int:
+        """Stop the connection: the closing handshake gets the upstream's ``close_timeout_s``,
+        then the socket is aborted. Returns the chunks written but never confirmed by the peer.
+        """
+        if not self._closing:
+            self.close()
         task = self._task
+        timeout = self._upstream.close_timeout_s
         if not task.done():
             task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=self._upstream.close_timeout_s)
+            done, _ = await asyncio.wait({task}, timeout=timeout + 0.5)
             if not done:
+                self._log.warning(
+                    "upstream #%d did not close in %.1f s; aborting its socket",
+                    self.connection_id,
+                    timeout + 0.5,
+                )
                 self._abort()
-                done, _ = await asyncio.wait({task}, timeout=self._upstream.close_timeout_s)
+                done, _ = await asyncio.wait({task}, timeout=1.0)
                 if not done:
-                    logger.warning("upstream #%d did not stop after abort", self.connection_id)
+                    self._log.error("upstream #%d still running after an abort", self.connection_id)
         if self._inflight is not None:  # suspended in a send the sender never finished
             self._inflight[0].close()
             self._inflight = None
-        return unsent
+        tools = list(self._tool_tasks.values())
+        if tools:
+            await asyncio.wait(tools, timeout=timeout)
+        ws = self._ws
+        if ws is not None and getattr(ws.protocol, "close_rcvd", None) is not None:
+            self._confirm(self._written)  # the peer's close frame: it read everything before
+        return self._written - self._confirmed
 
     @property
     def done(self) -> bool:
         """Whether the connection's task has finished."""
         return self._task.done()
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the ledger
+
+    def _wrote(self, item: bytes | str) -> None:
+        if isinstance(item, bytes):
+            self._unconfirmed.append(item)
+            self._written += 1
+
+    def _unwrote(self, item: bytes | str) -> None:
+        """Writing ``item`` failed before it reached the socket: it is unsent again."""
+        if isinstance(item, bytes):
+            if self._unconfirmed and self._unconfirmed[-1] is item:
+                self._unconfirmed.pop()
+            self._written -= 1
+        if not self._closing:
+            self._outbox.items.appendleft(item)
+
+    def _confirm(self, upto: int) -> None:
+        if upto <= self._confirmed:
+            return
+        self._confirmed = upto
+        excess = len(self._unconfirmed) - (self._written - upto)
+        for _ in range(max(0, excess)):
+            self._unconfirmed.popleft()
+
+    # ------------------------------------------------------------------ sending
 
     def _put(self, item: bytes | str) -> None:
         """Send ``item`` in the caller's turn when the websocket takes it at once, else queue it.
@@ -354,23 +580,23 @@ class GenaiConnection:
         ):
             self._outbox.put(item)
             return
+        # genai writes the frame before its first await: from here on the chunk is "written".
+        self._wrote(item)
         sending = self._send_one(session, item)
         try:
             yielded = sending.send(None)
         except StopIteration:
             return
-        except _CONNECTION_ERRORS as error:
-            self._outbox.items.appendleft(item)
-            self._send_failed(error)
-            return
-        except Exception as error:  # anything else is this connection's end, never the host's
-            self._outbox.items.appendleft(item)
+        except Exception as error:  # this connection's end, never the host's
+            self._unwrote(item)
             self._send_failed(error)
             return
         self._inflight = (sending, yielded)
         self._outbox.wakeup.set()
 
     def _send_one(self, session: Any, item: bytes | str) -> Coroutine[Any, Any, None]:
+        if isinstance(item, bytes) and self._direct:
+            return cast(Coroutine[Any, Any, None], self._ws.send(_audio_frame(item)))
         if isinstance(item, bytes):
             return cast(
                 Coroutine[Any, Any, None],
@@ -388,8 +614,43 @@ class GenaiConnection:
 
     def _send_failed(self, error: BaseException) -> None:
         self._report_closed(*close_code(error))
-        if self._ws is not None:
-            self._abort()  # the receive loop then ends too
+        self._abort()  # the receive loop then ends too
+
+    async def _send_loop(self, session: Any) -> None:
+        outbox = self._outbox
+        items = outbox.items
+        try:
+            while not self._closing:
+                if self._inflight is not None:
+                    sending, yielded = self._inflight
+                    self._sender_busy = True
+                    try:
+                        await _Resume(sending, yielded)
+                    finally:
+                        self._inflight = None
+                        self._sender_busy = False
+                if not items:
+                    outbox.wakeup.clear()
+                    await outbox.wakeup.wait()
+                    continue
+                item = items.popleft()
+                self._wrote(item)
+                self._sender_busy = True
+                try:
+                    await self._send_one(session, item)
+                except _CONNECTION_ERRORS:
+                    self._unwrote(item)
+                    raise
+                finally:
+                    self._sender_busy = False
+        except _CONNECTION_ERRORS as error:
+            self._send_failed(error)
+
+    # ------------------------------------------------------------------ the connection task
+
+    def _attach(self, ws: Any) -> None:
+        self._ws = ws
+        ws.close_timeout = self._upstream.close_timeout_s
 
     def _emit(self, event: ev.Event) -> None:
         if not self._closing:
@@ -399,7 +660,7 @@ class GenaiConnection:
         if self._closed_reported:
             return
         self._closed_reported = True
-        logger.info("upstream #%d closed: %s %s", self.connection_id, code, reason)
+        self._log.info("upstream #%d closed: %s %s", self.connection_id, code, reason)
         self._emit(ev.UpstreamClosed(code, reason, connection_id=self.connection_id))
 
     def _abort(self) -> None:
@@ -408,8 +669,9 @@ class GenaiConnection:
             transport.abort()
 
     async def _run(self, live_config: types.LiveConnectConfig, connect_timeout_s: float) -> None:
+        _CURRENT.set(self)
         upstream = self._upstream
-        sender: asyncio.Task[None] | None = None
+        helpers: list[asyncio.Task[None]] = []
         try:
             connecting = upstream.client.aio.live.connect(model=upstream.model, config=live_config)
             try:
@@ -422,30 +684,68 @@ class GenaiConnection:
                 self._report_closed(*close_code(error))
                 return
             try:
-                self._session = session
-                self._ws = getattr(session, "_ws", None)
+                if self._ws is None:
+                    self._attach(getattr(session, "_ws", None))
                 setup = session.setup_complete
                 if setup is None:
                     self._report_closed(None, "the server answered the setup without setupComplete")
                     return
+                self._session = session
+                self._direct = (
+                    upstream.wire == "direct"
+                    and self._ws is not None
+                    and not getattr(upstream.client, "vertexai", False)
+                )
                 self._emit(
                     ev.UpstreamReady(
                         connection_id=self.connection_id, upstream_session_id=setup.session_id
                     )
                 )
-                sender = asyncio.create_task(self._send_loop(session))
-                await self._receive_loop(session)
+                helpers.append(asyncio.create_task(self._send_loop(session)))
+                if self._ws is not None:
+                    helpers.append(asyncio.create_task(self._check_liveness(self._ws)))
+                if self._direct:
+                    await self._receive_wire(session, self._ws)
+                else:
+                    await self._receive_loop(session)
             finally:
-                if sender is not None:
-                    sender.cancel()
-                    await asyncio.wait({sender})
+                for helper in helpers:
+                    helper.cancel()
+                if helpers:
+                    await asyncio.wait(helpers)
                 with contextlib.suppress(Exception):
                     await connecting.__aexit__(None, None, None)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # anything else is this connection's end, never the host's
-            logger.warning("upstream #%d failed: %s", self.connection_id, type(error).__name__)
+            self._log.warning("upstream #%d failed: %s", self.connection_id, type(error).__name__)
             self._report_closed(*close_code(error))
+
+    async def _check_liveness(self, ws: Any) -> None:
+        """Ping every interval; no pong in time makes the connection a resumable 1006 close.
+
+        A pong confirms every chunk written before its ping: websockets answers a ping only
+        after reading everything that came before it.
+        """
+        interval = self._config.upstream_ping_interval_s
+        deadline = self._config.upstream_pong_timeout_s
+        while not self._closing:
+            await asyncio.sleep(interval)
+            written = self._written
+            try:
+                async with asyncio.timeout(deadline):
+                    # Sending the ping can block too: a peer that stops reading fills the buffers.
+                    pong = await ws.ping()
+                    await pong
+            except TimeoutError:
+                self._dead = True
+                self._report_closed(
+                    1006, f"no pong within {deadline:g} s: the connection went silent"
+                )
+                return
+            except ConnectionClosed:
+                return  # the receive side reports the close
+            self._confirm(written)
 
     async def _receive_loop(self, session: Any) -> None:
         classify = GenaiClassifier(self.connection_id).classify
@@ -465,36 +765,41 @@ class GenaiConnection:
         except _CONNECTION_ERRORS as error:
             self._report_closed(*close_code(error))
 
-    async def _send_loop(self, session: Any) -> None:
-        outbox = self._outbox
-        items = outbox.items
+    async def _receive_wire(self, session: Any, ws: Any) -> None:
+        """The receive loop on the websocket itself: JSON to events, no pydantic models."""
+        classify = GenaiClassifier(self.connection_id).classify_wire
         try:
             while True:
-                if self._inflight is not None:
-                    sending, yielded = self._inflight
-                    self._sender_busy = True
-                    try:
-                        await _Resume(sending, yielded)
-                    finally:
-                        self._inflight = None
-                        self._sender_busy = False
-                if not items:
-                    outbox.wakeup.clear()
-                    await outbox.wakeup.wait()
-                    continue
-                # Taken out first: websockets writes a frame before its first await, so a send
-                # cancelled by close() has gone out; one that failed is put back as unsent.
-                item = items.popleft()
-                self._sender_busy = True
+                raw = await ws.recv()
                 try:
-                    await self._send_one(session, item)
-                except _CONNECTION_ERRORS:
-                    items.appendleft(item)
-                    raise
-                finally:
-                    self._sender_busy = False
-        except _CONNECTION_ERRORS as error:
-            self._send_failed(error)
+                    message = json.loads(raw) if raw else {}
+                except ValueError:
+                    self._emit(ev.Unknown("a server frame that is not JSON"))
+                    continue
+                if not isinstance(message, dict):
+                    self._emit(ev.Unknown("a server frame that is not a JSON object"))
+                    continue
+                for event in classify(message):
+                    self._emit(event)
+                tool_call = _field(message, "toolCall", "tool_call")
+                if tool_call is not None and not self._closing:
+                    calls = _field(tool_call, "functionCalls", "function_calls") or ()
+                    self._start_tools(
+                        session,
+                        types.LiveServerToolCall(
+                            function_calls=[types.FunctionCall.model_validate(c) for c in calls]
+                        ),
+                    )
+                cancelled = _field(message, "toolCallCancellation", "tool_call_cancellation")
+                if cancelled is not None:
+                    for call_id in cancelled.get("ids") or ():
+                        task = self._tool_tasks.pop(call_id, None)
+                        if task is not None:
+                            task.cancel()
+        except ConnectionClosed as error:
+            self._report_closed(*close_code(error))
+
+    # ------------------------------------------------------------------ tools
 
     def _start_tools(self, session: Any, tool_call: types.LiveServerToolCall) -> None:
         for call in tool_call.function_calls or ():
@@ -505,7 +810,6 @@ class GenaiConnection:
     async def _answer(self, session: Any, call: types.FunctionCall, call_id: str) -> None:
         name = call.name or ""
         tool = self._upstream.tools.get(name)
-        started = time.monotonic()
         try:
             if tool is None:
                 response: dict[str, Any] = {"error": f"no tool named {name!r}"}
@@ -517,11 +821,10 @@ class GenaiConnection:
                 "error": f"the tool did not answer within {self._upstream.tool_timeout_s:g} s"
             }
         except Exception as error:
-            logger.warning("tool %s failed: %s", name, type(error).__name__)
+            self._log.warning("tool %s failed: %s", name, type(error).__name__)
             response = {"error": f"{type(error).__name__}: {error}"}
         finally:
             self._tool_tasks.pop(call_id, None)
-        logger.debug("tool %s answered in %.3f s", name, time.monotonic() - started)
         if self._closing:
             return
         try:
@@ -529,11 +832,11 @@ class GenaiConnection:
                 function_responses=types.FunctionResponse(id=call.id, name=name, response=response)
             )
         except Exception as error:  # the connection is going; the receive loop reports it
-            logger.info("tool %s: response not sent (%s)", name, type(error).__name__)
+            self._log.info("tool %s: response not sent (%s)", name, type(error).__name__)
 
 
 class GenaiUpstream:
-    """Opens upstream connections straight through google-genai (:class:`~voicefsm.host.Upstream`).
+    """Opens upstream connections straight through google-genai (:class:`voicefsm.ports.Upstream`).
 
     ``model`` is the Live model; ``client`` a ``genai.Client`` (default: one from the
     environment, i.e. ``GOOGLE_API_KEY``); ``config`` the base ``LiveConnectConfig`` (voice,
@@ -544,7 +847,16 @@ class GenaiUpstream:
     ``tools`` are functions the model may call: :class:`GenaiTool` objects, or plain callables
     whose declaration genai derives from their signature and docstring. Each call runs its
     handler (bounded by ``tool_timeout_s``) and answers with a ``tool_response``; a handler that
-    raises answers ``{"error": ...}``. ``close_timeout_s`` bounds each stage of a close.
+    raises answers ``{"error": ...}``. ``close_timeout_s`` bounds a connection's closing
+    handshake before its socket is aborted (websockets' default is 10 s). The session's
+    ``upstream_ping_interval_s`` / ``upstream_pong_timeout_s`` drive the liveness check.
+
+    ``wire``: genai opens every connection (handshake, setup, ``setupComplete``) and sends text
+    turns and tool responses; with ``"direct"`` (the default, Gemini API clients) audio frames
+    and server messages go straight over genai's websocket as the Live API's JSON, skipping
+    genai's per-frame pydantic conversions (about a third of a raw genai session's CPU, see
+    ``docs/benchmarks.md``); ``"genai"`` uses ``send_realtime_input`` and ``receive()`` for
+    every frame. Vertex AI clients always use ``"genai"``.
     """
 
     def __init__(
@@ -557,9 +869,13 @@ class GenaiUpstream:
         tools: Sequence[GenaiTool | ToolHandler] = (),
         tool_timeout_s: float = 30.0,
         close_timeout_s: float = 1.0,
+        wire: str = "direct",
     ) -> None:
         if not model:
             raise ValueError("GenaiUpstream needs a model name")
+        if wire not in ("direct", "genai"):
+            raise ValueError(f"wire must be 'direct' or 'genai', got {wire!r}")
+        self.wire = wire
         if tool_timeout_s <= 0 or close_timeout_s <= 0:
             raise ValueError("tool_timeout_s and close_timeout_s must be positive")
         self.model = model
@@ -602,6 +918,9 @@ class GenaiUpstream:
                 ),
             }
         )
+
+    async def forget(self, session_id: str) -> None:
+        """Nothing to drop: this upstream keeps no state per session."""
 
     def open(
         self,

@@ -227,7 +227,7 @@ function refreshButtons() {
   ui.start.hidden = running && !paused;
   ui.start.disabled = (running && !paused) || busy || !page.config;
   ui.start.textContent = paused || stored ? "Rejoin interview" : page.ended ? "Start a new interview" : "Start interview";
-  ui.end.hidden = !running || paused;
+  ui.end.hidden = !running;
   ui.end.disabled = page.ended || page.endRequested || phase === "starting";
   ui.end.textContent = page.endRequested ? "Ending…" : "End interview";
   ui.token.disabled = running;
@@ -510,8 +510,10 @@ function attached(socket) {
   page.attachedOnce = true;
   setPhase("connected");
   if (page.reconnectSince !== null) {
-    store(debug.sessionId, page.token); // the token that works now (it may be a fresh one)
-    debug.counters.reconnects++;
+    if (debug.sessionId) {
+      store(debug.sessionId, page.token); // the token that works now (it may be a fresh one)
+      debug.counters.reconnects++;
+    }
     page.reconnectSince = null;
     page.reconnectAttempt = 0;
   }
@@ -650,6 +652,11 @@ function onClose(socket, event) {
     return;
   }
   if (!debug.sessionId) {
+    // 1013 before session_created: the server is busy and started nothing; try again shortly.
+    if (event.code === 1013) {
+      scheduleReconnect(event);
+      return;
+    }
     giveUp(String(event.code), `Could not start an interview: the connection closed (${event.code}${event.reason ? ", " + event.reason : ""}).`);
     return;
   }
@@ -660,6 +667,10 @@ function scheduleReconnect(event) {
   const now = Date.now();
   if (page.reconnectSince === null) page.reconnectSince = now;
   const elapsed = now - page.reconnectSince;
+  if (elapsed >= RECONNECT_WINDOW_MS && !debug.sessionId) {
+    giveUp("server_busy", "The server stayed too busy to start an interview for a minute. Try again later.");
+    return;
+  }
   if (elapsed >= RECONNECT_WINDOW_MS) {
     giveUp("reconnect_failed", "Lost the connection and could not reconnect within a minute. The server may still hold the interview for a while: try Rejoin.", "lost");
     return;
@@ -669,8 +680,10 @@ function scheduleReconnect(event) {
   page.reconnectAttempt++;
   setPhase("reconnecting");
   const code = event ? event.code : 0;
-  const why = RECONNECT_REASONS[code] || `Connection lost${code ? ` (${code})` : ""}`;
-  ui.reconnectingText.textContent = `${why} — reconnecting, attempt ${page.reconnectAttempt}…`;
+  const busy = code === 1013 && !debug.sessionId;
+  const why = busy ? "The server is busy" : RECONNECT_REASONS[code] || `Connection lost${code ? ` (${code})` : ""}`;
+  const retrying = busy ? "trying again" : "reconnecting";
+  ui.reconnectingText.textContent = `${why} — ${retrying}, attempt ${page.reconnectAttempt}…`;
   if (debug.state === "checking") ui.reconnectingText.textContent = `${why} — checking on your interview, attempt ${page.reconnectAttempt}…`;
   clearTimeout(page.reconnectTimer);
   page.reconnectTimer = setTimeout(() => {
