@@ -260,7 +260,8 @@ class LogKind(enum.StrEnum):
     CLIENT_LEFT = "client_left"
     """The client went away (closed, or stopped answering heartbeats): ``why``."""
     CLIENT_BACK = "client_back"
-    """A client (re)attached: ``gap_s`` (how long it was away; absent when not known)."""
+    """A client (re)attached: ``gap_s`` (how long it was away; for a restored session, since
+    the restore; absent when it had not left)."""
     HEARTBEAT_TIMEOUT = "heartbeat_timeout"
     """The client sent nothing for ``gap_s`` seconds (a ``client_left`` entry follows)."""
     AUDIO_OVERFLOW = "audio_overflow"
