@@ -22,7 +22,7 @@ from voicefsm.ports import HostNote
 from voicefsm.protocol import ServerMessage
 from voicefsm.service import InterviewService
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
-from voicefsm.web.starlette import interview_route
+from voicefsm.web.starlette import interview_route, uvicorn_options
 
 MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 CHUNK_BYTES = 640
@@ -146,7 +146,7 @@ async def starlette_service(service: InterviewService, port: int) -> AsyncIterat
     """``service`` behind a real uvicorn server on loopback ``port``; yields the websocket URL."""
     app = Starlette(routes=[interview_route(service)])
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
+        app, host="127.0.0.1", port=port, **uvicorn_options(service.limits, log_level="warning")
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -64,7 +64,7 @@ def test_admission_refuses_on_lag_or_session_count_and_counts_refusals() -> None
     admission = Admission(0.025, max_sessions=3, monitor=monitor)
     assert admission.refusal(0) is None
     monitor.record(0.030)
-    assert admission.refusal(0) == "event-loop lag 30 ms in the last 1 s (limit 25 ms)"
+    assert admission.refusal(0) == "event-loop lag over 25 ms in 100% of the last 1 s (worst 30 ms)"
     clock.now += 1.5
     assert admission.refusal(2) is None
     assert admission.refusal(3) == "3 sessions running (limit 3)"
@@ -73,6 +73,23 @@ def test_admission_refuses_on_lag_or_session_count_and_counts_refusals() -> None
         Admission(0)
     with pytest.raises(ValueError, match="window_s must cover"):
         LoopLagMonitor(interval_s=1.0, window_s=0.5)
+
+
+def test_a_single_stall_refuses_nobody_but_sustained_lag_does() -> None:
+    clock = ManualClock()
+    monitor = LoopLagMonitor(interval_s=0.05, window_s=2.0, clock=clock)
+    admission = Admission(0.025, monitor=monitor)
+    for step in range(40):  # one 2 s window: a single 200 ms stall among on-time samples
+        monitor.record(0.200 if step == 10 else 0.002)
+        clock.now += 0.05
+    assert admission.refusal(0) is None
+    for step in range(40):  # overloaded: every third sample is 40 ms late
+        monitor.record(0.040 if step % 3 == 0 else 0.002)
+        clock.now += 0.05
+    why = admission.refusal(0)
+    assert why is not None and "over 25 ms in 3" in why and "worst 40 ms" in why
+    with pytest.raises(ValueError, match="late_fraction"):
+        Admission(0.025, late_fraction=0)
 
 
 def block_the_loop(seconds: float) -> None:
@@ -124,7 +141,7 @@ async def test_a_busy_worker_refuses_new_sessions_with_1013_and_keeps_the_runnin
     admission = Admission(0.025, monitor=monitor)
     async with FakeLiveServer(script=live_until_closed) as fake:
         upstream = GenaiUpstream("gemini-live", client=fake.genai_client())
-        service = InterviewService(upstream, AUTH, config=fast_config(), admission=admission)
+        service = InterviewService(upstream, AUTH, config=fast_config(), overload=admission)
         async with starlette_service(service, free_port()) as url:
             running = await open_client(url, "alice")
             await next_json(running, "session_created")
@@ -134,7 +151,7 @@ async def test_a_busy_worker_refuses_new_sessions_with_1013_and_keeps_the_runnin
             refused = await open_client(url, "bob")
             error = await next_json(refused, "error")
             assert error["code"] == "server_busy"
-            assert "event-loop lag 60 ms" in error["message"]
+            assert "worst 60 ms" in error["message"]
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(refused.recv(), 10)
             assert refused.close_code == 1013

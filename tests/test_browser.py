@@ -16,6 +16,14 @@ plays a WAV this module writes.
   what 16 kHz cannot carry is filtered out rather than aliased).
 * ``test_tokens_without_demo_tokens``: a refused token (4401, no retry loop), ``?token=`` in the
   page URL, and a stale stored session (4404).
+* ``test_new_interview_instead_ends_the_old_one``: after a refresh, "Start a new interview
+  instead" ends the old session (and its upstream) before starting another.
+* ``test_restart_says_the_interview_cannot_be_resumed``: after a demo server restarts, the page
+  says in words why the interview cannot be resumed, and does not go on showing "live".
+* ``test_busy_retries_and_replaced_is_final``: against a scripted websocket, 1013 (busy) is
+  retried and 4409 (opened elsewhere) is final, each explained.
+* ``test_a_busy_server_is_retried_for_a_new_interview``: 1013 before ``session_created`` (the
+  server refused to start one while overloaded) is retried, not a failure.
 
 Screenshots go to ``test-artifacts/`` (git-ignored): ``browser-interview.png`` (live, with the
 warning) and ``browser-interview-ended.png``.
@@ -143,12 +151,12 @@ async def _eventually(check: Callable[[], bool], what: str, within: float = 15.0
 
 
 @contextlib.asynccontextmanager
-async def _serving(app: Any) -> AsyncIterator[str]:
-    """Run ``app`` under uvicorn on a free loopback port in this event loop; yield its URL."""
+async def _serving(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """Run ``app`` under uvicorn on a loopback port (0: a free one) in this loop; yield its URL."""
     import uvicorn
 
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, ws="websockets-sansio", log_level="warning"
+        app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning"
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -302,6 +310,7 @@ async def test_interview_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ),
         fake=True,
         fake_time_scale=2.0,
+        max_loop_lag_ms=0,  # the browser driver shares this loop (see _demo_settings)
         store_url="memory://",
     )
     wav = tmp_path / "microphone.wav"
@@ -401,10 +410,22 @@ async def test_interview_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyP
         )
         mark("reconnected after a drop")
 
-        # A refresh: the new page offers to rejoin the same session (sessionStorage).
+        # A refresh: the new page re-attaches by itself (sessionStorage), without audio, and
+        # shows the session's real state and time left before anyone clicks Rejoin.
         await page.reload()
+        await page.wait_for_function(
+            "() => ['live', 'warning'].includes(window.voicefsm.state)"
+            " && window.voicefsm.remainingS !== null"
+        )
+        assert await page.locator("#state").inner_text() in ("live", "live — wrapping up")
+        server_remaining = live.host.session.deadline - time.time()
+        assert abs(await debug("remainingS") - server_remaining) < 1.5
+        assert await page.locator("#countdown").inner_text() not in ("0:40", "--:--")
+        assert await page.locator("#paused").is_visible()
+        assert await debug("counters.audioChunksSent") == 0  # no microphone until Rejoin
         await page.get_by_role("button", name="Rejoin interview").click()
-        await page.wait_for_function("() => window.voicefsm.phase === 'connected'")
+        await page.locator("#paused").wait_for(state="hidden")
+        assert await debug("phase") == "connected"
         assert await debug("sessionId") == session_id
         assert await debug("counters.reconnects") == 1
         assert await debug("state") in ("live", "warning")
@@ -459,6 +480,7 @@ async def test_tokens_without_demo_tokens(tmp_path: Path) -> None:
         jwt_secret=secret,
         demo_tokens=False,
         store_url="memory://",
+        max_loop_lag_ms=0,  # the browser driver shares this loop (see _demo_settings)
     )
     token = JWTAuthenticator(secret).issue("alice")
     async with _serving(create_app(settings)) as base_url, _chromium() as browser:
@@ -498,11 +520,228 @@ async def test_tokens_without_demo_tokens(tmp_path: Path) -> None:
                 JSON.stringify({ sessionId: "0123456789abcdef", token }))""",
             token,
         )
-        await page.reload()
-        await page.get_by_role("button", name="Rejoin interview").click()
+        await page.reload()  # the page checks on the stored session by itself
         await page.wait_for_function("() => window.voicefsm.phase === 'failed'")
         assert (await debug("closes"))[-1]["code"] == 4404
-        assert "no longer running" in await page.locator("#errors").inner_text()
+        assert await page.locator("#state").inner_text() == "cannot be resumed"
+        assert "the server no longer has it" in await page.locator("#errors").inner_text()
         assert await page.evaluate("() => sessionStorage.getItem('voicefsm.session')") is None
         assert await page.get_by_role("button", name="Start interview").is_visible()
+        assert not problems, "\n".join(problems)
+
+
+def _capture_services(monkeypatch: pytest.MonkeyPatch) -> list[InterviewService]:
+    """Collect the services behind ``create_app``'s websocket endpoint as it is used."""
+    services: list[InterviewService] = []
+    real_endpoint = serve_module.interview_endpoint
+
+    def capturing_endpoint(service: InterviewService) -> Any:
+        if service not in services:
+            services.append(service)
+        return real_endpoint(service)
+
+    monkeypatch.setattr(serve_module, "interview_endpoint", capturing_endpoint)
+    return services
+
+
+def _demo_settings(store_url: str = "memory://") -> ServeSettings:
+    return ServeSettings(
+        config=SessionConfig(time_limit_s=120, warning_before_s=10, client_grace_s=60),
+        fake=True,
+        store_url=store_url,
+        # Chromium's driver shares this test's event loop and lags it; admission control has
+        # its own tests (test_admission.py).
+        max_loop_lag_ms=0,
+    )
+
+
+async def test_new_interview_instead_ends_the_old_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a refresh, "Start a new interview instead" ends the old session, then starts one."""
+    _require_browser()
+    services = _capture_services(monkeypatch)
+    async with _serving(create_app(_demo_settings())) as base_url, _chromium() as browser:
+        context = await browser.new_context()
+        await context.grant_permissions(["microphone"], origin=base_url)
+        page = await context.new_page()
+        problems = _watch(page)
+        debug = _debug(page)
+        await page.goto(base_url + "/")
+        await page.get_by_role("button", name="Start interview").click()
+        await page.wait_for_function("() => window.voicefsm.state === 'live'")
+        old_id = await debug("sessionId")
+        service = services[0]
+
+        await page.reload()
+        await page.locator("#paused").wait_for()
+        assert await page.get_by_role("button", name="End interview").is_visible()
+        assert await page.get_by_role("button", name="Rejoin interview").is_visible()
+        await page.get_by_role("button", name="Start a new interview instead").click()
+        await page.wait_for_function(
+            "(old) => window.voicefsm.sessionId !== null && window.voicefsm.sessionId !== old"
+            " && window.voicefsm.state === 'live'",
+            arg=old_id,
+        )
+        # The old session is over at once (not left running for the grace window), by the
+        # user's choice, and its host and upstream are gone.
+        stored = await service.store.load(old_id)
+        assert stored is not None
+        assert stored.record.end_reason == "user_ended"
+        await _eventually(lambda: old_id not in service.sessions, "the old session's host to stop")
+        new_id = await debug("sessionId")
+        assert set(service.sessions) == {new_id}
+        assert await page.get_by_role("button", name="End interview").is_visible()
+        assert await page.locator("#ended").is_hidden()
+        stored_now = await page.evaluate("() => sessionStorage.getItem('voicefsm.session')")
+        assert new_id in stored_now and old_id not in stored_now
+        assert not problems, "\n".join(problems)
+
+
+async def test_restart_says_the_interview_cannot_be_resumed(tmp_path: Path) -> None:
+    """A demo server restart: the page says why the interview cannot go on, and not "live"."""
+    _require_browser()
+    store_url = f"sqlite://{tmp_path / 'sessions.db'}"
+    async with _chromium() as browser:
+        async with _serving(create_app(_demo_settings(store_url))) as base_url:
+            port = int(base_url.rsplit(":", 1)[1])
+            context = await browser.new_context()
+            await context.grant_permissions(["microphone"], origin=base_url)
+            page = await context.new_page()
+            problems = _watch(page)
+            debug = _debug(page)
+            await page.goto(base_url + "/")
+            await page.get_by_role("button", name="Start interview").click()
+            await page.wait_for_function("() => window.voicefsm.state === 'live'")
+        # Stopped: the session is handed back to the store; the page tries to reconnect.
+        await page.wait_for_function("() => window.voicefsm.phase === 'reconnecting'")
+        async with _serving(create_app(_demo_settings(store_url)), port=port):
+            await page.wait_for_function("() => window.voicefsm.phase === 'failed'", timeout=30_000)
+            assert (await debug("closes"))[-1]["code"] == 4401
+            state = await page.locator("#state").inner_text()
+            assert state == "cannot be resumed", state
+            assert await debug("state") == "unresumable"
+            errors = await page.locator("#errors").inner_text()
+            assert "This interview cannot be resumed" in errors
+            assert "restarts" in errors  # why, in words
+            assert await page.locator("#countdown").inner_text() == "--:--"
+            assert await page.evaluate("() => sessionStorage.getItem('voicefsm.session')") is None
+            assert await page.get_by_role("button", name="Start interview").is_visible()
+        assert not [p for p in problems if "4401" not in p], "\n".join(problems)
+
+
+def _scripted_app(script: Callable[[Any, int], Awaitable[None]]) -> Any:
+    """The page's own files and config, with a websocket that ``script`` plays per connection."""
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, JSONResponse
+    from starlette.routing import Mount, Route, WebSocketRoute
+    from starlette.staticfiles import StaticFiles
+    from starlette.websockets import WebSocket
+
+    connections = 0
+
+    async def interview(websocket: WebSocket) -> None:
+        nonlocal connections
+        connections += 1
+        await websocket.accept(subprotocol="voicefsm.v1")
+        await script(websocket, connections)
+
+    async def config(request: Any) -> JSONResponse:
+        return JSONResponse(
+            {"mode": "fake", "label": "scripted", "time_limit_s": 600, "demo_tokens": True}
+        )
+
+    async def token(request: Any) -> JSONResponse:
+        return JSONResponse({"token": "t", "user_id": "u"})
+
+    return Starlette(
+        routes=[
+            Route("/", lambda request: FileResponse(STATIC / "index.html")),
+            Route("/config.json", config),
+            Route("/demo/token", token),
+            WebSocketRoute("/interview", interview),
+            Mount("/static", StaticFiles(directory=STATIC)),
+        ]
+    )
+
+
+async def test_busy_retries_and_replaced_is_final() -> None:
+    """1013 after ``session_busy`` is retried and said so; 4409 is final and explained."""
+    _require_browser()
+    may_attach = asyncio.Event()
+    replace = asyncio.Event()
+
+    async def script(websocket: Any, number: int) -> None:
+        if number == 1:  # another worker still holds the session
+            await websocket.send_json(
+                {"type": "error", "code": "session_busy", "message": "driven elsewhere"}
+            )
+            await websocket.close(1013, "the session is driven elsewhere; retry")
+            return
+        await may_attach.wait()
+        await websocket.send_json({"type": "session_state", "state": "live", "remaining_s": 500})
+        await replace.wait()
+        await websocket.close(4409, "replaced by a newer connection")
+
+    async with _serving(_scripted_app(script)) as base_url, _chromium() as browser:
+        page = await browser.new_page()
+        problems = _watch(page)
+        debug = _debug(page)
+        await page.goto(base_url + "/")
+        await page.evaluate(
+            """() => sessionStorage.setItem("voicefsm.session",
+                JSON.stringify({ sessionId: "0123456789abcdef", token: "t" }))"""
+        )
+        await page.reload()  # the page re-attaches to the stored session on load
+        await page.wait_for_function("() => window.voicefsm.counters.connects === 2")
+        assert [close["code"] for close in await debug("closes")] == [1013]
+        notice = await page.locator("#reconnecting-text").inner_text()
+        assert "still held by another server" in notice, notice
+        assert await debug("phase") == "reconnecting"
+        may_attach.set()
+        await page.wait_for_function("() => window.voicefsm.state === 'live'")
+        assert await debug("phase") == "connected"
+        assert 495 <= await debug("remainingS") <= 500
+
+        replace.set()
+        await page.wait_for_function("() => window.voicefsm.phase === 'failed'")
+        assert await page.locator("#state").inner_text() == "open in another tab"
+        assert "opened in another tab" in await page.locator("#errors").inner_text()
+        await asyncio.sleep(1.0)
+        assert await debug("counters.connects") == 2  # final: no retry
+        assert await page.evaluate("() => sessionStorage.getItem('voicefsm.session')") is None
+        assert not problems, "\n".join(problems)
+
+
+async def test_a_busy_server_is_retried_for_a_new_interview() -> None:
+    """1013 before ``session_created`` means "busy, retry": the page starts the interview later."""
+    _require_browser()
+    may_start = asyncio.Event()
+
+    async def script(websocket: Any, number: int) -> None:
+        if number == 1:  # admission control: the server is overloaded, nothing was started
+            await websocket.close(1013, "server busy, retry")
+            return
+        await may_start.wait()
+        await websocket.send_json(
+            {"type": "session_created", "session_id": "feedc0de" * 4, "time_limit_s": 600}
+        )
+        await websocket.send_json({"type": "session_state", "state": "live", "remaining_s": 600})
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass  # microphone audio and pongs, until the page leaves
+
+    async with _serving(_scripted_app(script)) as base_url, _chromium() as browser:
+        page = await browser.new_page()
+        problems = _watch(page)
+        debug = _debug(page)
+        await page.goto(base_url + "/")
+        await page.get_by_role("button", name="Start interview").click()
+        await page.wait_for_function("() => window.voicefsm.counters.connects === 2")
+        notice = await page.locator("#reconnecting-text").inner_text()
+        assert "The server is busy — trying again" in notice, notice
+        assert await debug("phase") == "reconnecting"
+        may_start.set()
+        await page.wait_for_function("() => window.voicefsm.state === 'live'")
+        assert await debug("sessionId") == "feedc0de" * 4
+        assert await debug("phase") == "connected"
+        assert await debug("counters.reconnects") == 0  # a retried start is not a reconnect
+        assert await page.locator("#errors").is_hidden()
         assert not problems, "\n".join(problems)

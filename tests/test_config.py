@@ -33,7 +33,7 @@ def test_defaults_suit_a_45_minute_interview() -> None:
             {"compression_trigger_tokens": 1000, "compression_target_tokens": 2000},
             "compression_target_tokens (2000) must be below compression_trigger_tokens (1000)",
         ),
-        ({"time_limit_s": -1}, "time_limit_s\n  Input should be greater than 0"),
+        ({"time_limit_s": -1}, "time_limit_s\n  Input should be greater than or equal to 1"),
         ({"resume_backoff_jitter": 2}, "resume_backoff_jitter\n  Input should be less than"),
         ({"resume_max_attempts": 0}, "resume_max_attempts\n  Input should be greater than"),
         ({"time_limt_s": 60}, "time_limt_s\n  Extra inputs are not permitted"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -11,6 +13,8 @@ import pytest
 from voicefsm import EndReason, LogEntry, LogKind, Session, SessionConfig, SessionRecord, State
 from voicefsm import effects as fx
 from voicefsm import events as ev
+from voicefsm.buffer import ResumeBuffer
+from voicefsm.engine import TIMERS
 from voicefsm.protocol import (
     ErrorMessage,
     Ping,
@@ -681,6 +685,10 @@ def test_audio_hot_path_forwards_without_a_state_change() -> None:
     host = live_host()
     chunk = b"\x02" * 640
     assert host.send(ev.ClientAudio(chunk)) == [fx.SendAudioUpstream(chunk)]
+    # the first interviewer audio starts the conversation, which the record must say at once
+    first = host.send(ev.ModelAudio(chunk))
+    assert first[0] == fx.SendAudioToClient(chunk)
+    assert [type(e) for e in first[1:]] == [fx.PersistRecord]
     assert host.send(ev.ModelAudio(chunk)) == [fx.SendAudioToClient(chunk)]
 
 
@@ -979,3 +987,298 @@ def test_upstream_liveness_settings_are_declared_with_lower_bounds() -> None:
         SessionConfig(upstream_ping_interval_s=0.01)
     with pytest.raises(ValueError, match="upstream_pong_timeout_s"):
         SessionConfig(upstream_pong_timeout_s=0.01)
+
+
+# ----------------------------------------------------------------------------- the deadline wins
+
+
+def deadline_host() -> Host:
+    """Live, with a handle and a conversation under way: the default 45 minutes and resume
+    policy (the client answers heartbeats, so they are left out)."""
+    host = Host(SessionConfig(heartbeat_interval_s=3600, heartbeat_timeout_s=7200))
+    host.after(0.01).ready()
+    host.after(0.04).handle_update("h-1")
+    host.send(ev.ModelAudio(b"\x00" * 960))
+    host.send(ev.TurnComplete())
+    return host
+
+
+def test_a_goaway_whose_connection_outlives_the_deadline_keeps_it_and_ends_with_time_limit() -> (
+    None
+):
+    host = deadline_host()
+    deadline = host.session.deadline
+    effects = host.at(deadline - 8.0).send(ev.GoAway("50s"))
+    assert host.session.state is State.WARNING
+    assert of(effects, fx.CloseUpstream) == []
+    (goaway,) = [e for e in logged(effects) if e.kind is LogKind.GOAWAY]
+    assert goaway.why == "kept: the connection outlives the deadline"
+    assert host.after(1).send(ev.ClientAudio(b"\x01" * 640)) == [
+        fx.SendAudioUpstream(b"\x01" * 640)
+    ]
+    host.tick_until(deadline)
+    assert host.session.end_reason is EndReason.TIME_LIMIT
+    assert host.session.snapshot().ended_at == deadline
+    assert host.session.stats.connect_attempts == 1
+
+
+def test_no_rotation_for_a_goaway_earlier_in_the_last_minutes_if_the_connection_lasts() -> None:
+    host = deadline_host()
+    deadline = host.session.deadline
+    host.at(deadline - 30.0).send(ev.GoAway("50s"))
+    host.after(1).send(ev.TurnComplete())
+    host.tick_until(deadline)
+    assert host.session.end_reason is EndReason.TIME_LIMIT
+    assert host.session.stats.connect_attempts == 1
+
+
+def test_a_turn_boundary_rotation_not_worth_resuming_keeps_the_working_connection() -> None:
+    host = deadline_host()
+    deadline = host.session.deadline
+    host.at(deadline - 20.0).send(ev.ModelAudio(b"\x00" * 960))  # mid-turn
+    host.send(ev.GoAway("15s"))  # must rotate by deadline - 6
+    effects = host.at(deadline - 9.0).send(ev.TurnComplete())
+    assert host.session.state is State.WARNING, host.session.end_detail
+    assert of(effects, fx.CloseUpstream) == []
+    (skipped,) = [e for e in logged(effects) if e.kind is LogKind.ROTATION_SKIPPED]
+    assert "under the 10 s worth resuming for" in (skipped.why or "")
+    # the connection still works until the server really closes it
+    host.tick_until(deadline - 5.0)
+    assert host.session.state is State.WARNING
+    host.close(1000)
+    assert host.session.end_reason is EndReason.UPSTREAM_LOST
+    assert host.session.snapshot().ended_at == deadline - 5.0
+
+
+def test_a_rotate_by_timer_not_worth_resuming_keeps_the_working_connection() -> None:
+    host = deadline_host()
+    deadline = host.session.deadline
+    host.at(deadline - 20.0).send(ev.ModelAudio(b"\x00" * 960))  # mid-turn, no boundary comes
+    host.send(ev.GoAway("12s"))  # rotate by deadline - 9
+    host.tick_until(deadline - 8.5)
+    assert host.session.state is State.WARNING, host.session.end_detail
+    assert [e for e in host.log if isinstance(e, fx.CloseUpstream)] == []
+    assert host.session.next_timer() == deadline  # no rotation timer is left behind
+    host.tick_until(deadline)
+    assert host.session.end_reason is EndReason.TIME_LIMIT
+
+
+def test_a_rotation_without_a_usable_handle_keeps_the_connection_until_it_closes() -> None:
+    host = live_host()
+    host.send(ev.ModelAudio(b"\x00" * 960))  # the conversation started, no handle yet
+    host.send(ev.TurnComplete())
+    effects = host.after(5).send(ev.GoAway("20s"))
+    assert host.session.state is State.LIVE
+    assert of(effects, fx.CloseUpstream) == []
+    # a handle arrives before the server closes: the close resumes with it
+    host.after(1).handle_update("h-9")
+    host.after(18).close(1000)
+    assert host.session.state is State.RESUMING
+    assert host.opened[-1].handle == "h-9"
+
+
+# ----------------------------------------------------------------------------- exception safety
+
+
+def boom_after(effect_maker: Any) -> Any:
+    """A handler that does part of its work, then fails."""
+
+    def handler(session: Session, event: Any, now: float) -> None:
+        effect_maker(session, now)
+        raise RuntimeError("bug in a handler")
+
+    return handler
+
+
+def ends_once_with_error(effects: list[fx.Effect]) -> None:
+    ended = client_messages(effects, SessionEnded)
+    assert len(ended) == 1 and ended[0].reason is EndReason.ERROR
+    assert "RuntimeError: bug in a handler" in ended[0].detail
+    assert fx.CloseClient(1000, "session ended: error") in effects
+    final = of(effects, fx.PersistRecord)[-1].record
+    assert final.state is State.ENDED and final.end_reason is EndReason.ERROR
+    assert final.log[-1].kind is LogKind.END
+
+
+def test_a_handler_that_raises_ends_the_session_with_error_and_leaks_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host = live_host()
+    host.handle_update("h-1")
+
+    def half_a_rotation(session: Session, now: float) -> None:
+        session._rotate(now, "half done")  # closes 1 and opens 2, then the handler fails
+
+    monkeypatch.setitem(Session._HANDLERS, ev.TurnComplete, boom_after(half_a_rotation))
+    effects = host.send(ev.TurnComplete())
+    ends_once_with_error(effects)
+    assert host.session.ended and host.session.end_reason is EndReason.ERROR
+    # what the failed call did reaches the host with it, and every connection it opened is closed
+    assert of(effects, fx.OpenUpstream)[0].connection_id == 2
+    assert [c.connection_id for c in of(effects, fx.CloseUpstream)] == [1, 2]
+    assert host.session.next_timer() is None
+    # nothing left over for the next call
+    assert host.send(ev.ClientAudio(b"\x00" * 640)) == []
+    assert host.after(1).send(ev.Tick()) == []
+
+
+def test_a_failure_while_ending_still_delivers_the_end_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host = live_host()
+
+    def broken_end(session: Session, now: float) -> None:
+        raise RuntimeError("bug in a handler")
+
+    monkeypatch.setattr(Session, "_on_enter_ended", broken_end)
+    effects = host.send(ev.ClientEnd())
+    assert host.session.ended
+    ended = client_messages(effects, SessionEnded)
+    assert len(ended) == 1 and ended[0].reason is EndReason.USER_ENDED  # the first cause wins
+    assert fx.CloseClient(1000, "session ended: user_ended") in effects
+    assert of(effects, fx.CloseUpstream) == [fx.CloseUpstream(1, "session ended: user_ended")]
+    assert of(effects, fx.PersistRecord)[-1].record.state is State.ENDED
+    assert len([e for e in of(effects, fx.StateChanged) if e.state is State.ENDED]) == 1
+
+
+def test_start_that_raises_ends_the_session_with_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_open(session: Session, now: float, handle: str | None = None) -> None:
+        raise RuntimeError("bug in a handler")
+
+    monkeypatch.setattr(Session, "_open_upstream", broken_open)
+    session = Session(SessionConfig(), session_id="s-2")
+    effects = session.start(T0)
+    ends_once_with_error(effects)
+    assert session.end_reason is EndReason.ERROR and session.next_timer() is None
+
+
+def test_misuse_still_raises_and_leaves_the_session_as_it_was() -> None:
+    host = live_host()
+    with pytest.raises(TypeError, match="is not a voicefsm event"):
+        host.send("not an event")  # type: ignore[arg-type]
+    assert host.session.state is State.LIVE
+    assert host.send(ev.ClientAudio(b"\x00" * 640)) == [fx.SendAudioUpstream(b"\x00" * 640)]
+
+
+def test_a_restored_session_has_no_timer_until_it_is_started() -> None:
+    host = live_host()
+    restored = Session.restore(host.session.snapshot(), T0 + 100)
+    assert restored.next_timer() is None
+    restored.start(T0 + 100)
+    timer = restored.next_timer()
+    assert timer is not None and timer > T0 + 100
+
+
+@pytest.mark.parametrize(
+    "event",
+    [ev.ModelAudio(b"\x00" * 960), ev.ToolActivity("lookup", "call"), ev.ClientText("hello")],
+    ids=["model audio", "tool call", "typed text"],
+)
+def test_the_record_says_the_conversation_started_as_soon_as_it_did(event: ev.Event) -> None:
+    host = live_host()
+    effects = host.send(event)
+    stored = of(effects, fx.PersistRecord)
+    assert stored and stored[-1].record.conversation_started
+    # a take-over from that record cannot open a fresh connection any more
+    restored = Session.restore(stored[-1].record, T0 + 1)
+    restored.start(T0 + 1)
+    assert restored.ended and restored.end_reason is EndReason.UPSTREAM_LOST
+    # ... and later chunks are not persisted one by one
+    assert of(host.send(event), fx.PersistRecord) == []
+
+
+# ----------------------------------------------------------------------------- timers, one table
+
+
+def test_timers_are_one_table_in_priority_order_and_next_timer_is_its_earliest() -> None:
+    assert [t.name for t in TIMERS] == [
+        "deadline",
+        "warning",
+        "heartbeat_timeout",
+        "ping",
+        "client_grace",
+        "connect_timeout",
+        "retry",
+        "rotate_by",
+    ]
+    host = Host(SessionConfig(time_limit_s=600, warning_before_s=60, connect_timeout_s=5))
+
+    def earliest() -> float:
+        return min(d for t in TIMERS if (d := t.due(host.session)) is not None)
+
+    assert host.session.next_timer() == earliest()  # connecting
+    host.after(0.1).ready()
+    host.send(ev.GoAway("50s"))
+    assert host.session.next_timer() == earliest()  # rotating
+    host.after(2).send(ev.ClientGone())
+    assert host.session.next_timer() == earliest()  # client away
+
+
+def test_timers_due_together_fire_in_table_order() -> None:
+    # a late call finds the warning and the heartbeat timeout both due: the warning comes first
+    host = live_host(
+        time_limit_s=600, warning_before_s=60, heartbeat_interval_s=10, heartbeat_timeout_s=30
+    )
+    effects = host.at(T0 + 545).send(ev.Tick())
+    warning = next(
+        i
+        for i, e in enumerate(effects)
+        if isinstance(e, fx.SendToClient) and isinstance(e.message, SessionWarning)
+    )
+    gone = effects.index(next(e for e in effects if isinstance(e, fx.CloseClient)))
+    assert warning < gone
+
+
+def test_the_resume_buffer_keeps_order_bounds_audio_and_round_trips_through_the_record() -> None:
+    buffer = ResumeBuffer(max_audio_bytes=10)
+    assert buffer.hold_audio(b"12345") and buffer.hold_audio(b"6789")
+    buffer.hold_text("typed")
+    assert not buffer.hold_audio(b"ab")  # 9 + 2 > 10: refused, not kept
+    assert (buffer.audio_bytes, buffer.audio_chunks, len(buffer)) == (9, 2, 3)
+    again = ResumeBuffer.from_pending(buffer.to_pending(), 10)
+    assert list(again) == [b"12345", b"6789", "typed"] and again.audio_bytes == 9
+    assert buffer.release() == [b"12345", b"6789", "typed"]
+    assert (len(buffer), buffer.audio_bytes) == (0, 0)
+
+
+def test_a_session_holds_a_resume_buffer_only_while_it_holds_input() -> None:
+    host = live_host()
+    assert host.session._buffer is None
+    host.handle_update("h-1")
+    host.close(1011)
+    host.send(ev.ClientAudio(b"\x00" * 640))
+    assert host.session._buffer is not None and len(host.session._buffer) == 1
+    host.after(0.1).ready()
+    assert host.session._buffer is None
+
+
+def test_log_entries_the_engine_builds_equal_validated_ones() -> None:
+    host = live_host()
+    host.handle_update("h-1")
+    host.after(1).send(ev.GoAway("20s"))
+    for entry in host.session.snapshot().log:
+        fields = {k: v for k, v in dataclasses.asdict(entry).items() if v is not None}
+        assert LogEntry(**fields) == entry
+        assert LogEntry(**json.loads(json.dumps(fields))) == entry
+
+
+def test_a_started_session_keeps_under_one_kib() -> None:
+    """Issue 11.4: engine memory per started session (measured as bench_engine.py does)."""
+    import gc
+    import tracemalloc
+
+    config = SessionConfig()
+    keep: list[Session] = []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(500):
+            session = Session(config)
+            session.start(T0)  # the effects are dropped, as a host does once it carried them out
+            keep.append(session)
+        gc.collect()
+        per_session = (tracemalloc.get_traced_memory()[0] - before - sys.getsizeof(keep)) / 500
+    finally:
+        tracemalloc.stop()
+    assert per_session <= 1024, f"{per_session:.0f} B per started session"

@@ -234,6 +234,7 @@ class EngineMachine(RuleBasedStateMachine):
         # the store
         self.persisted: SessionRecord | None = None
         self.logged: list[LogEntry] = []  # every Logged effect, across restores
+        self.injected_failure = False  # a handler made to fail for one call
         self.held_bytes = 0  # client audio the session holds, as of the last check
         self.calls = 0
         self._start(self.session)
@@ -273,7 +274,10 @@ class EngineMachine(RuleBasedStateMachine):
         self._note_deadline_call()
         self.calls += 1
         effects = session.handle(event, self.now)
-        if state_before is State.ENDED:
+        if state_before is State.ENDED and isinstance(event, ev.UpstreamAudioUnsent):
+            # 12. ... but bookkeeping about lost audio: a log entry and the record, nothing else
+            assert [type(e) for e in effects] == [fx.Logged, fx.PersistRecord], effects
+        elif state_before is State.ENDED:
             # 2. ended absorbs everything
             assert effects == [], f"an ended session answered {event!r} with {effects!r}"
             assert session.state is State.ENDED
@@ -478,6 +482,21 @@ class EngineMachine(RuleBasedStateMachine):
             later = [e for e in effects[index + 1 :] if isinstance(e, fx.StateChanged)]
             assert later, f"{entry!r} without its state change"
             assert (later[0].previous, later[0].state) == (entry.state_from, entry.state_to)
+        elif entry.kind is LogKind.ROTATION_SKIPPED:
+            # 11. a working connection is only kept past its GoAway when nothing can follow it
+            config = self.config
+            handle_usable = (
+                self.handle is not None
+                and self.handle_at is not None
+                and self.now - self.handle_at <= config.handle_ttl_s
+            )
+            no_time = self.deadline - self.now < config.min_remaining_to_resume_s
+            assert no_time or (self.reached and not handle_usable), (
+                f"rotation skipped with {self.deadline - self.now:.1f} s left and handle "
+                f"{self.handle!r}: {entry.why}"
+            )
+            assert entry.connection_id == self.current
+            self.rotate_by.pop(entry.connection_id, None)
         elif entry.kind is LogKind.END:
             assert sum(e.kind is LogKind.END for e in self.logged) == 1, "a second end logged"
             assert entry.reason is not None and entry.reason == self.s.end_reason
@@ -503,8 +522,10 @@ class EngineMachine(RuleBasedStateMachine):
         if reason is EndReason.USER_ENDED:
             assert isinstance(event, ev.ClientEnd)
         elif reason is EndReason.ERROR:
-            assert isinstance(event, ev.UpstreamError) or (
-                isinstance(event, ev.UpstreamClosed) and not close_is_resumable(event.code)
+            assert (
+                isinstance(event, ev.UpstreamError)
+                or (isinstance(event, ev.UpstreamClosed) and not close_is_resumable(event.code))
+                or self.injected_failure
             ), f"error end caused by {event!r}"
         elif reason is EndReason.TIME_LIMIT:
             assert self.now >= self.deadline, "time_limit before the deadline"
@@ -735,6 +756,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert persisted.resumption_handle == snap.resumption_handle
         assert persisted.handle_received_at == snap.handle_received_at
         assert persisted.warning_given == snap.warning_given
+        assert persisted.conversation_started == snap.conversation_started
         assert persisted.end_reason == snap.end_reason
         assert (persisted.state is State.ENDED) == session.ended
 
@@ -965,6 +987,11 @@ class EngineMachine(RuleBasedStateMachine):
         limit = self.now + max(0.0, seconds - self.config.goaway_margin_s)
 
         def accepted() -> None:
+            if limit >= self.deadline and real not in self.rotate_by:
+                return  # 11. the connection outlives the interview: it is kept
+            last = self.logged[-1] if self.logged else None
+            if last is not None and last.kind is LogKind.ROTATION_SKIPPED and last.at == self.now:
+                return  # 11. the rotation this GoAway asked for was skipped (checked above)
             if up and real is not None:  # a later GoAway never postpones an earlier limit
                 self.rotate_by[real] = min(self.rotate_by.get(real, limit), limit)
 
@@ -1183,6 +1210,45 @@ class EngineMachine(RuleBasedStateMachine):
         if kind == "audio":
             self.next_seq += 1
         self._call(event_)
+
+    @precondition(_running)
+    @rule(partial=st.booleans())
+    def a_handler_fails(self, partial: bool) -> None:
+        """13. A bug in a handler: the session ends with error, once, and nothing leaks."""
+        original = Session._HANDLERS[ev.Interrupted]
+
+        def broken(session: Session, event: ev.Interrupted, now: float) -> None:
+            if partial:
+                original(session, event, now)  # some of its work is done, then it fails
+            raise RuntimeError("injected failure")
+
+        Session._HANDLERS[ev.Interrupted] = broken
+        self.injected_failure = True
+        try:
+            effects = self._call(ev.Interrupted())
+        finally:
+            Session._HANDLERS[ev.Interrupted] = original
+            self.injected_failure = False
+        session = self.s
+        assert session.ended
+        if session.end_reason is EndReason.ERROR:
+            assert "RuntimeError: injected failure" in (session.end_detail or "")
+            assert any(isinstance(e, fx.CloseClient) and e.code == 1000 for e in effects)
+        # (a timer due in the same call may have ended the session first: the first cause wins)
+        assert not self.open_conns, f"connections left open: {self.open_conns}"
+        assert self.s.next_timer() is None
+        assert self.s.handle(ev.Tick(), self.now) == []  # nothing left over
+
+    @rule(chunks=st.integers(1, 5))
+    def audio_lost_upstream(self, chunks: int) -> None:
+        """12. The host reports audio that never reached a model, in any state: counted."""
+        before = self.s.stats.upstream_audio_unsent
+        effects = self._call(ev.UpstreamAudioUnsent(chunks, "written into a dead connection"))
+        assert self.s.stats.upstream_audio_unsent == before + chunks
+        stored = [e.record for e in effects if isinstance(e, fx.PersistRecord)]
+        assert stored and stored[-1].stats.upstream_audio_unsent == before + chunks
+        entries = [e.entry for e in effects if isinstance(e, fx.Logged)]
+        assert any(e.kind is LogKind.AUDIO_UNSENT and e.count == chunks for e in entries)
 
     # -------------------------------------------------------------------------- restore
 

@@ -39,6 +39,7 @@ from worker_process import WorkerPool, WorkerProcess, voicefsm_command, worker_e
 
 from voicefsm.adk import AdkUpstream
 from voicefsm.auth import JWTAuthenticator
+from voicefsm.metrics import ObservedSink
 from voicefsm.model import SessionRecord, State, TranscriptLine
 from voicefsm.service import InterviewService
 from voicefsm.stores import (
@@ -470,7 +471,9 @@ async def test_sigkill_mid_session_the_other_worker_takes_over_from_redis(
         assert as_lines(await store.read_transcript(session_id)) == everything
 
     output = await voicefsm_transcript(session_id, redis_server.url)
-    assert output.splitlines() == [
+    lines = output.splitlines()
+    assert lines.pop(3).startswith("usage: ")  # the fake reports no usage here; cost is ~$0
+    assert lines == [
         f"session {session_id} (user alice): ended",
         "ended: user_ended: the client ended the interview",
         f"resumes: 1, transcript lines: {len(everything)}",
@@ -482,7 +485,7 @@ async def test_sigkill_mid_session_the_other_worker_takes_over_from_redis(
 # ----------------------------------------------------------------------------- 2: restart, SQLite
 
 
-@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+@pytest.mark.parametrize("how", ["sigterm", "sigint", "sigkill"])
 async def test_a_restarted_serve_on_sqlite_continues_the_session(
     tmp_path: Path, upstream: Upstream, workers: WorkerPool, how: str
 ) -> None:
@@ -508,14 +511,16 @@ async def test_a_restarted_serve_on_sqlite_continues_the_session(
         deadline = record.deadline
         assert asked_at + TIME_LIMIT_S <= deadline <= time.time() + TIME_LIMIT_S
 
-        if how == "sigterm":
-            # Graceful: the service hands its sessions back to the store and tells the client.
-            # uvicorn re-raises the SIGTERM it caught once its graceful shutdown is over.
-            assert await asyncio.to_thread(worker.terminate) == -signal.SIGTERM
+        if how in ("sigterm", "sigint"):
+            # Graceful (a deploy, or Ctrl+C): the service hands its sessions back to the store
+            # and tells the client, then the server stops and the process exits 0, quietly.
+            sig = signal.SIGTERM if how == "sigterm" else signal.SIGINT
+            assert await asyncio.to_thread(worker.terminate, sig=sig) == 0, worker.log_tail()
             assert await client.close_code() == 4410
             log = worker.log_text()
             assert "detached without ending the session" in log
             assert "Application shutdown complete." in log
+            assert "Traceback" not in log and "KeyboardInterrupt" not in log
         else:
             await asyncio.to_thread(worker.kill)
             assert await client.close_code() == 1006
@@ -602,6 +607,8 @@ async def test_a_redis_outage_mid_session_loses_nothing_and_is_logged(
             conn = await upstream.connection(1)
             live = service.sessions[session_id]
             sink = live.host.sink
+            assert isinstance(sink, ObservedSink)  # usage metrics see each saved record
+            sink = sink.inner
             assert isinstance(sink, RetryingSink)
             streamer = asyncio.create_task(stream_audio(client, 0, sent))
             await conn.wait_for_audio_chunks(10, timeout=15)
@@ -636,7 +643,13 @@ async def test_a_redis_outage_mid_session_loses_nothing_and_is_logged(
             stored = await reader.load(session_id)
             assert stored is not None
             assert stored.record.resumption_handle == outage_handle
-            assert stored.record == live.host.session.snapshot()  # the record is current
+            # The record is current (audio counters move with every chunk and are saved with
+            # the next state change, not per chunk).
+            per_chunk = {"stats", "usage"}
+            current = live.host.session.snapshot()
+            assert stored.record.model_dump(exclude=per_chunk) == current.model_dump(
+                exclude=per_chunk
+            )
             assert as_lines(await reader.read_transcript(session_id)) == everything[:5]
             assert await redis_lease(reader, session_id) == (lease_token, "solo")
             await eventually(
@@ -686,3 +699,182 @@ async def test_a_redis_outage_mid_session_loses_nothing_and_is_logged(
     assert any("expired while the store was unreachable" in message for _, _, message in said)
     for _, _, message in said:  # counts and error types, never what was said
         assert not any(text in message for _, _, text in everything), message
+
+
+# ----------------------------------------------------------------------------- 4: fenced out
+
+
+async def test_a_worker_fenced_out_while_alive_detaches_and_writes_nothing_more(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Worker A's lease runs out (as B sees it) while A still drives the session; B takes it.
+
+    A learns it was fenced out from its next write: it must hand the session over (4410 to its
+    client, upstream closed), not end it as ``error`` — the session lives on at B.
+    """
+    database = tmp_path / "fenced.db"
+    skew_s = 120.0  # B's clock runs ahead: A's lease (ttl 30 s) has expired for B
+    store_a = SQLiteStore(database)
+    store_b = SQLiteStore(database, clock=lambda: time.time() + skew_s)
+    reader = SQLiteStore(database)
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+
+    def service(store: SessionStore, worker_id: str) -> InterviewService:
+        return InterviewService(
+            AdkUpstream(agent, client=upstream.server.genai_client()),
+            AUTH,
+            config=fast_config(time_limit_s=300, warning_before_s=10, client_grace_s=60),
+            store=store,
+            worker_id=worker_id,
+            lease_ttl_s=30.0,  # renewed every 10 s: the refused write comes first
+        )
+
+    service_a, service_b = service(store_a, "worker-a"), service(store_b, "worker-b")
+    try:
+        async with (
+            starlette_service(service_a, free_port()) as url_a,
+            starlette_service(service_b, free_port()) as url_b,
+            clients() as opened,
+        ):
+            client_a, session_id, _ = await start_session(url_a, opened)
+            first = await upstream.connection(1)
+            await upstream.say(first, BEFORE[:2])
+            assert as_lines(await stored_lines(reader, session_id, 2)) == numbered(BEFORE[:2])
+
+            # The client shows up at B (say, after a network blip); B takes the session over.
+            client_b = await Client.connect(url_b, session_id=session_id)
+            opened.append(client_b)
+            await client_b.live(within=30)
+            second = await upstream.connection(2)
+            assert second.resumption_handle == upstream.handle_of(1)
+            taken = await stored_record(
+                reader,
+                session_id,
+                lambda r: r.resumption_handle == upstream.handle_of(2),
+                "B's upstream handle",
+            )
+            assert taken.state is State.LIVE
+
+            # A is alive and its upstream still talks: its next writes are refused.
+            await upstream.say(
+                first, [("interviewer", "A zombie question?"), ("user", "A zombie answer.")]
+            )
+            assert await client_a.close_code() == 4410
+            assert "reconnect" in (client_a.ws.close_reason or "")
+            assert client_a.of_type("session_ended") == []
+            await first.wait_closed(timeout=15)
+            await eventually(
+                _true_when(lambda: session_id not in service_a.sessions), "A to let go"
+            )
+
+            # The session lives on at B, untouched by A.
+            await upstream.say(second, BEFORE[2:])
+            lines = await stored_lines(reader, session_id, len(BEFORE))
+            assert as_lines(lines) == numbered(BEFORE)
+            current = await reader.load(session_id)
+            assert current is not None and current.record.state is State.LIVE
+            assert current.record.end_reason is None
+            ended = await client_b.end()
+            assert ended["reason"] == "user_ended"
+            final = await stored_record(
+                reader, session_id, lambda r: r.state is State.ENDED, "state ended"
+            )
+            assert final.end_reason == "user_ended"
+            assert as_lines(await reader.read_transcript(session_id)) == numbered(BEFORE)
+    finally:
+        for store in (store_a, store_b, reader):
+            await store.close()
+
+
+# ----------------------------------------------------------------------------- 5: rolling deploy
+
+
+async def resuming(upstream: Upstream, handle: str) -> FakeLiveConnection:
+    """The upstream connection that resumed ``handle``, once its own handle went out."""
+
+    async def found() -> FakeLiveConnection | None:
+        return next((c for c in upstream.server.connections if c.resumption_handle == handle), None)
+
+    conn = await eventually(found, f"a connection resuming {handle}", within=30)
+    return await upstream.connection(conn.number)
+
+
+async def test_a_rolling_restart_of_two_workers_on_redis_loses_no_interview(
+    redis_server: RedisServer, upstream: Upstream, workers: WorkerPool
+) -> None:
+    """Two sessions, one per worker; each worker is restarted in turn (SIGTERM, start again).
+
+    Every client is told 4410 and continues on the other worker: same deadline, the upstream
+    resumed with the newest handle, the whole transcript; both interviews end as the user ends
+    them, and the store holds no ``error``.
+    """
+    common = ["--store", redis_server.url, "--lease-ttl", "3", *live_args(upstream)]
+    worker_a = workers.add("A", free_port(), [*common, "--worker-id", "worker-a"])
+    worker_b = workers.add("B", free_port(), [*common, "--worker-id", "worker-b"])
+    await start_workers(worker_a, worker_b)
+    store = RedisStore(redis_server.url)
+    script = [("interviewer", f"Question {n}?") if n % 2 == 0 else ("user", f"Answer {n}.")
+              for n in range(8)]  # fmt: skip
+    said: dict[str, int] = {}
+    try:
+        async with clients() as opened:
+            c1, s1, _ = await start_session(worker_a.url, opened)
+            conn1 = await upstream.connection(1)
+            c2, s2, _ = await start_session(worker_b.url, opened)
+            conn2 = await upstream.connection(2)
+            handles = {s1: upstream.handle_of(1), s2: upstream.handle_of(2)}
+            deadlines: dict[str, float] = {}
+            for session_id, conn in ((s1, conn1), (s2, conn2)):
+                await upstream.say(conn, script[:2])
+                said[session_id] = 2
+                await stored_lines(store, session_id, 2)
+                record = await stored_record(
+                    store, session_id, lambda r, h=handles[session_id]: r.resumption_handle == h,
+                    "its first handle",
+                )  # fmt: skip
+                deadlines[session_id] = record.deadline
+
+            async def move(client: Client, session_id: str, to: WorkerProcess) -> Client:
+                """The client was told 4410: it reconnects to ``to``; two more lines there."""
+                assert await client.close_code() == 4410
+                assert client.of_type("session_ended") == []
+                again = await Client.connect(to.url, session_id=session_id)
+                opened.append(again)
+                live = await again.live(within=30)
+                remaining = deadlines[session_id] - time.time()
+                assert live["remaining_s"] == pytest.approx(remaining, abs=3.0)
+                conn = await resuming(upstream, handles[session_id])
+                handles[session_id] = upstream.handle_of(conn.number)
+                await upstream.say(conn, script[said[session_id] : said[session_id] + 2])
+                said[session_id] += 2
+                lines = await stored_lines(store, session_id, said[session_id])
+                assert as_lines(lines) == numbered(script[: said[session_id]])
+                return again
+
+            # Worker A restarts: its session moves to B; A comes back.
+            assert await asyncio.to_thread(worker_a.terminate) == 0
+            c1 = await move(c1, s1, worker_b)
+            await start_workers(worker_a)
+            # Worker B restarts: both sessions move to A; B comes back.
+            assert await asyncio.to_thread(worker_b.terminate) == 0
+            c1 = await move(c1, s1, worker_a)
+            c2 = await move(c2, s2, worker_a)
+            await start_workers(worker_b)
+
+            for client, session_id in ((c1, s1), (c2, s2)):
+                ended = await client.end()
+                assert ended["reason"] == "user_ended"
+                final = await stored_record(
+                    store, session_id, lambda r: r.state is State.ENDED, "state ended"
+                )
+                assert final.end_reason == "user_ended"
+                assert final.deadline == deadlines[session_id]
+                lines = await store.read_transcript(session_id)
+                assert as_lines(lines) == numbered(script[: said[session_id]])
+            summaries = await store.list_sessions()
+            assert sorted(s.session_id for s in summaries) == sorted([s1, s2])
+            assert {s.end_reason for s in summaries} == {"user_ended"}
+        for worker in (worker_a, worker_b):
+            assert "host was cancelled" not in worker.log_text()
+    finally:
+        await store.close()

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
-from live_rig import MODEL, Rig, fast_config, sequence_numbers, upstream_tasks
+from google.adk.tools import ToolContext
+from live_rig import MODEL, Rig, chunk, fast_config, sequence_numbers, upstream_tasks
 
 from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
@@ -408,16 +409,17 @@ async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_sessio
         for note in rig.notes
         if not isinstance(note, UpstreamTornDownNote | LogNote)
     ]
+    # Within one batch of effects the (never blocking) upstream ones are carried out first.
     assert kinds == [
         ("UpstreamOpenNote", 1, None),
         ("StateNote", None, State.LIVE),
         ("UpstreamCloseNote", 1, None),
-        ("StateNote", None, State.RESUMING),
         ("UpstreamOpenNote", 2, None),
+        ("StateNote", None, State.RESUMING),
         ("StateNote", None, State.LIVE),
+        ("UpstreamCloseNote", 2, None),
         ("StateNote", None, State.ENDED),
         ("EndNote", None, None),
-        ("UpstreamCloseNote", 2, None),
     ]
     torn_down = sorted(n.connection_id for n in rig.notes if isinstance(n, UpstreamTornDownNote))
     assert torn_down == [1, 2]
@@ -437,7 +439,8 @@ async def test_warning_and_end_arrive_on_schedule_while_an_old_connection_hangs_
         conn.hang_on_close()  # the rotated-away connection never answers the close frame
         await conn.send_setup_complete()
         await conn.send_resumption_update("h-1")
-        await conn.send_go_away("20s")
+        # Short enough that the connection cannot outlive the deadline: a rotation is due.
+        await conn.send_go_away("1s")
         await conn.wait_closed(timeout=None)
 
     config = fast_config(time_limit_s=3, warning_before_s=1.5)
@@ -607,3 +610,80 @@ async def test_the_adk_session_stays_small_over_many_rotations() -> None:
     assert stored_events < 2 * service.keep  # not ~6 events per connection, for ever
     # A new run_live copies none of ADK's history (the first finds no session and makes one).
     assert copied[-rotations:] == [0] * rotations
+
+
+async def test_a_pushing_client_channel_needs_no_reader_task() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        readers = [t for t in asyncio.all_tasks() if t.get_name().startswith("voicefsm-client-")]
+        assert readers == []  # MemoryChannel pushes straight into the inbox
+        rig.send_audio(10)
+        conn = server.connections[0]
+        await conn.wait_for_audio_chunks(10)
+        replaced = MemoryChannel()
+        rig.host.attach(replaced)
+        rig.channel.push(ev.ClientEnd())  # from the replaced client: ignored
+        replaced.push(ev.ClientAudio(chunk(10)))  # handled after it, in inbox order
+        await conn.wait_for_audio_chunks(11)
+        assert not rig.session.ended
+        replaced.push(ev.ClientEnd())
+        record = await rig.finish()
+    assert sequence_numbers([conn]) == list(range(11))
+    assert record.end_reason is EndReason.USER_ENDED
+    assert replaced.closed is not None
+
+
+async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() -> None:
+    seen: list[list[str]] = []
+
+    def record_answer(text: str, tool_context: ToolContext) -> dict[str, str]:
+        """Record the candidate's answer."""
+        answers = [*tool_context.state.get("answers", []), text]
+        tool_context.state["answers"] = answers
+        seen.append(answers)
+        return {"status": "recorded"}
+
+    standby_ready = asyncio.Event()
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await standby_ready.wait()  # the next connection's run_live waits, warm
+        await conn.send_tool_call("record_answer", {"text": "one"})
+        await conn.send_turn_complete()
+        await conn.wait_for_tool_responses(1)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    async def second(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_tool_call("record_answer", {"text": "two"})
+        await conn.send_turn_complete()
+        await conn.wait_for_tool_responses(1)
+        await conn.wait_closed()
+
+    prepared = asyncio.Event()
+
+    class Signalling(AdkUpstream):
+        def _prepare_standby(self, session_id: str, config: Any) -> None:
+            super()._prepare_standby(session_id, config)
+            prepared.set()
+
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="x", tools=[record_answer])
+    async with FakeLiveServer(scripts=[first, second]) as server:
+        upstream = Signalling(agent, client=server.genai_client())
+        rig = Rig(server, agent=agent, upstream=upstream)
+        await rig.__aenter__()
+        async with asyncio.timeout(10):
+            await prepared.wait()
+        standby = rig.upstream._standby[rig.session.session_id]
+        standby_ready.set()
+        second_conn = await server.wait_for_connection(2, timeout=10)
+        await second_conn.wait_for_tool_responses(1)
+        assert rig.upstream._standby.get(rig.session.session_id) is not standby
+        record = await rig.end()
+        await rig.__aexit__()
+        assert not upstream_tasks()
+    assert seen == [["one"], ["one", "two"]]  # the standby's state was refreshed
+    assert record.stats.resumes == 1
+    assert second_conn.resumption_handle == "h-1"

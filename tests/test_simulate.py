@@ -81,3 +81,28 @@ def test_cli_rejects_an_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> 
         main(["simulate", "--scenario", "nope"])
     assert raised.value.code == 2
     assert "unknown scenario 'nope'; choose one of:" in capsys.readouterr().err
+
+
+def test_the_simulated_record_tells_the_story_and_the_usage() -> None:
+    result = simulate("interview", seed=7)
+    record = result.record
+    assert record is not None and record.state.value == "ended"
+    kinds = [e.kind.value for e in record.log]
+    assert kinds.count("goaway") == result.stats.goaways == 4
+    assert kinds.count("rotation") == 4
+    assert kinds.count("warning") == 1
+    assert kinds[-1] == "end" and record.log[-1].reason is EndReason.TIME_LIMIT
+    assert "client_left" in kinds and "client_back" in kinds
+    ready = [e for e in record.log if e.kind.value == "upstream_ready"]
+    assert len(ready) == 6 and all(e.gap_s is not None and e.gap_s < 5 for e in ready)
+    assert record.log_dropped == 0
+    usage = record.usage
+    assert usage.reports > 0 and usage.response_tokens > 0
+    assert sum(usage.response_tokens_by_modality.values()) == usage.response_tokens
+    assert (
+        usage.prompt_tokens_by_modality["AUDIO"] + usage.prompt_tokens_by_modality["TEXT"]
+        == usage.prompt_tokens
+    )
+    assert 44 * 60 < usage.client_audio_s <= 45 * 60
+    assert usage.model_audio_s > 0
+    assert [line.seq for line in result.transcript] == list(range(record.transcript_count))

@@ -32,6 +32,7 @@ from voicefsm.stores import (
     RedisStore,
     RetryingSink,
     SessionStore,
+    SessionSummary,
     SQLiteStore,
     StaleFencingToken,
     StoreClosed,
@@ -474,6 +475,72 @@ async def test_a_finished_session_is_listed_and_readable(store: SessionStore) ->
     assert len(await store.read_transcript("early")) == 2
 
 
+async def test_sessions_are_listed_with_filters_newest_first_and_their_leases(
+    store: SessionStore, clock: FakeClock
+) -> None:
+    await store.save(record_of("a", started_at=T0, owner="alice"))
+    await store.save(record_of("b", started_at=T0 + 10, owner="bob", state=State.RESUMING))
+    await store.save(
+        record_of(
+            "c",
+            started_at=T0 + 20,
+            owner="alice",
+            state=State.ENDED,
+            end_reason=EndReason.USER_ENDED,
+            end_detail="the client ended the interview",
+            ended_at=T0 + 30,
+        )
+    )
+    await store.save(record_of("d", started_at=T0 + 30, owner="alice", state=State.WARNING))
+    lease_a = await store.acquire_lease("a", "worker-1", ttl_s=10)
+    assert lease_a is not None
+    lease_d = await store.acquire_lease("d", "worker-2", ttl_s=10)
+    assert lease_d is not None
+    clock.advance(4)
+    await store.release_lease(lease_d)
+
+    def ids(summaries: list[SessionSummary]) -> list[str]:
+        return [s.session_id for s in summaries]
+
+    assert ids(await store.list_sessions()) == ["a", "b", "c", "d"]
+    assert ids(await store.list_sessions(newest_first=True)) == ["d", "c", "b", "a"]
+    assert ids(await store.list_sessions(newest_first=True, limit=2)) == ["d", "c"]
+    assert ids(await store.list_sessions(limit=0)) == []
+    assert ids(await store.list_sessions(owner="alice")) == ["a", "c", "d"]
+    assert ids(await store.list_sessions(state=State.ENDED)) == ["c"]
+    running = [State.CONNECTING, State.LIVE, State.WARNING, State.RESUMING]
+    assert ids(await store.list_sessions(state=running, newest_first=True)) == ["d", "b", "a"]
+    assert ids(await store.list_sessions(state="live", owner="alice")) == ["a"]
+    assert ids(await store.list_sessions(owner="alice", state=running, limit=1)) == ["a"]
+    assert ids(await store.list_sessions(worker="worker-1")) == ["a"]
+    assert ids(await store.list_sessions(owner="nobody")) == []
+
+    by_id = {s.session_id: s for s in await store.list_sessions()}
+    a, b, c, d = (by_id[k] for k in "abcd")
+    assert (a.owner, a.worker, a.lease_expires_at) == ("alice", "worker-1", T0 + 10)
+    assert a.lease_live(clock.now) and not a.lease_live(T0 + 10)
+    assert (b.worker, b.lease_expires_at, b.lease_live(clock.now)) == (None, 0.0, False)
+    assert (c.end_reason, c.end_detail) == (EndReason.USER_ENDED, "the client ended the interview")
+    # A released lease keeps when it was released: when the session was last driven.
+    assert (d.worker, d.lease_expires_at, d.lease_live(clock.now)) == (None, T0 + 4, False)
+    with pytest.raises(ValueError, match="limit"):
+        await store.list_sessions(limit=-1)
+
+    # A session that ends leaves the running ones (Redis keeps a separate index of those).
+    await store.save(
+        record_of(
+            "b",
+            started_at=T0 + 10,
+            owner="bob",
+            state=State.ENDED,
+            end_reason=EndReason.DISCONNECTED,
+            end_detail="gone",
+            ended_at=T0 + 40,
+        )
+    )
+    assert ids(await store.list_sessions(state=running)) == ["a", "d"]
+
+
 # ---------------------------------------------------------------------------------------- the host
 
 
@@ -719,6 +786,31 @@ async def test_retrying_sink_stops_a_fenced_out_session_and_says_so(
     await sink.aclose()
 
 
+async def test_retrying_sink_with_on_refused_reports_once_and_then_discards() -> None:
+    backend = FlakySink()
+    refused: list[tuple[str, str]] = []
+
+    def on_refused(session_id: str, error: BaseException) -> None:
+        refused.append((session_id, type(error).__name__))
+
+    sink = RetryingSink(backend, on_refused=on_refused)
+    backend.refuse = StaleFencingToken("s-1", 1, 2, "worker-b")
+    await sink.save(record_of())
+    await sink.append_transcript("s-1", line_of(0))
+    async with asyncio.timeout(5):
+        await sink.flush()
+    assert refused == [("s-1", "StaleFencingToken")]
+    backend.refuse = None
+    await sink.append_transcript("s-1", line_of(1))  # no raise: the host detaches meanwhile
+    await sink.save(record_of())
+    await sink.flush()
+    assert (backend.landed, sink.discarded, refused) == ([], 2, [("s-1", "StaleFencingToken")])
+    await sink.save(record_of("s-2"))  # other sessions carry on
+    await sink.flush()
+    assert backend.landed == [("save", 0)]
+    await sink.aclose()
+
+
 async def test_retrying_sink_is_bounded_and_drops_only_superseded_saves() -> None:
     backend = FlakySink()
     backend.down = True
@@ -860,3 +952,58 @@ async def test_redis_reconnects_by_itself_after_a_restart() -> None:
             assert loaded.record == record
         finally:
             await store.close()
+
+
+# ---------------------------------------------------------------------------------------- the CLI
+
+
+def test_voicefsm_sessions_lists_a_store_newest_first_with_filters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from voicefsm.cli import main
+    from voicefsm.pricing import DEFAULT_PRICES
+
+    path = tmp_path / "listed.db"
+
+    async def fill() -> None:
+        async with SQLiteStore(path) as store:
+            now = time.time()
+            await store.save(record_of("old", started_at=now - 100, owner="alice"))
+            await store.save(
+                record_of(
+                    "done",
+                    started_at=now - 50,
+                    owner="bob",
+                    state=State.ENDED,
+                    end_reason=EndReason.TIME_LIMIT,
+                    end_detail="time",
+                    ended_at=now - 10,
+                )
+            )
+            await store.save(record_of("new", started_at=now - 5, owner="alice"))
+            assert await store.acquire_lease("new", "worker-7", ttl_s=60) is not None
+
+    asyncio.run(fill())
+    url = f"sqlite://{path}"
+    assert main(["sessions", "--store", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "SESSION", "OWNER", "STATE", "STARTED", "(UTC)", "DEADLINE", "(UTC)", "END", "WORKER",
+        "EST.", "COST", "(prices", "of", f"{DEFAULT_PRICES.as_of})",
+    ]  # fmt: skip
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[0], r[1], r[2], r[-3], r[-2], r[-1]) for r in rows] == [
+        ("new", "alice", "live", "-", "worker-7", "$0.0000"),
+        ("done", "bob", "ended", "time_limit", "-", "$0.0000"),
+        ("old", "alice", "live", "-", "-", "$0.0000"),
+    ]
+    assert main(["sessions", "--store", url, "--owner", "alice", "--state", "live"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == [
+        "new",
+        "old",
+    ]
+    assert main(["sessions", "--store", url, "--state", "ended", "--state", "resuming"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["done"]
+    with pytest.raises(SystemExit):
+        main(["sessions", "--store", url, "--state", "finished"])
+    assert "--state takes one of" in capsys.readouterr().err

@@ -27,10 +27,10 @@ from websockets.exceptions import ConnectionClosed
 from voicefsm.adk import AdkUpstream
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.model import SessionConfig
-from voicefsm.protocol import ProtocolLimits
 from voicefsm.service import InterviewService
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
-from voicefsm.web.aiohttp import interview_handler
+from voicefsm.web.aiohttp import interview_handler, runner_options
+from voicefsm.web.decoder import ProtocolLimits
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 AUTH = JWTAuthenticator(SECRET)
@@ -54,7 +54,7 @@ async def aiohttp_server(service: InterviewService) -> AsyncIterator[int]:
     port = free_port()
     app = web.Application()
     app.router.add_get("/interview", interview_handler(service))
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, **runner_options())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -107,22 +107,29 @@ class Stack:
         return ws
 
 
-@pytest.fixture(params=sorted(SERVERS))
-async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
-    config: SessionConfig = getattr(request, "param_config", None) or fast_config(client_grace_s=5)
+@asynccontextmanager
+async def open_stack(kind: str, config: SessionConfig | None = None) -> AsyncIterator[Stack]:
+    """The fake Live server, a service on it, and the ``kind`` adapter's server in front."""
     async with FakeLiveServer(script=live_until_closed) as fake:
         agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
         service = InterviewService(
             AdkUpstream(agent, client=fake.genai_client()),
             AUTH,
-            config=config,
+            config=config or fast_config(client_grace_s=5),
             limits=ProtocolLimits(
-                messages_per_second=100, burst=60, max_errors=8, max_frame_bytes=64 * 1024
+                messages_per_second=100, burst=60, max_errors=12, max_frame_bytes=64 * 1024
             ),
             origins=None,
         )
-        async with SERVERS[request.param](service) as port:
+        async with SERVERS[kind](service) as port:
             yield Stack(fake, service, f"ws://127.0.0.1:{port}/interview")
+
+
+@pytest.fixture(params=sorted(SERVERS))
+async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
+    config: SessionConfig | None = getattr(request, "param_config", None)
+    async with open_stack(request.param, config) as opened:
+        yield opened
 
 
 async def next_json(
@@ -265,7 +272,10 @@ async def test_bad_input_is_answered_counted_and_does_not_end_the_session(stack:
         json.dumps({"mime_type": "audio/pcm", "data": "***"}),
         json.dumps({"mime_type": "video/mp4", "data": "AAAA"}),
         json.dumps({"hello": "world"}),
-        b"\x00" * (64 * 1024 + 1),
+        json.dumps({"mime_type": "text/plain", "data": ""}),
+        b"",
+        b"\x00" * 641,
+        "[" * 5000,  # deeper than json.loads can recurse
     ]
     for frame in bad:
         await ws.send(frame)
@@ -275,7 +285,10 @@ async def test_bad_input_is_answered_counted_and_does_not_end_the_session(stack:
         "bad_base64",
         "unknown_mime_type",
         "unknown_message",
-        "oversize_frame",
+        "invalid_message",
+        "empty_audio",
+        "invalid_audio",
+        "invalid_json",
     ]
     await ws.send(chunk(0))
     await stack.fake.connections[0].wait_for_audio_chunks(1)
@@ -295,11 +308,11 @@ async def test_a_flood_is_rate_limited(stack: Stack) -> None:
 
 async def test_too_many_errors_end_the_session_with_error(stack: Stack) -> None:
     ws, _ = await start_session(stack)
-    for _ in range(8):
+    for _ in range(12):
         await ws.send("{not json")
     ended = await next_json(ws, "session_ended")
     assert ended["reason"] == "error"
-    assert "broke the protocol 8 times" in ended["detail"]
+    assert "broke the protocol 12 times" in ended["detail"]
     assert await close_code(ws) == 1000
 
 

@@ -51,13 +51,24 @@ class WorkerProcess:
     """One ``voicefsm serve`` process (restartable: each :meth:`start` appends to the log)."""
 
     def __init__(
-        self, name: str, port: int, args: Sequence[str], log_path: Path, env: dict[str, str]
+        self,
+        name: str,
+        port: int,
+        args: Sequence[str],
+        log_path: Path,
+        env: dict[str, str],
+        command: Sequence[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.port = port
         self.args = list(args)
         self.log_path = log_path
         self.env = env
+        self.command = list(command) if command is not None else None
+        """The whole command line; ``None``: ``voicefsm serve --host 127.0.0.1 --port PORT``
+        followed by ``args``."""
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._log: IO[bytes] | None = None
@@ -85,7 +96,7 @@ class WorkerProcess:
         self._log = self.log_path.open("ab")
         self._log.write(f"===== {self.name}: start #{self.starts} =====\n".encode())
         self._log.flush()
-        command = [
+        command = self.command or [
             *voicefsm_command(),
             "serve",
             "--host",
@@ -100,6 +111,7 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
+            cwd=self.cwd,
         )
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
@@ -135,8 +147,11 @@ class WorkerProcess:
         process.wait(EXIT_TIMEOUT_S)
         self._close_log()
 
-    def terminate(self, timeout: float = EXIT_TIMEOUT_S) -> int:
-        """SIGTERM the process (a graceful stop) and wait for it; return its exit code.
+    def terminate(
+        self, timeout: float = EXIT_TIMEOUT_S, sig: signal.Signals = signal.SIGTERM
+    ) -> int:
+        """Send ``sig`` (SIGTERM: a graceful stop; SIGINT: Ctrl+C) and wait for the process to
+        exit; return its exit code.
 
         Raises ``subprocess.TimeoutExpired`` if it does not exit in time (the pool kills it).
         """
@@ -144,7 +159,7 @@ class WorkerProcess:
         if process is None:
             raise RuntimeError(f"{self!r} was never started")
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(sig)
         code = process.wait(timeout)
         self._close_log()
         return code
@@ -175,9 +190,30 @@ class WorkerPool:
         self.env = worker_env(jwt_secret)
         self.workers: list[WorkerProcess] = []
 
-    def add(self, name: str, port: int, args: Sequence[str]) -> WorkerProcess:
-        """A new worker (not started yet); its log is ``<log_dir>/worker-<name>.log``."""
-        worker = WorkerProcess(name, port, args, self.log_dir / f"worker-{name}.log", self.env)
+    def add(
+        self,
+        name: str,
+        port: int,
+        args: Sequence[str],
+        *,
+        command: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> WorkerProcess:
+        """A new worker (not started yet); its log is ``<log_dir>/worker-<name>.log``.
+
+        ``command`` replaces ``voicefsm serve`` (e.g. uvicorn running an example app); ``env``
+        is added to the pool's environment.
+        """
+        worker = WorkerProcess(
+            name,
+            port,
+            args,
+            self.log_dir / f"worker-{name}.log",
+            {**self.env, **(env or {})},
+            command=command,
+            cwd=cwd,
+        )
         self.workers.append(worker)
         return worker
 

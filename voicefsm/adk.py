@@ -29,7 +29,7 @@ import contextlib
 import contextvars
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
@@ -90,6 +90,12 @@ class _Link:
         self.dead = False
         """The liveness check failed: what was written since the last pong may be lost."""
         self.websocket: ClientConnection | None = None
+        self.armed: asyncio.Event | None = None
+        """Set for a standby connection: its ``run_live`` waits here, just before connecting."""
+        self.adk_session: AdkSession | None = None
+        """The copy of the ADK session this connection's ``run_live`` works on."""
+        self.on_ready: Callable[[], None] | None = None
+        self.session_service: BoundedSessionService | None = None
         self.unsent: deque[bytes] = deque()
         self.unconfirmed: deque[bytes] = deque(maxlen=UNCONFIRMED_MAX_CHUNKS)
         self.written = 0
@@ -247,6 +253,7 @@ class VoiceFsmGemini(Gemini):
 
     @contextlib.asynccontextmanager
     async def connect(self, llm_request: LlmRequest) -> AsyncIterator[BaseLlmConnection]:
+        """A live connection that reports to the session in context (plain ``Gemini`` without)."""
         link = _LINK.get(None)
         if link is None:
             async with super().connect(llm_request) as connection:
@@ -255,6 +262,10 @@ class VoiceFsmGemini(Gemini):
         if link.connected:
             raise _AbortConnect(f"upstream #{link.connection_id}: ADK tried to reconnect")
         link.connected = True
+        if link.armed is not None:
+            # A standby: ADK's run_live start-up is done; connect once the session asks for it.
+            await link.armed.wait()
+            await _refresh_state(link)
         connect_config = llm_request.live_connect_config
         connect_config.session_resumption = types.SessionResumptionConfig(handle=link.handle)
         connect_config.context_window_compression = types.ContextWindowCompressionConfig(
@@ -275,6 +286,8 @@ class VoiceFsmGemini(Gemini):
             await _park()
         async with stack:
             link.report(ev.UpstreamReady(connection_id=link.connection_id))
+            if link.on_ready is not None:
+                link.on_ready()
             watcher = _start_liveness_check(link)
             try:
                 yield _ReportingConnection(connection, link)
@@ -282,6 +295,23 @@ class VoiceFsmGemini(Gemini):
                 if watcher is not None:
                     watcher.cancel()
                     await asyncio.wait({watcher})
+
+
+async def _refresh_state(link: _Link) -> None:
+    """Bring a standby's copy of the ADK session's state up to date (it was taken earlier)."""
+    stale = link.adk_session
+    service = link.session_service
+    if stale is None or service is None:
+        return
+    fresh = await service.get_session(
+        app_name=stale.app_name,
+        user_id=stale.user_id,
+        session_id=stale.id,
+        config=GetSessionConfig(num_recent_events=0),
+    )
+    if fresh is not None:
+        stale.state.clear()
+        stale.state.update(fresh.state)
 
 
 def _start_liveness_check(link: _Link) -> asyncio.Task[None] | None:
@@ -330,10 +360,37 @@ class AdkConnection:
     ) -> None:
         self._link = link
         self._queue = LiveRequestQueue()
+        which = "standby" if link.armed is not None else link.connection_id
         self._task = asyncio.create_task(
             self._run(runner, user_id, session_id, run_config),
-            name=f"voicefsm-upstream-{session_id[:12]}-{link.connection_id}",
+            name=f"voicefsm-upstream-{session_id[:12]}-{which}",
         )
+
+    async def discard(self) -> None:
+        """Stop a standby that was never armed."""
+        self._link.closing = True
+        self._queue.close()
+        self._task.cancel()
+        await asyncio.wait({self._task}, timeout=self._link.close_timeout_s + 1.0)
+
+    @property
+    def usable_as_standby(self) -> bool:
+        """A standby whose ``run_live`` is still waiting to connect."""
+        link = self._link
+        return link.armed is not None and not link.armed.is_set() and not self._task.done()
+
+    def arm(
+        self, connection_id: int, handle: str | None, config: SessionConfig, report: Report
+    ) -> None:
+        """Turn this standby into connection ``connection_id``: it connects now."""
+        link = self._link
+        assert link.armed is not None
+        link.connection_id = connection_id
+        link.handle = handle
+        link.config = config
+        link._report = report
+        self._task.set_name(f"voicefsm-upstream-{link.log.session_id[:12]}-{connection_id}")
+        link.armed.set()
 
     def send_audio(self, data: bytes) -> None:
         """Queue candidate audio; it counts as unsent until it is written to the websocket."""
@@ -371,6 +428,15 @@ class AdkConnection:
         link = self._link
         task = self._task
         self._queue.close()
+        websocket = link.websocket
+        if websocket is not None and not link.dead and not task.done():
+            # The closing handshake first, then the cancel: cancelling run_live in the middle of
+            # genai's close would abort it, and a completed handshake confirms the audio.
+            try:
+                async with asyncio.timeout(link.close_timeout_s + 0.5):
+                    await websocket.close()
+            except Exception as error:  # TimeoutError, or a socket already broken
+                link.log.info("closing upstream #%d: %r", link.connection_id, error)
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=link.close_timeout_s + 0.5)
         if not done:
@@ -419,6 +485,10 @@ ADK_EVENTS_KEPT = 64
 """Events an ADK session keeps under :class:`AdkUpstream`'s own session service (see there)."""
 
 
+STANDBY_DELAY_S = 0.1
+"""How long after a connection is ready the next one's standby ``run_live`` is started."""
+
+
 class BoundedSessionService(InMemorySessionService):
     """ADK's in-memory session service, keeping only each session's last ``keep`` events.
 
@@ -437,6 +507,23 @@ class BoundedSessionService(InMemorySessionService):
             raise ValueError(f"keep must be >= 1, got {keep}")
         super().__init__()
         self.keep = keep
+
+    async def get_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        session_id: str,
+        config: GetSessionConfig | None = None,
+    ) -> AdkSession | None:
+        """As ADK's; a voicefsm connection also remembers the copy its ``run_live`` gets."""
+        session = await super().get_session(
+            app_name=app_name, user_id=user_id, session_id=session_id, config=config
+        )
+        link = _LINK.get(None)
+        if link is not None and link.adk_session is None and session is not None:
+            link.adk_session = session
+        return session
 
     async def append_event(self, session: AdkSession, event: Event) -> Event:
         """Append as ADK does, then cut both copies of the session back to ``keep`` events."""
@@ -463,6 +550,11 @@ class AdkUpstream:
     ``RunConfig`` (speech config, transcription settings ...); resumption and compression come
     from the session. ``close_timeout_s`` bounds a connection's closing handshake before its
     socket is aborted (websockets' default is 10 s).
+
+    ``warm_standby`` (with a :class:`BoundedSessionService`, the default): once a connection is
+    ready, the next connection's ``run_live`` is started and waits just before connecting, so a
+    rotation only pays for the connection itself, not for ADK's ``run_live`` start-up. One idle
+    ``run_live`` per session; its copy of the ADK session's state is refreshed when it connects.
     """
 
     def __init__(
@@ -476,10 +568,13 @@ class AdkUpstream:
         run_config: RunConfig | None = None,
         runner: Runner | None = None,
         close_timeout_s: float = 1.0,
+        warm_standby: bool = True,
     ) -> None:
         if close_timeout_s <= 0:
             raise ValueError(f"close_timeout_s must be > 0, got {close_timeout_s}")
         self.close_timeout_s = close_timeout_s
+        self._sessions: set[str] = set()
+        self._standby: dict[str, AdkConnection] = {}
         current = agent.model
         name = model or (current if isinstance(current, str) else getattr(current, "model", None))
         if not name:
@@ -505,6 +600,11 @@ class AdkUpstream:
             session_service=BoundedSessionService(),
             auto_create_session=True,
         )
+        # A standby refreshes the state of its copy of the ADK session when it connects, which
+        # needs the copy: BoundedSessionService remembers it.
+        self.warm_standby = warm_standby and isinstance(
+            self.runner.session_service, BoundedSessionService
+        )
         base = run_config or RunConfig()
         if base.get_session_config is None:
             # Each connection resumes the server's context: it needs none of ADK's history, and
@@ -523,7 +623,11 @@ class AdkUpstream:
         )
 
     async def forget(self, session_id: str) -> None:
-        """Drop the ADK session of an ended interview (only from the service this upstream made)."""
+        """Drop the session's standby and its ADK session (only from the service made here)."""
+        self._sessions.discard(session_id)
+        standby = self._standby.pop(session_id, None)
+        if standby is not None:
+            await standby.discard()
         if not self._owns_sessions:
             return
         service = self.runner.session_service
@@ -541,10 +645,22 @@ class AdkUpstream:
         config: SessionConfig,
         report: Report,
     ) -> AdkConnection:
-        """Start connection ``connection_id`` for session ``session_id``."""
+        """Start connection ``connection_id`` for session ``session_id`` (warm if one waits)."""
+        self._sessions.add(session_id)
+        standby = self._standby.pop(session_id, None)
+        # A standby that is not usable has already stopped (it failed before connecting).
+        if standby is not None and standby.usable_as_standby:
+            standby.arm(connection_id, handle, config, report)
+            return standby
         log = SessionLog(logger, session_id)
         link = _Link(connection_id, handle, config, report, log, self.close_timeout_s)
-        run_config = self.run_config.model_copy(
+        self._wire(link, session_id, config)
+        return AdkConnection(
+            self.runner, self.user_id, session_id, self._run_config(handle, config), link
+        )
+
+    def _run_config(self, handle: str | None, config: SessionConfig) -> RunConfig:
+        return self.run_config.model_copy(
             update={
                 "session_resumption": types.SessionResumptionConfig(handle=handle),
                 "context_window_compression": types.ContextWindowCompressionConfig(
@@ -555,4 +671,30 @@ class AdkUpstream:
                 ),
             }
         )
-        return AdkConnection(self.runner, self.user_id, session_id, run_config, link)
+
+    def _wire(self, link: _Link, session_id: str, config: SessionConfig) -> None:
+        service = self.runner.session_service
+        if isinstance(service, BoundedSessionService):
+            link.session_service = service
+        if self.warm_standby:
+
+            def prepare_later() -> None:
+                loop = asyncio.get_running_loop()
+                loop.call_later(STANDBY_DELAY_S, self._prepare_standby, session_id, config)
+
+            link.on_ready = prepare_later
+
+    def _prepare_standby(self, session_id: str, config: SessionConfig) -> None:
+        if session_id not in self._sessions or session_id in self._standby:
+            return
+        log = SessionLog(logger, session_id)
+        link = _Link(-1, None, config, _ignore_report, log, self.close_timeout_s)
+        link.armed = asyncio.Event()
+        self._wire(link, session_id, config)
+        self._standby[session_id] = AdkConnection(
+            self.runner, self.user_id, session_id, self._run_config(None, config), link
+        )
+
+
+def _ignore_report(event: ev.Event) -> None:
+    """A standby reports nothing until it is armed."""

@@ -3,14 +3,17 @@
 Every interview on a worker shares one event loop. Past some number of interviews per core the
 loop falls behind: timers fire late (the warning, the deadline, rotations), and audio queues up.
 :class:`LoopLagMonitor` measures that directly — how late a periodic timer fires on this loop —
-and :class:`Admission` turns it into a decision: while the worst lag seen over the last
-``window_s`` exceeds ``max_lag_s``, new sessions are refused (the service closes them with 1013
+and :class:`Admission` turns it into a decision: while the lag is *sustained* — at least
+``late_fraction`` of the samples of the last ``window_s`` exceed ``max_lag_s`` — new sessions are
+refused (the service closes them with 1013
 "server busy, retry", after an ``error`` message with code ``server_busy``), so a load balancer
 or the client retries elsewhere or later. Sessions already running are never touched: a
 returning client of a running session is always re-attached.
 
-The lag is a sample per ``interval_s``, so a refusal follows overload within about one
-interval, and admission resumes ``window_s`` after the last late sample.
+The lag is a sample per ``interval_s``, so a refusal follows overload within a fraction of the
+window, and admission resumes once late samples fall under ``late_fraction`` of the window. A
+single stall (a garbage collection, a burst of TLS handshakes, a neighbour on the same core) is
+one late sample among ~40 and refuses nobody; an overloaded loop is late on most samples.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from collections.abc import Callable
 
 DEFAULT_MAX_LAG_S = 0.025
 """Default threshold: half the 50 ms within which warnings and ends must reach the client."""
+DEFAULT_LATE_FRACTION = 0.2
+"""Default share of a window's samples that must be late for the lag to count as sustained."""
 
 
 class LoopLagMonitor:
@@ -55,6 +60,16 @@ class LoopLagMonitor:
         now = self._clock()
         self._samples.append((now, max(0.0, lag_s)))
         self._expire(now)
+
+    def late_share(self, threshold_s: float) -> tuple[float, float]:
+        """Of the last ``window_s``: the share of samples later than ``threshold_s``, and the
+        worst lag (both 0 when there is no sample)."""
+        self._expire(self._clock())
+        if not self._samples:
+            return 0.0, 0.0
+        lags = [lag for _, lag in self._samples]
+        late = sum(1 for lag in lags if lag > threshold_s)
+        return late / len(lags), max(lags)
 
     @property
     def recent_max_s(self) -> float:
@@ -91,9 +106,10 @@ class LoopLagMonitor:
 class Admission:
     """Decides whether this worker takes a new session.
 
-    Refuses while the loop lag of the last ``monitor.window_s`` exceeded ``max_lag_s``, or
-    while ``max_sessions`` (if set) are running. The monitor must be started on the serving
-    loop (:meth:`start`; :class:`~voicefsm.service.InterviewService` does it lazily).
+    Refuses while at least ``late_fraction`` of the lag samples of the last
+    ``monitor.window_s`` exceeded ``max_lag_s``, or while ``max_sessions`` (if set) are
+    running. The monitor must be started on the serving loop (:meth:`start`;
+    :class:`~voicefsm.service.InterviewService` does it lazily).
     """
 
     def __init__(
@@ -102,13 +118,17 @@ class Admission:
         *,
         max_sessions: int | None = None,
         monitor: LoopLagMonitor | None = None,
+        late_fraction: float = DEFAULT_LATE_FRACTION,
     ) -> None:
         if max_lag_s <= 0:
             raise ValueError("max_lag_s must be positive")
+        if not 0 < late_fraction <= 1:
+            raise ValueError("late_fraction must be in (0, 1]")
         if max_sessions is not None and max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
         self.max_lag_s = max_lag_s
         self.max_sessions = max_sessions
+        self.late_fraction = late_fraction
         self.monitor = monitor if monitor is not None else LoopLagMonitor()
         self.refused = 0
         """How many sessions this admission refused."""
@@ -123,11 +143,11 @@ class Admission:
         if self.max_sessions is not None and running_sessions >= self.max_sessions:
             why = f"{running_sessions} sessions running (limit {self.max_sessions})"
         else:
-            lag = self.monitor.recent_max_s
-            if lag > self.max_lag_s:
+            share, worst = self.monitor.late_share(self.max_lag_s)
+            if share and share >= self.late_fraction:
                 why = (
-                    f"event-loop lag {lag * 1000:.0f} ms in the last "
-                    f"{self.monitor.window_s:g} s (limit {self.max_lag_s * 1000:.0f} ms)"
+                    f"event-loop lag over {self.max_lag_s * 1000:.0f} ms in {share:.0%} of the "
+                    f"last {self.monitor.window_s:g} s (worst {worst * 1000:.0f} ms)"
                 )
         if why is not None:
             self.refused += 1

@@ -7,6 +7,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from voicefsm.model import SessionRecord, SessionUsage
+    from voicefsm.pricing import TokenPrices
+
+EXIT_BROKEN_PIPE = 141
+"""Exit status when the reader of stdout went away: what a shell reports for SIGPIPE (128 + 13)."""
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -16,12 +24,23 @@ def _simulate(args: argparse.Namespace) -> int:
         for name, scenario in SCENARIOS.items():
             print(f"{name:<18} {scenario.description}")
         return 0
+    chosen = args.scenario_name or args.scenario or "interview"
+    if args.scenario_name and args.scenario and args.scenario_name != args.scenario:
+        raise ValueError(
+            f"two scenarios given ({args.scenario_name!r} and --scenario {args.scenario!r})"
+        )
     started = time.perf_counter()
-    result = simulate(args.scenario, args.seed, on_line=None if args.quiet else print)
+    result = simulate(chosen, args.seed, on_line=None if args.quiet else print)
     elapsed = time.perf_counter() - started
     print()
     print(result.summary())
     print(f"  wall time    {elapsed:.2f} s for {result.ended_at_s / 60:.1f} virtual minutes")
+    if args.timeline is not None and result.record is not None:
+        from voicefsm.pricing import load_prices
+        from voicefsm.timeline import render_timeline
+
+        page = render_timeline(result.record, result.transcript, prices=load_prices(args.prices))
+        _write_page(page, args.timeline)
     return 0 if result.client_chunks_lost == 0 and result.client_chunks_reordered == 0 else 1
 
 
@@ -51,8 +70,17 @@ def _serve(args: argparse.Namespace) -> int:
         upstream=args.upstream,
         max_loop_lag_ms=args.max_loop_lag_ms,
     )
-    run(settings, host=args.host, port=args.port)
+    try:
+        run(settings, host=args.host, port=args.port)
+    except KeyboardInterrupt:  # Ctrl+C before the server was up: nothing to drain
+        return 130
     return 0
+
+
+_PRICES_HELP = (
+    "per-token prices for the cost estimate (JSON, fields of voicefsm.pricing.TokenPrices; "
+    "default $VOICEFSM_PRICES, else documented default prices)"
+)
 
 
 def _default_store() -> str:
@@ -80,11 +108,144 @@ def _transcript(args: argparse.Namespace) -> int:
             print(f"ended: {record.end_reason}: {record.end_detail}")
         stats = record.stats
         print(f"resumes: {stats.resumes}, transcript lines: {len(lines)}")
+        print(_usage_line(record, args.prices))
         for line in lines:
             print(f"[{line.seq}] {line.role}: {line.text}")
         return 0
 
     return asyncio.run(show())
+
+
+def _usage_line(record: SessionRecord, prices_file: str | None) -> str:
+    """``usage: ...`` with token sums, audio seconds and the estimated cost of one record."""
+    from voicefsm.pricing import estimate_cost, load_prices, usage_tokens
+
+    usage = record.usage
+    cost = estimate_cost(usage_tokens(usage), load_prices(prices_file))
+    return (
+        f"usage: {usage.prompt_tokens:,} prompt + {usage.response_tokens:,} response tokens "
+        f"in {usage.reports} reports, audio {usage.client_audio_s:.0f} s in / "
+        f"{usage.model_audio_s:.0f} s out, cost {cost.describe()}"
+    )
+
+
+def _write_page(page: str, target: str) -> None:
+    if target == "-":
+        sys.stdout.write(page)
+        return
+    with open(target, "w", encoding="utf-8") as out:
+        out.write(page)
+    print(f"timeline written to {target}", file=sys.stderr)
+
+
+def _timeline(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from voicefsm.pricing import load_prices
+    from voicefsm.stores import open_store
+    from voicefsm.timeline import render_timeline
+
+    prices = load_prices(args.prices)
+
+    async def load() -> int:
+        store = open_store(args.store)
+        try:
+            stored = await store.load(args.session_id)
+            if stored is None:
+                print(f"no session {args.session_id!r} in {args.store}", file=sys.stderr)
+                return 1
+            lines = await store.read_transcript(args.session_id)
+        finally:
+            await store.close()
+        page = render_timeline(stored.record, lines, prices=prices)
+        _write_page(page, args.output or f"timeline-{args.session_id}.html")
+        return 0
+
+    return asyncio.run(load())
+
+
+def _operator_token(args: argparse.Namespace) -> int:
+    from voicefsm.auth import JWTAuthenticator
+    from voicefsm.web.operator import OPERATOR_ROLE
+
+    secret = os.environ.get("VOICEFSM_JWT_SECRET")
+    if not secret:
+        raise ValueError(
+            "VOICEFSM_JWT_SECRET is not set: an operator token must be signed with the secret "
+            "`voicefsm serve` verifies (set the same VOICEFSM_JWT_SECRET for both)"
+        )
+    print(JWTAuthenticator(secret).issue(args.user, ttl_s=args.ttl, roles=[OPERATOR_ROLE]))
+    return 0
+
+
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
+
+
+def _cost(usage: SessionUsage | None, prices: TokenPrices) -> str:
+    from voicefsm.pricing import estimate_cost, format_money, usage_tokens
+
+    if usage is None:
+        return "-"
+    cost = estimate_cost(usage_tokens(usage), prices)
+    return format_money(cost.total, cost.currency)
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from voicefsm.model import State
+    from voicefsm.stores import open_store
+
+    states = None
+    if args.state:
+        try:
+            states = [State(value) for value in args.state]
+        except ValueError:
+            raise ValueError(
+                f"--state takes one of {', '.join(str(s) for s in State)}, not {args.state}"
+            ) from None
+
+    from voicefsm.pricing import load_prices
+
+    prices = load_prices(args.prices)
+
+    async def listed() -> list[list[str]]:
+        store = open_store(args.store)
+        try:
+            summaries = await store.list_sessions(
+                state=states, owner=args.owner, limit=args.limit, newest_first=True
+            )
+        finally:
+            await store.close()
+        now = time.time()
+        return [
+            [
+                s.session_id,
+                s.owner or "-",
+                str(s.state),
+                _when(s.started_at),
+                _when(s.deadline),
+                str(s.end_reason) if s.end_reason is not None else "-",
+                s.worker if s.lease_live(now) and s.worker else "-",
+                _cost(s.usage, prices),
+            ]
+            for s in summaries
+        ]
+
+    rows = asyncio.run(listed())
+    if not rows:
+        print(f"no sessions in {args.store}", file=sys.stderr)
+        return 0
+    header = ["SESSION", "OWNER", "STATE", "STARTED (UTC)", "DEADLINE (UTC)", "END", "WORKER"]
+    header.append(f"EST. COST (prices of {prices.as_of})")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
 
 
 def _diagram(args: argparse.Namespace) -> int:
@@ -107,10 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a whole 45-minute interview in virtual time through the real engine",
         description="Run a scripted interview in virtual time and print its timeline.",
     )
-    sim.add_argument("--scenario", default="interview", help="scenario name (see --list)")
+    sim.add_argument(
+        "scenario_name",
+        nargs="?",
+        metavar="SCENARIO",
+        help="scenario name (see --list; default: interview)",
+    )
+    sim.add_argument("--scenario", help="the same, as an option")
     sim.add_argument("--seed", type=int, default=7, help="seed for timings and jitter")
     sim.add_argument("--quiet", action="store_true", help="print only the end summary")
     sim.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    sim.add_argument(
+        "--timeline", metavar="FILE.html", help="also draw the interview as an HTML timeline"
+    )
+    sim.add_argument("--prices", metavar="FILE.json", help=_PRICES_HELP)
     sim.set_defaults(func=_simulate)
 
     serve = commands.add_parser(
@@ -160,7 +331,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transcript.add_argument("session_id")
     transcript.add_argument("--store", default=_default_store(), help="session store URL")
+    transcript.add_argument("--prices", metavar="FILE.json", help=_PRICES_HELP)
     transcript.set_defaults(func=_transcript)
+
+    timeline = commands.add_parser(
+        "timeline",
+        help="draw a stored session as a self-contained HTML timeline (for operators)",
+        description="Write one interview's timeline page: state bands, rotations and their gaps, "
+        "client-away spans, the warning, the end, transcript turns, usage and estimated cost. "
+        "The page contains the transcript: keep it among operators.",
+    )
+    timeline.add_argument("session_id")
+    timeline.add_argument("--store", default=_default_store(), help="session store URL")
+    timeline.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE.html",
+        help="where to write the page ('-': standard output; default timeline-SESSION_ID.html)",
+    )
+    timeline.add_argument("--prices", metavar="FILE.json", help=_PRICES_HELP)
+    timeline.set_defaults(func=_timeline)
+
+    token = commands.add_parser(
+        "operator-token",
+        help="print a token for the operator pages (signed with $VOICEFSM_JWT_SECRET)",
+        description="Sign a JWT with the operator role for /operator of `voicefsm serve`.",
+    )
+    token.add_argument("--user", default="operator", help="the operator's user id (sub)")
+    token.add_argument("--ttl", type=float, default=8 * 3600, help="lifetime in seconds")
+    token.set_defaults(func=_operator_token)
+
+    sessions = commands.add_parser(
+        "sessions",
+        help="list the sessions in a store, newest first",
+        description="List the sessions kept in a store, newest first: id, owner (the user), "
+        "state, start, deadline, end reason, and the worker that drives it now (if any).",
+    )
+    sessions.add_argument("--store", default=_default_store(), help="session store URL")
+    sessions.add_argument(
+        "--state",
+        action="append",
+        help="only sessions in this state: connecting, live, warning, resuming or ended "
+        "(repeatable)",
+    )
+    sessions.add_argument("--owner", help="only the sessions of this user")
+    sessions.add_argument(
+        "--limit", type=int, default=None, help="at most this many sessions (default: all)"
+    )
+    sessions.add_argument("--prices", metavar="FILE.json", help=_PRICES_HELP)
+    sessions.set_defaults(func=_sessions)
+
+    from voicefsm import interview_cli  # light: its heavy imports wait until it runs
+
+    interview = commands.add_parser(
+        "interview",
+        help="run one spoken interview in the terminal (Gemini with GOOGLE_API_KEY, or --fake)",
+        description=interview_cli.DESCRIPTION,
+        epilog=interview_cli.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    interview_cli.add_arguments(interview)
+    interview.set_defaults(func=interview_cli.run)
 
     diag = commands.add_parser(
         "diagram",
@@ -178,8 +409,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that left must not fail the exit flush
     except ValueError as error:
         parser.error(str(error))
+    except BrokenPipeError:
+        # The reader went away (`voicefsm simulate | head`): not an error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return code
 
 

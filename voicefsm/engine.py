@@ -11,21 +11,22 @@ Times are epoch seconds (``time.time()`` in production, anything monotonic in te
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import random
 import re
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from voicefsm import effects as fx
 from voicefsm import events as ev
+from voicefsm.buffer import ResumeBuffer
 from voicefsm.machine import FATAL_CLOSE_CODES, MACHINE, UPSTREAM_UP, close_is_resumable
 from voicefsm.model import (
     EndReason,
     LogEntry,
     LogKind,
-    PendingItem,
     SessionConfig,
     SessionRecord,
     SessionStats,
@@ -65,6 +66,72 @@ class SessionError(RuntimeError):
     """The host used a :class:`Session` the wrong way (the message says how)."""
 
 
+class _NotAnEvent(TypeError):
+    """``handle()`` was given something that is not an event: refused, the session unchanged."""
+
+
+_logger = logging.getLogger(__name__)
+
+
+class SessionCounters:
+    """The counters a running session keeps: the fields of :class:`voicefsm.SessionStats`.
+
+    A ``__slots__`` object (a pydantic model costs several hundred bytes per session);
+    :meth:`Session.snapshot` copies it into the record's ``SessionStats``.
+    """
+
+    __slots__ = (
+        "bytes_overflowed",
+        "chunks_buffered",
+        "chunks_flushed",
+        "chunks_overflowed",
+        "chunks_unsent_at_end",
+        "connect_attempts",
+        "goaways",
+        "ignored_resumption_updates",
+        "last_prompt_tokens",
+        "resumes",
+        "tool_calls",
+        "transcript_lines",
+        "unknown_events",
+        "upstream_audio_unsent",
+    )
+
+    def __init__(self) -> None:
+        self.resumes = 0
+        self.connect_attempts = 0
+        self.goaways = 0
+        self.chunks_buffered = 0
+        self.chunks_flushed = 0
+        self.chunks_overflowed = 0
+        self.bytes_overflowed = 0
+        self.chunks_unsent_at_end = 0
+        self.upstream_audio_unsent = 0
+        self.transcript_lines = 0
+        self.ignored_resumption_updates = 0
+        self.unknown_events = 0
+        self.tool_calls = 0
+        self.last_prompt_tokens: int | None = None
+
+    def to_model(self) -> SessionStats:
+        """The counters as the record stores them."""
+        # (validating a dict is several times faster than pydantic's model_construct here)
+        return SessionStats.model_validate(
+            {name: getattr(self, name) for name in SessionCounters.__slots__}
+        )
+
+    @classmethod
+    def from_model(cls, stats: SessionStats) -> SessionCounters:
+        """Counters that continue from a stored ``SessionStats``."""
+        counters = cls()
+        for name in SessionCounters.__slots__:
+            setattr(counters, name, getattr(stats, name))
+        return counters
+
+    def __repr__(self) -> str:
+        return f"SessionCounters({self.to_model()!r})"
+
+
 class Session:
     """One interview: a state machine over classified events and time.
 
@@ -76,7 +143,6 @@ class Session:
     __slots__ = (
         "_awaiting_start",
         "_buffer",
-        "_buffered_bytes",
         "_client_audio_bytes",
         "_client_connected",
         "_connect_deadline",
@@ -92,7 +158,6 @@ class Session:
         "_last_client_seen",
         "_log",
         "_log_dropped",
-        "_log_unsaved",
         "_model_audio_bytes",
         "_model_turn_open",
         "_next_attempt_at",
@@ -106,6 +171,7 @@ class Session:
         "_seed",
         "_timer_due",
         "_transcript_count",
+        "_unsaved",
         "_upstream_open",
         "_usage",
         "_usage_logged_at",
@@ -139,7 +205,8 @@ class Session:
         self._awaiting_start = True
         self.deadline = 0.0
         self.warning_given = False
-        self.stats = SessionStats()
+        self.stats = SessionCounters()
+        """The session's counters, live (``snapshot().stats`` is a stored copy)."""
         self._seed = seed
         self._rng: random.Random | None = None
         self._end_detail: str | None = None
@@ -157,8 +224,7 @@ class Session:
         self._handle_at: float | None = None
         self._conversation_started = False
         self._model_turn_open = False
-        self._buffer: deque[bytes | str] = deque()
-        self._buffered_bytes = 0
+        self._buffer: ResumeBuffer | None = None  # created when an outage first holds input
         self._overflow_reported = False
         self._transcript_count = 0
         # client
@@ -170,7 +236,7 @@ class Session:
         # the record's story and usage
         self._log: list[LogEntry] = []
         self._log_dropped = 0
-        self._log_unsaved = False
+        self._unsaved = False
         self._gap_since: float | None = None
         self._opened_handle_at: float | None = None
         self._usage: SessionUsage | None = None
@@ -204,6 +270,16 @@ class Session:
         """Begin: open the first upstream (or, for a restored session, resume it)."""
         if self.state is _ENDED:
             raise SessionError(f"session {self.session_id} has ended; start() cannot revive it")
+        if self.started_at is not None and (
+            self._upstream_open or self._next_attempt_at is not None
+        ):
+            raise SessionError(f"session {self.session_id} was already started")
+        try:
+            return self._start(now)
+        except Exception as exc:
+            return self._fail(now, "start()", exc, ended_before=False)
+
+    def _start(self, now: float) -> list[fx.Effect]:
         self._awaiting_start = False
         if self.started_at is None:
             self.started_at = now
@@ -213,8 +289,6 @@ class Session:
             self._gap_since = now
             self._open_upstream(now)
             self._persist()
-        elif self._upstream_open or self._next_attempt_at is not None:
-            raise SessionError(f"session {self.session_id} was already started")
         elif now >= self.deadline:
             self._end(now, EndReason.TIME_LIMIT, "the deadline passed while the session was stored")
         else:
@@ -231,14 +305,33 @@ class Session:
         return self._flush(now)
 
     def handle(self, event: ev.Event, now: float) -> list[fx.Effect]:
-        """Apply one event at time ``now``; return the effects to carry out, in order."""
+        """Apply one event at time ``now``; return the effects to carry out, in order.
+
+        Exception-safe: if anything fails while the event is applied, the session ends with
+        ``error`` (exactly once), and this call returns what it had produced followed by the end
+        effects; nothing of it is left for a later call. Only misuse raises and leaves the
+        session as it was: :class:`SessionError` (before ``start``), ``TypeError`` (not an
+        event).
+        """
         event_type = type(event)
         if self._awaiting_start:
             if event_type is ev.UpstreamAudioUnsent and self.started_at is not None:
                 self._on_upstream_audio_unsent(event, now)  # type: ignore[arg-type]
+                if self._unsaved:
+                    self._save_now()
                 return self._take()
             raise SessionError(f"session {self.session_id}: call start(now) before handle()")
         state = self.state
+        try:
+            return self._apply_event(event, event_type, state, now)
+        except _NotAnEvent:
+            raise
+        except Exception as exc:
+            return self._fail(now, f"handle({event_type.__name__})", exc, state is _ENDED)
+
+    def _apply_event(
+        self, event: ev.Event, event_type: type, state: State, now: float
+    ) -> list[fx.Effect]:
         # The two per-chunk events take a short path: no trigger, no timer recomputation.
         if now < self._timer_due:
             if event_type is ev.ClientAudio:
@@ -250,19 +343,18 @@ class Session:
                 if state is not _ENDED:
                     self._hold(event.data, now)  # type: ignore[union-attr]
                 return self._take()
-            if event_type is ev.ModelAudio:
+            if event_type is ev.ModelAudio and self._conversation_started:
                 if state is _ENDED:
                     return []
                 data = event.data  # type: ignore[union-attr]
                 self._model_audio_bytes += len(data)
                 self._model_turn_open = True
-                self._conversation_started = True
                 if self._client_connected:
                     return [fx.SendAudioToClient(data)]
                 return []
         handler = self._HANDLERS.get(event_type)
         if handler is None:
-            raise TypeError(
+            raise _NotAnEvent(
                 f"{event_type.__name__} is not a voicefsm event; "
                 "pass one of the classes in voicefsm.events"
             )
@@ -270,25 +362,38 @@ class Session:
             # "The current connection" means the one current when the event arrived, not one
             # a timer due in this same call is about to open.
             event = dataclasses.replace(event, connection_id=self._connection_id)
-        if event_type is not ev.UpstreamClosed or now >= self.deadline:
-            self._fire_timers(now)
+        if event_type is ev.UpstreamAudioUnsent:
+            # Bookkeeping about the past, in any state: before the timers, so an end they cause
+            # in this call stores it with the final record.
+            handler(self, event, now)
+            return self._flush(now)
+        if now >= self._timer_due and (event_type is not ev.UpstreamClosed or now >= self.deadline):
+            self._fire_timers(now)  # (the cached earliest timer is never later than the true one)
         # else: a close is applied before the timers due with it, so a timer's output (the
         # wrap-up prompt, say) goes to the next connection, not to the one reported dead.
-        if self.state is not _ENDED or event_type is ev.UpstreamAudioUnsent:
+        if self.state is not _ENDED:
             handler(self, event, now)
         return self._flush(now)
 
     def next_timer(self) -> float | None:
-        """When the host must next call ``handle(Tick(), now)``; ``None`` once ended."""
-        if self.state is _ENDED or self.started_at is None:
+        """When the host must next call ``handle(Tick(), now)``; ``None`` before ``start()``
+        (also for a restored session) and once ended.
+
+        Computed at the end of the last call that was not audio. Audio only ever moves a timer
+        later (client audio, the heartbeat limit), so this is never later than the earliest
+        timer; at worst a tick comes early and finds nothing due.
+        """
+        if self.state is _ENDED or self._awaiting_start:
             return None
-        return self._compute_timer()
+        return self._timer_due
 
     def snapshot(self) -> SessionRecord:
         """The record a store persists: enough to :meth:`restore` the session elsewhere."""
         if self.started_at is None:
             raise SessionError(f"session {self.session_id}: nothing to snapshot before start()")
-        return SessionRecord(
+        # Every field is given, from the session's own valid state: no validation pass, which
+        # would check each of up to max_log_entries log entries on every save.
+        return SessionRecord.model_construct(
             session_id=self.session_id,
             owner=self.owner,
             config=self.config,
@@ -304,25 +409,26 @@ class Session:
             conversation_started=self._conversation_started,
             client_connected=self._client_connected,
             transcript_count=self._transcript_count,
-            pending=[
-                PendingItem(audio=item) if isinstance(item, bytes) else PendingItem(text=item)
-                for item in self._buffer
-            ],
-            stats=self.stats.model_copy(),
+            pending=self._buffer.to_pending() if self._buffer is not None else [],
+            stats=self.stats.to_model(),
             usage=self._usage_snapshot(),
             log=list(self._log),
             log_dropped=self._log_dropped,
         )
 
     def _usage_snapshot(self) -> SessionUsage:
-        audio = {
-            "client_audio_bytes": self._client_audio_bytes,
-            "model_audio_bytes": self._model_audio_bytes,
-        }
         if self._usage is None:
-            return SessionUsage(**audio)
+            return SessionUsage(
+                client_audio_bytes=self._client_audio_bytes,
+                model_audio_bytes=self._model_audio_bytes,
+            )
         # `_usage` is replaced, never changed in place, so sharing its dicts is safe.
-        return self._usage.model_copy(update=audio)
+        return self._usage.model_copy(
+            update={
+                "client_audio_bytes": self._client_audio_bytes,
+                "model_audio_bytes": self._model_audio_bytes,
+            }
+        )
 
     @classmethod
     def restore(cls, record: SessionRecord, now: float, *, seed: int | None = None) -> Session:
@@ -338,7 +444,7 @@ class Session:
         session.started_at = record.started_at
         session.deadline = record.deadline
         session.warning_given = record.warning_given
-        session.stats = record.stats.model_copy()
+        session.stats = SessionCounters.from_model(record.stats)
         session._handle = record.resumption_handle
         session._handle_at = record.handle_received_at
         session._conversation_started = record.conversation_started
@@ -348,12 +454,10 @@ class Session:
         session._usage = record.usage
         session._client_audio_bytes = record.usage.client_audio_bytes
         session._model_audio_bytes = record.usage.model_audio_bytes
-        for item in record.pending:
-            if item.audio is not None:
-                session._buffer.append(item.audio)
-                session._buffered_bytes += len(item.audio)
-            elif item.text is not None:
-                session._buffer.append(item.text)
+        if record.pending:
+            session._buffer = ResumeBuffer.from_pending(
+                record.pending, record.config.resume_buffer_max_bytes
+            )
         if record.state is _ENDED:
             session._awaiting_start = False  # nothing to start: it absorbs every event
             session.state = _ENDED
@@ -375,21 +479,82 @@ class Session:
         self._out = []
         return out
 
+    def _fail(self, now: float, where: str, exc: Exception, ended_before: bool) -> list[fx.Effect]:
+        """A call failed part-way: end the session with ``error`` and hand back this call's
+        effects with the end effects, so none is left over for a later call."""
+        _logger.error(
+            "session %s: %s failed; the session ends with error",
+            self.session_id,
+            where,
+            exc_info=exc,
+        )
+        if not ended_before:
+            detail = f"internal error in {where}: {type(exc).__name__}: {exc}"
+            if self.state is not _ENDED:
+                try:
+                    self._end(now, EndReason.ERROR, detail)
+                except Exception:
+                    _logger.exception("session %s: ending it failed too", self.session_id)
+            self._complete_end(now, detail)
+        self._timer_due = float("inf")
+        self._awaiting_start = False
+        return self._take()
+
+    def _complete_end(self, now: float, detail: str) -> None:
+        """Make sure the session is ended and this call's output holds every end effect once,
+        whatever point the failed call (or its end) reached."""
+        out = self._out
+        if self.state is not _ENDED:
+            previous = self.state
+            self.state = _ENDED
+            if self.end_reason is None:
+                self.end_reason = EndReason.ERROR
+                self._end_detail = detail
+            self._ended_at = now
+            out.append(fx.StateChanged(previous, _ENDED, detail, now))
+        reason = self.end_reason
+        assert reason is not None
+        self._connect_deadline = self._next_attempt_at = self._rotate_by = None
+        self._grace_until = None
+        messages = [e.message for e in out if isinstance(e, fx.SendToClient)]
+        if not any(isinstance(m, SessionEnded) for m in messages):
+            out.append(
+                fx.SendToClient(
+                    SessionEnded(reason=reason, detail=self._end_detail or detail, timestamp=now)
+                )
+            )
+        if not any(isinstance(e, fx.CloseClient) and e.code == 1000 for e in out):
+            out.append(fx.CloseClient(1000, f"session ended: {reason}"))
+        try:
+            if not any(isinstance(e, fx.PersistRecord) and e.record.state is _ENDED for e in out):
+                if not any(isinstance(e, fx.Logged) and e.entry.kind is LogKind.END for e in out):
+                    self._log_entry(now, LogKind.END, reason=reason, why=self._end_detail)
+                self._save_now()
+        except Exception:
+            _logger.exception("session %s: its final record could not be built", self.session_id)
+        if self._upstream_open:
+            self._upstream_open = False
+            out.append(fx.CloseUpstream(self._connection_id, f"session ended: {reason}"))
+
     def _flush(self, now: float) -> list[fx.Effect]:
         # A handler (or start/restore) may have made a timer due right now: fire it here, so
         # next_timer() is never at or before `now` when the host gets the effects.
-        self._fire_timers(now)
-        self._timer_due = self._compute_timer() if self.state is not _ENDED else float("inf")
-        if self._log_unsaved:
-            self._persist()  # a call that adds to the log leaves it stored
+        self._timer_due = self._fire_timers(now)
+        if self._unsaved:
+            self._save_now()
         return self._take()
 
     def _persist(self) -> None:
-        self._log_unsaved = False
+        """Something a restore depends on changed: the record is saved at the end of this call
+        (one ``PersistRecord`` per call, holding everything the call changed)."""
+        self._unsaved = True
+
+    def _save_now(self) -> None:
+        self._unsaved = False
         self._out.append(fx.PersistRecord(self.snapshot()))
 
     def _log_entry(self, now: float, kind: LogKind, **fields: Any) -> None:
-        entry = LogEntry(at=now, kind=kind, **fields)
+        entry = _new_log_entry(now, kind, fields)
         log = self._log
         limit = self.config.max_log_entries
         if len(log) >= limit:
@@ -397,7 +562,7 @@ class Session:
             del log[limit // 2]
             self._log_dropped += 1
         log.append(entry)
-        self._log_unsaved = True
+        self._unsaved = True
         self._out.append(fx.Logged(entry))
 
     def _tell_client(self, message: Any) -> None:
@@ -410,79 +575,101 @@ class Session:
 
     def _compute_timer(self) -> float:
         due = self.deadline
-        if not self.warning_given:
-            due = min(due, self.deadline - self.config.warning_before_s)
-        if self._connect_deadline is not None:
-            due = min(due, self._connect_deadline)
-        if self._next_attempt_at is not None:
-            due = min(due, self._next_attempt_at)
-        if self._rotate_by is not None:
-            due = min(due, self._rotate_by)
-        if self._client_connected:
-            due = min(
-                due,
-                self._next_ping_at,
-                self._last_client_seen + self.config.heartbeat_timeout_s,
-            )
-        elif self._grace_until is not None:
-            due = min(due, self._grace_until)
+        for timer in _TIMERS:
+            at = timer.due(self)
+            if at is not None and at < due:
+                due = at
         return due
 
-    def _fire_timers(self, now: float) -> None:
+    def _fire_timers(self, now: float) -> float:
+        """Fire every timer due at ``now``; return the earliest one left (``inf`` once ended)."""
         # Each pass clears at least the timer that fired; the bound is a guard, not a budget.
-        for _ in range(16):
-            if self.state is _ENDED or now < self._compute_timer():
-                return
-            self._fire_one_timer(now)
-        raise SessionError(f"session {self.session_id}: timers did not settle at {now}")
+        for _ in range(2 * len(_TIMERS)):
+            if self.state is _ENDED:
+                return float("inf")
+            due = self._compute_timer()
+            if now < due:
+                return due
+            for timer in _TIMERS:
+                at = timer.due(self)
+                if at is not None and now >= at:
+                    timer.fire(self, now)
+                    break
+        raise RuntimeError(f"session {self.session_id}: timers did not settle at {now}")
 
-    def _fire_one_timer(self, now: float) -> None:
-        config = self.config
-        if now >= self.deadline:
-            self._end(now, EndReason.TIME_LIMIT, f"the {config.time_limit_s:g} s limit was reached")
-            return
-        if not self.warning_given and now >= self.deadline - config.warning_before_s:
-            self._give_warning(now)
-            return
-        if self._client_connected:
-            if now >= self._last_client_seen + config.heartbeat_timeout_s:
-                silence = f"no message from the client for {config.heartbeat_timeout_s:g} s"
-                self._log_entry(
-                    now, LogKind.HEARTBEAT_TIMEOUT, gap_s=round(now - self._last_client_seen, 3)
-                )
-                self._client_lost(now, f"heartbeat timeout: {silence}")
-                self._out.append(fx.CloseClient(4408, f"heartbeat timeout: {silence}"))
-                return
-            if now >= self._next_ping_at:
-                self._ping_seq += 1
-                self._tell_client(Ping(seq=self._ping_seq))
-                while self._next_ping_at <= now:
-                    self._next_ping_at += config.heartbeat_interval_s
-                return
-        elif self._grace_until is not None and now >= self._grace_until:
-            self._end(
-                now,
-                EndReason.DISCONNECTED,
-                f"the client did not come back within {config.client_grace_s:g} s",
-            )
-            return
-        if self._connect_deadline is not None and now >= self._connect_deadline:
-            self._connect_deadline = None
-            why = f"upstream not ready within {config.connect_timeout_s:g} s"
-            self._log_entry(
-                now, LogKind.UPSTREAM_CLOSED, connection_id=self._connection_id, why=why
-            )
-            self._out.append(fx.CloseUpstream(self._connection_id, why))
-            self._upstream_open = False
-            self._attempt_failed(now, why, code=None)
-            return
-        if self._next_attempt_at is not None and now >= self._next_attempt_at:
-            self._next_attempt_at = None
-            self._retry(now)
-            return
-        if self._rotate_by is not None and now >= self._rotate_by:
-            self._rotate(now, "GoAway time is running out and no turn boundary came")
-            return
+    # Each timer: when it is due (``None``: not armed) and what firing it does. Firing must
+    # disarm it or move it past ``now``. The order is the priority of :data:`_TIMERS`.
+
+    def _deadline_due(self) -> float | None:
+        return self.deadline
+
+    def _fire_deadline(self, now: float) -> None:
+        self._end(
+            now, EndReason.TIME_LIMIT, f"the {self.config.time_limit_s:g} s limit was reached"
+        )
+
+    def _warning_due(self) -> float | None:
+        return None if self.warning_given else self.deadline - self.config.warning_before_s
+
+    def _heartbeat_timeout_due(self) -> float | None:
+        if not self._client_connected:
+            return None
+        return self._last_client_seen + self.config.heartbeat_timeout_s
+
+    def _fire_heartbeat_timeout(self, now: float) -> None:
+        silence = f"no message from the client for {self.config.heartbeat_timeout_s:g} s"
+        self._log_entry(
+            now, LogKind.HEARTBEAT_TIMEOUT, gap_s=round(now - self._last_client_seen, 3)
+        )
+        self._client_lost(now, f"heartbeat timeout: {silence}")
+        self._out.append(fx.CloseClient(4408, f"heartbeat timeout: {silence}"))
+
+    def _ping_due(self) -> float | None:
+        return self._next_ping_at if self._client_connected else None
+
+    def _fire_ping(self, now: float) -> None:
+        self._ping_seq += 1
+        self._tell_client(Ping(seq=self._ping_seq))
+        # Stay on the ping grid, skipping the pings a late call missed.
+        interval = self.config.heartbeat_interval_s
+        missed = math.floor((now - self._next_ping_at) / interval) + 1
+        self._next_ping_at += missed * interval
+        if self._next_ping_at <= now:  # float rounding
+            self._next_ping_at = now + interval
+
+    def _client_grace_due(self) -> float | None:
+        return None if self._client_connected else self._grace_until
+
+    def _fire_client_grace(self, now: float) -> None:
+        self._end(
+            now,
+            EndReason.DISCONNECTED,
+            f"the client did not come back within {self.config.client_grace_s:g} s",
+        )
+
+    def _connect_timeout_due(self) -> float | None:
+        return self._connect_deadline
+
+    def _fire_connect_timeout(self, now: float) -> None:
+        self._connect_deadline = None
+        why = f"upstream not ready within {self.config.connect_timeout_s:g} s"
+        self._log_entry(now, LogKind.UPSTREAM_CLOSED, connection_id=self._connection_id, why=why)
+        self._out.append(fx.CloseUpstream(self._connection_id, why))
+        self._upstream_open = False
+        self._attempt_failed(now, why, code=None)
+
+    def _retry_due(self) -> float | None:
+        return self._next_attempt_at
+
+    def _fire_retry(self, now: float) -> None:
+        self._next_attempt_at = None
+        self._retry(now)
+
+    def _rotate_by_due(self) -> float | None:
+        return self._rotate_by
+
+    def _fire_rotate_by(self, now: float) -> None:
+        self._rotate(now, "GoAway time is running out and no turn boundary came")
 
     # ------------------------------------------------------------------ transitions
 
@@ -510,7 +697,7 @@ class Session:
         self._persist()
 
     def _log_end(self, now: float, previous: State) -> None:
-        unsent = sum(1 for i in self._buffer if isinstance(i, bytes))
+        unsent = self._buffer.audio_chunks if self._buffer is not None else 0
         if unsent:
             why = "buffered when the session ended"
             self._log_entry(now, LogKind.AUDIO_UNSENT, count=unsent, why=why)
@@ -523,10 +710,9 @@ class Session:
         assert self._end_detail is not None
         self._connect_deadline = self._next_attempt_at = self._rotate_by = None
         self._grace_until = None
-        if self._buffer:
-            self.stats.chunks_unsent_at_end += sum(1 for i in self._buffer if isinstance(i, bytes))
-            self._buffer.clear()
-            self._buffered_bytes = 0
+        if self._buffer is not None:
+            self.stats.chunks_unsent_at_end += self._buffer.audio_chunks
+            self._buffer = None
         # The client hears first and the record is saved before the upstream's (slower)
         # teardown.
         self._tell_client(
@@ -535,7 +721,7 @@ class Session:
         self._out.append(fx.CloseClient(1000, f"session ended: {self.end_reason}"))
         upstream_open = self._upstream_open
         self._upstream_open = False
-        self._persist()
+        self._save_now()
         if upstream_open:
             self._out.append(
                 fx.CloseUpstream(self._connection_id, f"session ended: {self.end_reason}")
@@ -580,20 +766,25 @@ class Session:
             return None, f"the resumption handle is {age:.0f} s old (ttl {ttl:g} s)"
         return self._handle, ""
 
-    def _can_reconnect(self, now: float) -> tuple[bool, str | None]:
-        """Decide whether (and with which handle) to connect again; ends the session if not."""
+    def _reconnect_refusal(self, now: float) -> tuple[str | None, str | None]:
+        """``(handle, None)`` if connecting again now is possible and worth it, else
+        ``(None, why not)``."""
         remaining = self.deadline - now
         if remaining < self.config.min_remaining_to_resume_s:
-            self._end(
-                now,
-                EndReason.UPSTREAM_LOST,
+            return None, (
                 f"only {remaining:.1f} s of interview left, under the "
-                f"{self.config.min_remaining_to_resume_s:g} s worth resuming for",
+                f"{self.config.min_remaining_to_resume_s:g} s worth resuming for"
             )
-            return False, None
         handle, why_not = self._usable_handle(now)
         if handle is None and self._conversation_started:
-            self._end(now, EndReason.UPSTREAM_LOST, f"cannot resume the conversation: {why_not}")
+            return None, f"cannot resume the conversation: {why_not}"
+        return handle, None
+
+    def _can_reconnect(self, now: float) -> tuple[bool, str | None]:
+        """Decide whether (and with which handle) to connect again; ends the session if not."""
+        handle, refusal = self._reconnect_refusal(now)
+        if refusal is not None:
+            self._end(now, EndReason.UPSTREAM_LOST, refusal)
             return False, None
         return True, handle
 
@@ -646,6 +837,19 @@ class Session:
             self._open_upstream(now, handle)
 
     def _rotate(self, now: float, why: str) -> None:
+        """Move from a working connection to a new one, unless no new one can follow: then the
+        working one is kept for as long as it lasts (the session never ends early for want of a
+        resume while its connection still works)."""
+        _, refusal = self._reconnect_refusal(now)
+        if refusal is not None:
+            self._rotate_by = None
+            self._log_entry(
+                now,
+                LogKind.ROTATION_SKIPPED,
+                connection_id=self._connection_id,
+                why=f"keeping the connection: {refusal}",
+            )
+            return
         self._log_entry(
             now,
             LogKind.ROTATION,
@@ -662,12 +866,19 @@ class Session:
 
     # ------------------------------------------------------------------ client input buffering
 
+    def _resume_buffer(self) -> ResumeBuffer:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = ResumeBuffer(self.config.resume_buffer_max_bytes)
+        return buffer
+
     def _hold(self, item: bytes | str, now: float) -> None:
+        buffer = self._resume_buffer()
         if isinstance(item, str):
-            self._buffer.append(item)
+            buffer.hold_text(item)
             return
-        size = len(item)
-        if self._buffered_bytes + size > self.config.resume_buffer_max_bytes:
+        if not buffer.hold_audio(item):
+            size = len(item)
             self.stats.chunks_overflowed += 1
             self.stats.bytes_overflowed += size
             if not self._overflow_reported:
@@ -687,23 +898,23 @@ class Session:
                     )
                 )
             return
-        self._buffer.append(item)
-        self._buffered_bytes += size
         self.stats.chunks_buffered += 1
 
     def _release_buffer(self) -> None:
+        if self._buffer is None:
+            return
+        items = self._buffer.release()
+        self._buffer = None
         flushed = 0
         out = self._out
-        for item in self._buffer:
+        for item in items:
             if isinstance(item, bytes):
                 out.append(fx.SendAudioUpstream(item))
                 flushed += 1
                 self._client_audio_bytes += len(item)
             else:
                 out.append(fx.SendTextUpstream(item))
-                self._conversation_started = True
-        self._buffer.clear()
-        self._buffered_bytes = 0
+                self._start_conversation()
         self.stats.chunks_flushed += flushed
 
     # ------------------------------------------------------------------ warning, client presence
@@ -721,7 +932,7 @@ class Session:
         else:
             # Not connected right now: the prompt waits with the buffered input, and `ready`
             # lands in `warning` because `warning_given` is set.
-            self._buffer.append(prompt)
+            self._resume_buffer().hold_text(prompt)
             self._persist()
 
     def _client_lost(self, now: float, why: str) -> None:
@@ -768,9 +979,16 @@ class Session:
     def _on_model_audio(self, event: ev.ModelAudio, now: float) -> None:
         self._model_audio_bytes += len(event.data)
         self._model_turn_open = True
-        self._conversation_started = True
+        self._start_conversation()
         if self._client_connected:
             self._out.append(fx.SendAudioToClient(event.data))
+
+    def _start_conversation(self) -> None:
+        """Something was said: from now on only a resumption handle may reconnect, so the record
+        must say so before a take-over could read it (stored by the end of this call)."""
+        if not self._conversation_started:
+            self._conversation_started = True
+            self._unsaved = True
 
     def _record(self, role: Any, text: str, now: float) -> None:
         self._conversation_started = True
@@ -816,11 +1034,21 @@ class Session:
             return
         self.stats.goaways += 1
         time_left = parse_duration(event.time_left)
+        budget = max(0.0, (time_left or 0.0) - self.config.goaway_margin_s)
+        limit = now + budget
+        if limit >= self.deadline and self._rotate_by is None:
+            # The connection outlives the interview: nothing to rotate for.
+            self._log_entry(
+                now,
+                LogKind.GOAWAY,
+                connection_id=self._connection_id,
+                time_left_s=time_left,
+                why="kept: the connection outlives the deadline",
+            )
+            return
         self._log_entry(
             now, LogKind.GOAWAY, connection_id=self._connection_id, time_left_s=time_left
         )
-        budget = max(0.0, (time_left or 0.0) - self.config.goaway_margin_s)
-        limit = now + budget
         self._rotate_by = limit if self._rotate_by is None else min(self._rotate_by, limit)
         if not self._model_turn_open or budget == 0.0:
             self._rotate(now, f"GoAway (time_left={event.time_left}) between turns")
@@ -877,8 +1105,6 @@ class Session:
             self._log_entry(now, LogKind.USAGE, count=usage.total_tokens)
 
     def _on_upstream_audio_unsent(self, event: ev.UpstreamAudioUnsent, now: float) -> None:
-        if event.chunks < 0:
-            raise ValueError(f"UpstreamAudioUnsent.chunks must be >= 0, got {event.chunks}")
         if event.chunks == 0:
             return
         self.stats.upstream_audio_unsent += event.chunks
@@ -886,7 +1112,7 @@ class Session:
         self._persist()
 
     def _on_tool_activity(self, event: ev.ToolActivity, now: float) -> None:
-        self._conversation_started = True
+        self._start_conversation()
         if event.phase == "call":
             self.stats.tool_calls += 1
 
@@ -896,7 +1122,7 @@ class Session:
     def _on_client_text(self, event: ev.ClientText, now: float) -> None:
         self._last_client_seen = now
         if self.state in UPSTREAM_UP:
-            self._conversation_started = True
+            self._start_conversation()
             self._out.append(fx.SendTextUpstream(event.text))
         else:
             self._hold(event.text, now)  # said once it reaches an upstream
@@ -965,5 +1191,51 @@ def _add_counts(totals: dict[str, int], counts: tuple[tuple[str, int], ...]) -> 
         merged[modality] = merged.get(modality, 0) + tokens
     return merged
 
+
+_LOG_OPTIONAL = tuple(f.name for f in dataclasses.fields(LogEntry) if f.name not in ("at", "kind"))
+_LOG_OPTIONAL_SET = frozenset(_LOG_OPTIONAL)
+_set_slot = object.__setattr__
+
+
+def _new_log_entry(at: float, kind: LogKind, fields: dict[str, Any]) -> LogEntry:
+    """A :class:`LogEntry` from the engine's own, already typed, values, without the
+    validation pass its constructor runs (about half its cost)."""
+    if not fields.keys() <= _LOG_OPTIONAL_SET:
+        raise TypeError(f"not LogEntry fields: {sorted(fields.keys() - _LOG_OPTIONAL_SET)}")
+    entry: LogEntry = object.__new__(LogEntry)
+    _set_slot(entry, "at", at)
+    _set_slot(entry, "kind", kind)
+    get = fields.get
+    for name in _LOG_OPTIONAL:
+        _set_slot(entry, name, get(name))
+    return entry
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timer:
+    """One of the session's timers: when it is due and what firing it does."""
+
+    name: str
+    due: Callable[[Session], float | None]
+    """When it is due (absolute epoch seconds), ``None`` while it is not armed."""
+    fire: Callable[[Session, float], None]
+    """Fire it at ``now``; this disarms it or moves it past ``now``."""
+
+
+TIMERS: tuple[Timer, ...] = (
+    Timer("deadline", Session._deadline_due, Session._fire_deadline),
+    Timer("warning", Session._warning_due, Session._give_warning),
+    Timer("heartbeat_timeout", Session._heartbeat_timeout_due, Session._fire_heartbeat_timeout),
+    Timer("ping", Session._ping_due, Session._fire_ping),
+    Timer("client_grace", Session._client_grace_due, Session._fire_client_grace),
+    Timer("connect_timeout", Session._connect_timeout_due, Session._fire_connect_timeout),
+    Timer("retry", Session._retry_due, Session._fire_retry),
+    Timer("rotate_by", Session._rotate_by_due, Session._fire_rotate_by),
+)
+"""Every timer of a session, declared once, in priority order: when several are due in one
+call, they fire one at a time from the top of this table (the deadline first, so nothing else can
+happen at or after it; then the warning, so it reaches the client before any end but the
+deadline; then client presence, then the upstream). ``next_timer()`` is the earliest due."""
+_TIMERS = TIMERS
 
 _DEFAULT_CONFIG = SessionConfig()

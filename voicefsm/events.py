@@ -183,6 +183,10 @@ class UpstreamAudioUnsent:
     chunks: int
     reason: str = ""
 
+    def __post_init__(self) -> None:
+        if self.chunks < 0:
+            raise ValueError(f"UpstreamAudioUnsent.chunks must be >= 0, got {self.chunks}")
+
 
 @dataclass(frozen=True, slots=True)
 class Tick:

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, MutableMapping
+import types
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator, MutableMapping
 from typing import Any
 
 from voicefsm import effects as fx
@@ -36,6 +39,7 @@ from voicefsm.ports import (
     HostNote,
     HostObserver,
     LogNote,
+    PushClientChannel,
     Report,
     SessionSink,
     StateNote,
@@ -63,12 +67,17 @@ __all__ = [
 ]
 
 TEARDOWN_DEFER_S = 0.5
-"""Longest a closed connection's tear-down waits for the next connection to become ready.
+"""Longest a closed connection's tear-down waits before it starts (at once if the session ended,
+:data:`TEARDOWN_AFTER_READY_S` after the next connection is ready).
 
-A rotation's new TLS and websocket handshakes would otherwise share the event loop with the old
-connection's closing handshake (on loopback that doubled the GoAway-to-setup gap); the socket
-work of a closed connection waits until the next one is ready, the session ends, or this long.
+A rotation's new TLS and websocket handshakes and its first audio would otherwise share the event
+loop with the old connection's tear-down (cancelling ``run_live``, the closing handshake); on
+loopback that doubled the GoAway-to-setup gap. The old connection is silent meanwhile: it sends
+and reports nothing after ``close()``.
 """
+
+TEARDOWN_AFTER_READY_S = 0.05
+"""Once the next connection is ready, its first audio goes out before the old one's tear-down."""
 
 TEARDOWN_GRACE_S = 2.0
 """How long ``run()`` waits, past the upstream's own bound, for a tear-down before cancelling it."""
@@ -91,6 +100,89 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
         extra = kwargs.get("extra")
         kwargs["extra"] = {"session_id": self.session_id, **(extra or {})}
         return self._prefix + str(msg), kwargs
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, None], suspended_on: Any) -> Generator[Any, Any, None]:
+    """Continue ``coroutine``, which was stepped by hand until it yielded ``suspended_on``.
+
+    What ``await coroutine`` would have done from that point: the task waits on what the
+    coroutine yields, and what the task sends or throws (a result, a cancellation) goes back
+    into it.
+    """
+    yielded = suspended_on
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as error:
+            try:
+                yielded = coroutine.throw(error)
+            except StopIteration:
+                return
+        else:
+            try:
+                yielded = coroutine.send(sent)
+            except StopIteration:
+                return
+
+
+class _Inbox:
+    """The session's inbox: a deque with one waiter, and the consumer's timer as one handle.
+
+    Cheaper per event than ``asyncio.Queue`` plus an ``asyncio.timeout()`` per read: the timer
+    handle is only re-armed when the engine's next timer changes, not once per chunk.
+    """
+
+    __slots__ = ("_armed_for", "_handle", "_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[ev.Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for: float | None = None
+
+    def put(self, event: ev.Event) -> None:
+        self._items.append(event)
+        self._wake()
+
+    def take(self) -> ev.Event | None:
+        return self._items.popleft() if self._items else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def wait(self, until: float | None, clock: Callable[[], float]) -> None:
+        """Return once an event was put, or at ``until`` (a ``clock`` time), whichever first."""
+        loop = asyncio.get_running_loop()
+        if until is not None and (until != self._armed_for or self._handle is None):
+            if self._handle is not None:
+                self._handle.cancel()
+            self._armed_for = until
+            self._handle = loop.call_later(max(0.0, until - clock()), self._fire)
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed_for = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class SessionHost:
@@ -122,7 +214,7 @@ class SessionHost:
         self.upstream = upstream
         self.sink: SessionSink = sink if sink is not None else MemorySink()
         self._clock = clock
-        self._inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self._inbox = _Inbox()
         self._client: ClientChannel | None = None
         self._client_reader: asyncio.Task[None] | None = None
         self._connections: dict[int, UpstreamConnection] = {}
@@ -142,7 +234,7 @@ class SessionHost:
 
     def post(self, event: ev.Event) -> None:
         """Put an event into the session's inbox (from any task of this event loop)."""
-        self._inbox.put_nowait(event)
+        self._inbox.put(event)
 
     def attach(self, client: ClientChannel) -> None:
         """Attach a (re)connecting client: it replaces any previous one and gets the state."""
@@ -177,7 +269,7 @@ class SessionHost:
                     break
                 await self._apply(session.handle(event, self._clock()))
                 if self._deferred and type(event) is ev.UpstreamReady:
-                    self._start_teardowns()
+                    self._defer_teardowns(TEARDOWN_AFTER_READY_S)
             if self._detach_reason is not None and not session.ended:
                 self._log.warning("detached without ending the session: %s", self._detach_reason)
                 client, self._client = self._client, None
@@ -197,19 +289,15 @@ class SessionHost:
     # ------------------------------------------------------------------ the loop
 
     async def _next_event(self) -> ev.Event:
-        with contextlib.suppress(asyncio.QueueEmpty):
-            return self._inbox.get_nowait()
-        timer = self.session.next_timer()
-        if timer is None:
-            return await self._inbox.get()
-        delay = timer - self._clock()
-        if delay <= 0:
-            return ev.Tick()
-        try:
-            async with asyncio.timeout(delay):
-                return await self._inbox.get()
-        except TimeoutError:
-            return ev.Tick()
+        inbox = self._inbox
+        while True:
+            event = inbox.take()
+            if event is not None:
+                return event
+            timer = self.session.next_timer()
+            if timer is not None and timer <= self._clock():
+                return ev.Tick()
+            await inbox.wait(timer, self._clock)
 
     async def _fail(self, detail: str) -> None:
         if self.session.ended:
@@ -246,8 +334,8 @@ class SessionHost:
     async def _count_late_unsent(self) -> None:
         """Hand the engine the unsent-audio counts that arrived after its loop stopped."""
         late: list[ev.UpstreamAudioUnsent] = []
-        while not self._inbox.empty():
-            event = self._inbox.get_nowait()
+        self._inbox.close()
+        while (event := self._inbox.take()) is not None:
             if isinstance(event, ev.UpstreamAudioUnsent):
                 late.append(event)
         if self._carry:
@@ -267,21 +355,33 @@ class SessionHost:
     # ------------------------------------------------------------------ effects
 
     async def _apply(self, effects: list[fx.Effect]) -> None:
+        # The upstream effects never block: carry them out first, in their order, so that a new
+        # connection is not opened only after a store write or a client send was awaited. The
+        # others follow in their order; the order within each channel is the engine's.
+        later: list[fx.Effect] | None = None
         for effect in effects:
-            if isinstance(effect, fx.SendAudioUpstream):
+            kind = type(effect)
+            if kind is fx.SendAudioUpstream:
                 if self._current is not None:
-                    self._current.send_audio(effect.data)
-            elif isinstance(effect, fx.SendAudioToClient):
-                await self._to_client(effect)
-            elif isinstance(effect, fx.SendTextUpstream):
+                    self._current.send_audio(effect.data)  # type: ignore[union-attr]
+            elif kind is fx.SendAudioToClient and later is None:
+                await self._to_client(effect)  # type: ignore[arg-type]
+            elif kind is fx.SendTextUpstream:
                 if self._current is not None:
-                    self._current.send_text(effect.text)
-            elif isinstance(effect, fx.SendToClient | fx.CloseClient):
+                    self._current.send_text(effect.text)  # type: ignore[union-attr]
+            elif kind is fx.OpenUpstream:
+                self._open(effect)  # type: ignore[arg-type]
+            elif kind is fx.CloseUpstream:
+                self._close_upstream(effect.connection_id, effect.reason)  # type: ignore[union-attr]
+            elif later is None:
+                later = [effect]
+            else:
+                later.append(effect)
+        if later is None:
+            return
+        for effect in later:
+            if isinstance(effect, fx.SendAudioToClient | fx.SendToClient | fx.CloseClient):
                 await self._to_client(effect)
-            elif isinstance(effect, fx.OpenUpstream):
-                self._open(effect)
-            elif isinstance(effect, fx.CloseUpstream):
-                self._close_upstream(effect.connection_id, effect.reason)
             elif isinstance(effect, fx.RecordTranscript):
                 await self.sink.append_transcript(self.session.session_id, effect.line)
             elif isinstance(effect, fx.PersistRecord):
@@ -375,8 +475,15 @@ class SessionHost:
         if self.session.ended:
             self._start_teardowns()
         elif self._deferred_timer is None:
-            loop = asyncio.get_running_loop()
-            self._deferred_timer = loop.call_later(TEARDOWN_DEFER_S, self._start_teardowns)
+            self._defer_teardowns(TEARDOWN_DEFER_S)
+
+    def _defer_teardowns(self, delay: float) -> None:
+        if self._deferred_timer is not None:
+            if self._deferred_timer.when() <= asyncio.get_running_loop().time() + delay:
+                return
+            self._deferred_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._deferred_timer = loop.call_later(delay, self._start_teardowns)
 
     def _start_teardowns(self) -> None:
         """Start the tear-down of every closed connection (beside the consumer)."""
@@ -423,17 +530,28 @@ class SessionHost:
         client = self._client
         if client is None:
             return
+        sending = self._send(client, effect)
         try:
-            # A client that stops reading must not stall the consumer (and so every timer).
+            # Most sends finish without suspending (a socket with room in its buffer): run the
+            # send up to its first suspension, and only a send that suspends gets the timeout
+            # (a client that stops reading must not stall the consumer, and so every timer).
+            suspended_on = sending.send(None)
+        except StopIteration:
+            return
+        except Exception as error:
+            self._client_send_failed(client, error)
+            return
+        try:
             async with asyncio.timeout(self.client_send_timeout_s):
-                await self._send(client, effect)
+                await _resume(sending, suspended_on)
         except Exception as error:  # a dead or stuck client socket is the client leaving
-            self._log.info(
-                "client send failed (%s); treating the client as gone", type(error).__name__
-            )
-            if self._client is client:
-                self._client = None
-                self.post(ev.ClientGone(f"send failed: {type(error).__name__}"))
+            self._client_send_failed(client, error)
+
+    def _client_send_failed(self, client: ClientChannel, error: Exception) -> None:
+        self._log.info("client send failed (%s); treating the client as gone", type(error).__name__)
+        if self._client is client:
+            self._client = None
+            self.post(ev.ClientGone(f"send failed: {type(error).__name__}"))
 
     async def _send(
         self, client: ClientChannel, effect: fx.SendAudioToClient | fx.SendToClient | fx.CloseClient
@@ -451,10 +569,24 @@ class SessionHost:
     def _start_reader(self, client: ClientChannel) -> None:
         if self._client_reader is not None:
             self._client_reader.cancel()
+            self._client_reader = None
         self._client = client
+        if isinstance(client, PushClientChannel):
+            client.start_pushing(functools.partial(self._deliver, client))
+            return
         self._client_reader = asyncio.create_task(
             self._read_client(client), name=f"voicefsm-client-{self.session.session_id[:12]}"
         )
+
+    def _deliver(self, client: ClientChannel, message: ClientInput | None) -> None:
+        """A pushing client's message: into the inbox, unless another client replaced it."""
+        if self._client is not client:
+            return
+        if message is None:
+            self._client = None
+            self.post(ev.ClientGone("the client connection closed"))
+        else:
+            self._inbox.put(message)
 
     async def _read_client(self, client: ClientChannel) -> None:
         reason = "the client connection closed"

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 
 from voicefsm.model import SessionRecord, TranscriptLine
-from voicefsm.ports import ClientInput
+from voicefsm.ports import ClientDelivery, ClientInput
 from voicefsm.protocol import ServerMessage
 
 
@@ -32,10 +32,15 @@ class MemorySink:
 
 
 class MemoryChannel:
-    """An in-memory client channel: tests and embedded callers push input and read output."""
+    """An in-memory client channel: tests and embedded callers push input and read output.
+
+    A :class:`~voicefsm.ports.PushClientChannel`: once a host called :meth:`start_pushing`,
+    pushed input goes straight into the host's inbox.
+    """
 
     def __init__(self) -> None:
         self._input: asyncio.Queue[ClientInput | None] = asyncio.Queue()
+        self._deliver: ClientDelivery | None = None
         self.audio: list[bytes] = []
         self.messages: list[ServerMessage] = []
         self.closed: tuple[int, str] | None = None
@@ -43,11 +48,23 @@ class MemoryChannel:
 
     def push(self, message: ClientInput) -> None:
         """Deliver a message from the client."""
-        self._input.put_nowait(message)
+        self._put(message)
 
     def leave(self) -> None:
         """The client goes away (as a dropped websocket would)."""
-        self._input.put_nowait(None)
+        self._put(None)
+
+    def start_pushing(self, deliver: ClientDelivery) -> None:
+        """Hand input to ``deliver`` from now on, starting with what is queued."""
+        while not self._input.empty():
+            deliver(self._input.get_nowait())
+        self._deliver = deliver
+
+    def _put(self, message: ClientInput | None) -> None:
+        if self._deliver is not None:
+            self._deliver(message)
+        else:
+            self._input.put_nowait(message)
 
     async def receive(self) -> ClientInput | None:
         """The next message from the client."""
@@ -66,7 +83,7 @@ class MemoryChannel:
     async def close(self, code: int, reason: str) -> None:
         """Record the close; further input ends."""
         self.closed = (code, reason)
-        self._input.put_nowait(None)
+        self._put(None)
         await self._notify()
 
     async def wait_for(self, predicate: Callable[[MemoryChannel], bool]) -> None:

@@ -59,11 +59,16 @@ class SessionConfig(BaseModel):
     The defaults suit a 45-minute spoken interview on the Gemini Live API. Invalid combinations
     (a warning longer than the interview, a heartbeat timeout shorter than its interval, ...)
     fail at construction with a message naming the fields involved.
+
+    Durations that drive timers have lower bounds (1 s for the interview and the handle TTL,
+    50 ms for the heartbeat interval and the connect timeout, 1 ms for the retry delays): far
+    above the resolution of an epoch-seconds float (about 0.2 µs today), so every timer moves
+    time forward, and low enough for tests on a real clock. Shorter values are refused.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    time_limit_s: float = Field(45 * 60, gt=0, description="Length of the interview.")
+    time_limit_s: float = Field(45 * 60, ge=1, description="Length of the interview (>= 1 s).")
     warning_before_s: float = Field(
         5 * 60,
         ge=0,
@@ -75,18 +80,24 @@ class SessionConfig(BaseModel):
         min_length=1,
         description="Text sent to the interviewer model at the warning; {minutes} is filled in.",
     )
-    heartbeat_interval_s: float = Field(15, gt=0, description="How often the client is pinged.")
+    heartbeat_interval_s: float = Field(
+        15, ge=0.05, description="How often the client is pinged (>= 50 ms)."
+    )
     heartbeat_timeout_s: float = Field(
-        45, gt=0, description="Client silence (no message at all) after which it counts as gone."
+        45,
+        ge=0.1,
+        description="Client silence (no message at all) after which it counts as gone (>= 0.1 s).",
     )
     client_grace_s: float = Field(
         60, ge=0, description="How long a gone client may take to come back to the same session."
     )
     connect_timeout_s: float = Field(
-        10, gt=0, description="How long an upstream connection may take to become ready."
+        10,
+        ge=0.05,
+        description="How long an upstream connection may take to become ready (>= 50 ms).",
     )
-    resume_backoff_base_s: float = Field(0.25, gt=0, description="First retry delay.")
-    resume_backoff_cap_s: float = Field(8, gt=0, description="Largest retry delay.")
+    resume_backoff_base_s: float = Field(0.25, ge=0.001, description="First retry delay (>= 1 ms).")
+    resume_backoff_cap_s: float = Field(8, ge=0.001, description="Largest retry delay (>= 1 ms).")
     resume_backoff_jitter: float = Field(
         0.5, ge=0, le=1, description="Each delay is scaled by a random factor in [1 - j, 1 + j]."
     )
@@ -100,7 +111,7 @@ class SessionConfig(BaseModel):
         1.0, ge=0, description="Rotate this long before a GoAway's time_left runs out."
     )
     handle_ttl_s: float = Field(
-        2 * 60 * 60, gt=0, description="A resumption handle older than this is not used."
+        2 * 60 * 60, ge=1, description="A resumption handle older than this is not used (>= 1 s)."
     )
     compression_trigger_tokens: int = Field(
         64_000, gt=0, description="Context-window compression starts at this many tokens."
@@ -232,13 +243,18 @@ class LogKind(enum.StrEnum):
     ``handle_age_s`` (of the handle it resumed)."""
     GOAWAY = "goaway"
     """The server announced the end of a connection: ``connection_id``, ``time_left_s``
-    (absent when the GoAway had no parsable ``time_left``)."""
+    (absent when the GoAway had no parsable ``time_left``); ``why`` says when the connection is
+    kept because it outlives the deadline."""
     UPSTREAM_CLOSED = "upstream_closed"
     """The current connection closed, failed, or was abandoned (connect timeout):
     ``connection_id``, ``close_code`` (absent: no close frame), ``why``."""
     ROTATION = "rotation"
     """The session closed a working connection to move to a new one (after a GoAway):
     ``connection_id`` (the one closed), ``why``, ``handle_age_s`` (of the handle to resume)."""
+    ROTATION_SKIPPED = "rotation_skipped"
+    """A rotation was due but no connection could follow it (too little interview left, no
+    usable handle): the working connection is kept as long as it lasts. ``connection_id``,
+    ``why``."""
     WARNING = "warning"
     """The end-of-interview warning was given: ``time_left_s`` (interview time left)."""
     CLIENT_LEFT = "client_left"

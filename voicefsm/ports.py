@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from voicefsm import events as ev
 from voicefsm.model import (
@@ -59,13 +59,32 @@ class ClientChannel(Protocol):
         ...
 
 
+ClientDelivery = Callable[[ClientInput | None], None]
+"""Hands one client message to the host (``None``: the client has gone). Never blocks."""
+
+
+@runtime_checkable
+class PushClientChannel(ClientChannel, Protocol):
+    """A client channel that hands messages over as they arrive, instead of being read.
+
+    The host then runs no reader task for it: one hop less per client chunk (the channel's own
+    receive callback puts the message straight into the session's inbox). ``receive`` is not
+    called.
+    """
+
+    def start_pushing(self, deliver: ClientDelivery) -> None:
+        """From now on call ``deliver`` with each message as it arrives (messages that arrived
+        earlier first), and ``deliver(None)`` once when the client has gone."""
+        ...
+
+
 class UpstreamConnection(Protocol):
     """One upstream connection, opened by :meth:`Upstream.open`.
 
     The host calls :meth:`close` exactly once, then :meth:`wait_closed` once, in a task beside
-    its consumer and possibly a little later (once the next connection is ready, or at most
-    :data:`voicefsm.host.TEARDOWN_DEFER_S`), so that the closing handshake of an old connection
-    does not compete with the opening handshake of the new one.
+    its consumer and a little later (:data:`voicefsm.host.TEARDOWN_DEFER_S`, or at once when the
+    session ended), so that tearing down an old connection does not compete with opening the new
+    one.
     """
 
     def send_audio(self, data: bytes) -> None:
@@ -217,11 +236,13 @@ HostObserver = Callable[[HostNote], None]
 
 __all__ = [
     "ClientChannel",
+    "ClientDelivery",
     "ClientInput",
     "EndNote",
     "HostNote",
     "HostObserver",
     "LogNote",
+    "PushClientChannel",
     "Report",
     "SessionSink",
     "StateNote",

@@ -7,28 +7,35 @@ and on the page, so the whole stack runs on a fresh machine with no key.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from voicefsm.admission import Admission
+from voicefsm.admission import Admission as OverloadGuard
 from voicefsm.auth import JWTAuthenticator
+from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.model import SessionConfig
 from voicefsm.service import InterviewService
-from voicefsm.stores import open_store
-from voicefsm.web.starlette import interview_endpoint
+from voicefsm.stores import SessionStore, open_store
+from voicefsm.web.headers import SecurityHeadersMiddleware
+from voicefsm.web.lifespan import ServiceLifecycle
+from voicefsm.web.logs import install_token_redaction
+from voicefsm.web.operator import operator_router
+from voicefsm.web.starlette import interview_endpoint, uvicorn_options
 
 logger = logging.getLogger("voicefsm.serve")
 
@@ -45,7 +52,8 @@ INTERVIEWER_INSTRUCTION = (
 class ServeSettings:
     """How ``voicefsm serve`` runs (the command line fills it in)."""
 
-    config: SessionConfig
+    config: SessionConfig = field(default_factory=SessionConfig)
+    """The sessions' configuration (default: 45-minute interviews)."""
     model: str = DEFAULT_MODEL
     fake: bool | None = None
     """Use the fake interviewer; ``None``: only when ``GOOGLE_API_KEY`` is not set."""
@@ -64,10 +72,41 @@ class ServeSettings:
     """Talk to this Live endpoint instead (e.g. a shared fake server: ``https://127.0.0.1:PORT``)."""
     live_ca_file: str | None = None
     """CA certificate (PEM) that signed ``live_base_url``'s certificate."""
+    demo_hosts: tuple[str, ...] = ()
+    """Host names, besides the loopback ones, for which ``/demo/token`` hands out tokens."""
+    service_limits: ServiceLimits = field(default_factory=ServiceLimits)
+    """Connections and sessions one worker takes on (``docs/protocol.md``, Limits)."""
     upstream: str = "auto"
     """``adk``, ``genai`` (direct google-genai, no ADK) or ``auto``: ADK when installed."""
     max_loop_lag_ms: float = 25.0
     """Refuse new sessions (1013) while the event loop lags more than this; 0: never."""
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+"""Host names that always count as the server's own for demo tokens."""
+
+
+def _host_name(host_header: str) -> str:
+    """The host name of a ``Host`` header value (``[::1]:8000`` → ``::1``), lower-cased."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_own_request(request: Request, own_hosts: frozenset[str]) -> bool:
+    """Whether ``request`` is for this server by one of its own names, from its own page.
+
+    A DNS-rebinding page reaches a loopback server under the attacker's host name: its
+    ``Host`` (and ``Origin``) name the attacker, so it is refused.
+    """
+    host = request.headers.get("host", "")
+    if _host_name(host) not in own_hosts:
+        return False
+    origin = request.headers.get("origin")
+    if origin is not None and origin.lower() not in {f"http://{host}", f"https://{host}"}:
+        return False
+    return request.headers.get("sec-fetch-site", "same-origin") in {"same-origin", "none"}
 
 
 def _static_dir() -> str:
@@ -85,9 +124,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     demo_tokens = settings.demo_tokens if settings.demo_tokens is not None else generated
     metrics = Metrics()
     state: dict[str, Any] = {}
+    starting = asyncio.Lock()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def running() -> AsyncIterator[InterviewService]:
         async with contextlib.AsyncExitStack() as stack:
             upstream = await stack.enter_async_context(_upstream(settings, use_fake))
             store = open_store(settings.store_url)
@@ -102,22 +142,49 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 lease_ttl_s=settings.lease_ttl_s,
                 metrics=metrics,
                 origins=settings.origins or None,
-                admission=(
-                    Admission(settings.max_loop_lag_ms / 1000)
+                service_limits=settings.service_limits,
+                overload=(
+                    OverloadGuard(settings.max_loop_lag_ms / 1000)
                     if settings.max_loop_lag_ms > 0
                     else None
                 ),
             )
-            if service.admission is not None:
-                service.admission.start()
+            await stack.enter_async_context(ServiceLifecycle(service))
+            yield service
+
+    async def service_now() -> InterviewService:
+        """The running service; started here when the lifespan did not run (a mounted app)."""
+        service: InterviewService | None = state.get("service")
+        if service is not None:
+            return service
+        async with starting:
+            if "service" not in state:
+                logger.info(
+                    "starting on the first request: this app's lifespan did not run (mounted "
+                    "as a sub-app?); SIGTERM still hands sessions over. To stop it with the "
+                    "parent app, run this app's router.lifespan_context in the parent's lifespan"
+                )
+                stack = contextlib.AsyncExitStack()
+                state["service"] = await stack.enter_async_context(running())
+                state["stack"] = stack
+        started: InterviewService = state["service"]
+        return started
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with running() as service:
             state["service"] = service
             app.state.service = service
             try:
                 yield
             finally:
-                await service.shutdown()
+                state.pop("service", None)
 
-    app = FastAPI(title="voicefsm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="voicefsm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.add_middleware(SecurityHeadersMiddleware)
+    own_hosts = LOOPBACK_HOSTS | {name.lower() for name in settings.demo_hosts}
     label = (
         "Demo mode: a scripted fake interviewer (no GOOGLE_API_KEY set)"
         if use_fake
@@ -126,7 +193,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.websocket("/interview")
     async def interview(websocket: WebSocket) -> None:
-        await interview_endpoint(state["service"])(websocket)
+        await interview_endpoint(await service_now())(websocket)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -148,7 +215,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
     if demo_tokens:
 
         @app.get("/demo/token")
-        async def demo_token() -> JSONResponse:
+        async def demo_token(request: Request) -> JSONResponse:
+            if not is_own_request(request, own_hosts):
+                logger.warning("refused a demo token for host %r", request.headers.get("host"))
+                return JSONResponse(
+                    {"error": "demo tokens are only for this server's own page on its own host"},
+                    status_code=403,
+                )
             user_id = f"demo-{uuid.uuid4().hex[:12]}"
             return JSONResponse({"token": authenticator.issue(user_id), "user_id": user_id})
 
@@ -158,10 +231,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        service: InterviewService | None = state.get("service")
-        sessions = len(service.sessions) if service is not None else 0
-        return JSONResponse({"ok": service is not None, "sessions": sessions})
+        service = await service_now()
+        return JSONResponse({"ok": not service.draining, "sessions": len(service.sessions)})
 
+    async def store_now() -> SessionStore:
+        return (await service_now()).store
+
+    app.include_router(operator_router(store_now, authenticator))
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
     if use_fake:
         logger.warning("no GOOGLE_API_KEY: sessions use the scripted fake interviewer (demo mode)")
@@ -247,18 +323,23 @@ def run(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> N
     if settings.worker_id is None:
         settings = replace(settings, worker_id=f"{socket.gethostname()}:{port}")
     app = create_app(settings)
-    # No access log: a client may put its token in the query string (?token=...).
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", ws="websockets-sansio", access_log=False
-    )
+    # uvicorn's frame limit follows the protocol's; no access log; tokens redacted from the
+    # rest (uvicorn logs every websocket URL, ?token= included, at INFO).
+    install_token_redaction()
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", **uvicorn_options())
 
-    class DetachingServer(uvicorn.Server):
-        """Hands sessions back (clients get 4410) before uvicorn closes every websocket (1012)."""
-
-        async def shutdown(self, sockets: Any = None) -> None:
-            service: InterviewService | None = getattr(app.state, "service", None)
-            if service is not None:
-                await service.shutdown()
-            await super().shutdown(sockets)
-
-    DetachingServer(config).run()
+    # The app's lifespan hands sessions over (4410) on SIGTERM/SIGINT before uvicorn closes the
+    # websockets. uvicorn re-raises the signal once it has stopped; caught here, so a clean stop
+    # exits 0 instead of dying of SIGTERM or printing a KeyboardInterrupt traceback.
+    caught: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        logger.info("stopped by %s", signal.Signals(caught[-1]).name)

@@ -5,11 +5,14 @@ websocket into a :class:`Transport` and call :meth:`InterviewService.handle`; ev
 the origin check, authentication, session ownership, re-attaching a returning client, decoding
 frames, counting protocol errors, metrics — lives here, once.
 
-Close codes a client can see: 4401 (not authenticated), 4403 (origin not allowed, or the session
-belongs to someone else), 4404 (no such session), 4408 (heartbeat timeout), 4409 (replaced by a
-newer connection to the same session), 4410 (this worker gave the session up: reconnect), 1013
-(another worker still holds the session, or this worker is too busy for a new one: retry soon),
-1011 (the server could not start or keep the session), 1000 (the session ended).
+Close codes a client can see: 4401 (not authenticated, or not within ``auth_timeout_s``), 4403
+(origin not allowed, or the session belongs to someone else), 4404 (no such session), 4408
+(heartbeat timeout), 4409 (replaced by a newer connection to the same session), 4410 (this worker
+gave the session up: reconnect), 4429 (the user runs too many sessions), 1013 (another worker
+still holds the session, this worker is at a :class:`~voicefsm.limits.ServiceLimits` limit, or its
+``overload`` guard finds it too busy for a new one: retry soon), 1009 (a frame over the limit,
+refused by the websocket server), 1011 (the server could not start or keep the session, or could
+not read from the client), 1000 (the session ended).
 
 Sessions live in a :class:`~voicefsm.stores.SessionStore`. The worker that drives a session holds
 its lease and writes through the fenced view, so a client that reconnects to *another* worker (or
@@ -26,27 +29,19 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from voicefsm import events as ev
-from voicefsm.admission import Admission
+from voicefsm.admission import Admission as OverloadGuard
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
 from voicefsm.host import ClientInput, SessionHost, Upstream
+from voicefsm.limits import Admission, Refusal, Reservation, ServiceLimits
 from voicefsm.metrics import Metrics, SessionObserver
 from voicefsm.model import SessionConfig, SessionRecord, State
-from voicefsm.protocol import (
-    AuthMessage,
-    ClientDecoder,
-    ErrorMessage,
-    ProtocolLimits,
-    ProtocolViolation,
-    ServerMessage,
-    SessionCreated,
-    SessionEnded,
-)
+from voicefsm.protocol import ErrorMessage, ServerMessage, SessionCreated, SessionEnded
 from voicefsm.stores import (
     Lease,
     LeaseKeeper,
@@ -55,8 +50,21 @@ from voicefsm.stores import (
     RetryingSink,
     SessionStore,
 )
+from voicefsm.web.decoder import AuthMessage, ClientDecoder, ProtocolLimits, ProtocolViolation
 
 logger = logging.getLogger("voicefsm.service")
+
+MEMORY_STORE_WARNING = (
+    "sessions are kept in memory (MemoryStore): stopping or restarting this process ends every "
+    "running interview (reason 'error'); pass a durable store (SQLite or Redis, see "
+    "voicefsm.stores.open_store) to hand them over instead"
+)
+"""Logged once at start-up by a service on the memory store."""
+MEMORY_SHUTDOWN_DETAIL = (
+    "the server shut down, and sessions kept in memory (MemoryStore) cannot continue after a "
+    "restart"
+)
+"""The end detail of a session ended by the shutdown of a service on the memory store."""
 
 SUBPROTOCOL = "voicefsm.v1"
 """The subprotocol the server selects when the client offers it."""
@@ -108,7 +116,23 @@ class WebChannel:
         self._closed = False
 
     async def receive(self) -> ClientInput | None:
-        """The next client event (bad frames are answered and skipped)."""
+        """The next client event (bad frames are answered and skipped).
+
+        Never raises: a transport that fails is closed with 1011 and reported as the client
+        leaving, so the session knows at once and the client sees why.
+        """
+        try:
+            return await self._receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            logger.warning("client link failed (%s); closing it with 1011", type(error).__name__)
+            with contextlib.suppress(Exception):
+                await self.close(1011, "the server could not read from this connection")
+            self.done.set()
+            return None
+
+    async def _receive(self) -> ClientInput | None:
         while not self._closed:
             frame = await self.transport.receive()
             if frame is None:
@@ -117,8 +141,9 @@ class WebChannel:
             decoded = self.decoder.decode(frame, time.monotonic())
             if isinstance(decoded, ProtocolViolation):
                 self._metrics.client_errors.labels(code=decoded.code).inc()
-                with contextlib.suppress(Exception):
-                    await self.transport.send_text(decoded.to_message().model_dump_json())
+                if decoded.tell_client:
+                    with contextlib.suppress(Exception):
+                        await self.transport.send_text(decoded.to_message().model_dump_json())
                 if self.decoder.too_many_errors:
                     return ev.Fatal(
                         f"the client broke the protocol {self.decoder.errors} times "
@@ -160,6 +185,9 @@ class LiveSession:
     channel: WebChannel | None = None
     observer: SessionObserver | None = None
     created_at: float = field(default_factory=time.time)
+    reservation: Reservation | None = None
+    release_on_detach: bool = False
+    """Handed over on shutdown: save the record and release the lease for the next worker."""
 
 
 class InterviewService:
@@ -167,9 +195,14 @@ class InterviewService:
 
     ``upstream`` opens model connections (an :class:`~voicefsm.adk.AdkUpstream`);
     ``authenticator`` checks tokens (required: use a :class:`~voicefsm.auth.JWTAuthenticator`);
-    ``store`` keeps records and transcripts (default: a :class:`~voicefsm.stores.MemoryStore`);
-    ``worker_id`` names this worker in leases (keep it stable across restarts of one process
-    slot, e.g. ``host:port``); ``origins`` is an optional allow-list of ``Origin`` values.
+    ``store`` keeps records and transcripts (default: a :class:`~voicefsm.stores.MemoryStore`,
+    which a restart empties); ``worker_id`` names this worker in leases (keep it stable across
+    restarts of one process slot, e.g. ``host:port``); ``origins`` is an optional allow-list of
+    ``Origin`` values. Tie it to the server's lifetime with :mod:`voicefsm.web.lifespan` (see
+    ``docs/embedding.md`` for every option); :meth:`shutdown` drains it by hand.
+    ``drain_timeout_s`` bounds that drain; ``orphan_sweep_s`` is how often (seconds; ``None``:
+    never) this worker finalises sessions of a durable store that nobody drives any more
+    (:mod:`voicefsm.orphans`).
     """
 
     def __init__(
@@ -186,7 +219,10 @@ class InterviewService:
         metrics: Metrics | None = None,
         auth_timeout_s: float = 10.0,
         session_factory: Callable[[SessionConfig], Session] = Session,
-        admission: Admission | None = None,
+        service_limits: ServiceLimits | None = None,
+        drain_timeout_s: float = 10.0,
+        orphan_sweep_s: float | None = 30.0,
+        overload: OverloadGuard | None = None,
     ) -> None:
         self.upstream = upstream
         self.authenticator = authenticator
@@ -199,19 +235,44 @@ class InterviewService:
         self.metrics = metrics or Metrics()
         self.auth_timeout_s = auth_timeout_s
         self._session_factory = session_factory
-        self.admission = admission
+        self.overload = overload
+        """Refuses new sessions while this worker's event loop lags (:mod:`voicefsm.admission`)."""
         self.sessions: dict[str, LiveSession] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _SessionLock] = {}
+        self.admission = Admission(service_limits)
+        """Connections and sessions of this worker, counted against ``service_limits``."""
+        if not drain_timeout_s > 0:
+            raise ValueError(f"drain_timeout_s must be positive, not {drain_timeout_s!r}")
+        self.drain_timeout_s = drain_timeout_s
+        self.orphan_sweep_s = orphan_sweep_s
+        self._started = False
+        self._draining = False
+        self._background: list[Callable[[], Awaitable[None]]] = []
 
     async def handle(self, transport: Transport) -> None:
         """Serve one client connection until it closes or its session ends."""
+        await self.start()
         offered = list(transport.subprotocols)
-        await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
-        if self.origins is not None and transport.origin not in self.origins:
-            logger.warning("refused a connection from origin %r", transport.origin)
-            await transport.close(4403, "origin not allowed")
+        refusal = self.admission.connect()
+        if refusal is not None:
+            await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+            await _refuse(transport, refusal)
             return
-        principal = await self._authenticate(transport, offered)
+        try:
+            await self._handle(transport, offered)
+        except Exception as error:  # nothing a client causes may escape as a bare 1006
+            logger.exception("serving a client connection failed (%s)", type(error).__name__)
+            with contextlib.suppress(Exception):
+                await transport.close(1011, "the server failed to serve this connection")
+        finally:
+            self.admission.disconnect()
+
+    async def _handle(self, transport: Transport, offered: list[str]) -> None:
+        if self._draining:
+            await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+            await self._refuse_while_draining(transport)
+            return
+        principal = await self._admit(transport, offered)
         if principal is None:
             return
         session_id = transport.query.get("session")
@@ -232,32 +293,124 @@ class InterviewService:
         if not channel.done.is_set():
             await channel.close(1011, "the session stopped")
 
-    async def shutdown(self, *, detach: bool | None = None) -> None:
-        """Stop every session this worker drives, and wait for them.
+    @property
+    def durable(self) -> bool:
+        """Whether sessions outlive this process: the store is not a :class:`MemoryStore`."""
+        return not isinstance(self.store, MemoryStore)
 
-        With ``detach`` (the default when the store is durable) sessions are handed back to the
-        store un-ended: clients get 4410 and can reconnect to this service after a restart, or
-        to another worker. Otherwise each session ends with ``error``.
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`shutdown` has begun: new connections are refused from then on."""
+        return self._draining
+
+    async def start(self) -> None:
+        """Begin serving (idempotent): say at start-up what a restart does to running sessions.
+
+        The lifespan helpers (:mod:`voicefsm.web.lifespan`) call it; :meth:`handle` calls it
+        too, so a service that nobody started still works.
         """
-        if self.admission is not None:
-            await self.admission.monitor.stop()
+        if self._started:
+            return
+        self._started = True
+        if self.durable:
+            logger.info(
+                "worker %s: sessions are kept in %r; on shutdown they are handed over "
+                "(clients get 4410 and reconnect) and continue after a restart or on another "
+                "worker",
+                self.worker_id,
+                self.store,
+            )
+        else:
+            logger.warning(MEMORY_STORE_WARNING)
+        if self.durable and self.orphan_sweep_s is not None:
+            self._start_orphan_sweeper(self.orphan_sweep_s)
+
+    def _start_orphan_sweeper(self, every_s: float) -> None:
+        from voicefsm.orphans import OrphanSweeper
+
+        def count(record: SessionRecord) -> None:
+            if record.end_reason is not None:
+                self.metrics.ended.labels(reason=record.end_reason.value).inc()
+
+        sweeper = OrphanSweeper(
+            self.store,
+            self.worker_id,
+            every_s=every_s,
+            lease_ttl_s=self.lease_ttl_s,
+            on_finalised=count,
+        )
+        sweeper.start()
+        self._background.append(sweeper.stop)
+
+    async def shutdown(self, *, detach: bool | None = None, timeout_s: float | None = None) -> None:
+        """Stop every session this worker drives, within a bounded drain, and wait for them.
+
+        New connections are refused from the first call on. With ``detach`` (the default when
+        the store is durable) each session is handed over un-ended: its record is saved, its
+        lease released and its client closed with 4410 ("reconnect"); the reconnecting client
+        continues it here after a restart, or on another worker. Otherwise (the memory store)
+        each session ends with ``error`` and a detail that says why. Sessions still running
+        after ``timeout_s`` (default ``drain_timeout_s``) are cancelled.
+        """
+        self._draining = True
+        if self.overload is not None:
+            await self.overload.monitor.stop()
         if detach is None:
-            detach = not isinstance(self.store, MemoryStore)
-        tasks = [live.task for live in self.sessions.values()]
-        for live in self.sessions.values():
-            if detach:
-                live.host.detach("the server is shutting down; reconnect to continue")
-            else:
-                live.task.cancel()
+            detach = self.durable
+        for stop in self._background:
+            await stop()
+        self._background.clear()
+        timeout = self.drain_timeout_s if timeout_s is None else timeout_s
+        sessions = list(self.sessions.values())
+        for live in sessions:
+            self._stop_for_shutdown(live, detach=detach)
+        tasks = [live.task for live in sessions]
         if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=15)
+            logger.info(
+                "draining %d session(s) (%s, at most %g s)",
+                len(tasks),
+                "handing them over" if detach else "ending them",
+                timeout,
+            )
+            _, stuck = await asyncio.wait(tasks, timeout=timeout)
             for task in stuck:
                 task.cancel()
             if stuck:
-                logger.warning("%d session(s) did not stop in 15 s; cancelled", len(stuck))
+                logger.warning("%d session(s) did not stop in %g s; cancelled", len(stuck), timeout)
                 await asyncio.wait(stuck, timeout=5)
 
+    def _stop_for_shutdown(self, live: LiveSession, *, detach: bool) -> None:
+        if detach:
+            live.release_on_detach = True
+            live.host.detach("the server is shutting down; reconnect to continue")
+        else:
+            live.host.post(ev.Fatal(MEMORY_SHUTDOWN_DETAIL))
+
+    async def _refuse_while_draining(self, transport: Transport) -> None:
+        if transport.query.get("session"):
+            await transport.close(4410, "the server is shutting down; reconnect to continue")
+        else:
+            await transport.close(1013, "the server is shutting down; retry")
+
     # ------------------------------------------------------------------ steps
+
+    async def _admit(self, transport: Transport, offered: list[str]) -> Principal | None:
+        """Handshake, origin and token within ``auth_timeout_s`` of the app seeing the socket."""
+        try:
+            async with asyncio.timeout(self.auth_timeout_s):
+                await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+                if self.origins is not None and transport.origin not in self.origins:
+                    logger.warning("refused a connection from origin %r", transport.origin)
+                    await transport.close(4403, "origin not allowed")
+                    return None
+                return await self._authenticate(transport, offered)
+        except TimeoutError:
+            logger.info("refused a connection that did not authenticate in time")
+            with contextlib.suppress(Exception):
+                await transport.close(
+                    4401, f"no valid token within {self.auth_timeout_s:g} s of connecting"
+                )
+            return None
 
     async def _authenticate(self, transport: Transport, offered: list[str]) -> Principal | None:
         token = next(
@@ -278,36 +431,48 @@ class InterviewService:
             return None
 
     async def _first_message_token(self, transport: Transport) -> str | None:
-        try:
-            async with asyncio.timeout(self.auth_timeout_s):
-                frame = await transport.receive()
-        except TimeoutError:
-            return None
+        # The deadline is _admit's: it covers the handshake and this first frame together.
+        frame = await transport.receive()
         if frame is None:
             return None
         decoded = ClientDecoder(self.limits).decode(frame, time.monotonic())
         return decoded.token if isinstance(decoded, AuthMessage) else None
 
     async def _start(self, principal: Principal, channel: WebChannel) -> LiveSession | None:
-        if self.admission is not None:  # new sessions only: running ones are never refused
-            self.admission.start()
-            busy = self.admission.refusal(len(self.sessions))
+        if self.overload is not None:  # new sessions only: running ones are never refused
+            self.overload.start()
+            busy = self.overload.refusal(len(self.sessions))
             if busy is not None:
                 logger.warning("refused a new session: %s", busy)
                 await channel.send_message(ErrorMessage(code="server_busy", message=busy))
                 await channel.close(1013, "server busy, retry")
                 return None
-        session = self._session_factory(self.config)
-        session.owner = principal.user_id
-        lease = await self.store.acquire_lease(session.session_id, self.worker_id, self.lease_ttl_s)
-        if lease is None:  # a fresh random id: only a broken store says no
-            await channel.close(1011, "could not take the new session's lease")
+        reservation = self.admission.reserve(principal.user_id)
+        if isinstance(reservation, Refusal):
+            logger.info(
+                "refused a new session of user %r: %s", principal.user_id, reservation.reason
+            )
+            await _refuse(channel.transport, reservation)
             return None
-        await channel.send_message(
-            SessionCreated(session_id=session.session_id, time_limit_s=self.config.time_limit_s)
-        )
-        live = self._run(session, principal, lease, channel, attach=False)
-        logger.info("session %s started for user %s", session.session_id, principal.user_id)
+        try:
+            session = self._session_factory(self.config)
+            session.owner = principal.user_id
+            lease = await self.store.acquire_lease(
+                session.session_id, self.worker_id, self.lease_ttl_s
+            )
+            if lease is None:  # a fresh random id: only a broken store says no
+                await channel.close(1011, "could not take the new session's lease")
+                reservation.release()
+                return None
+            await channel.send_message(
+                SessionCreated(session_id=session.session_id, time_limit_s=self.config.time_limit_s)
+            )
+            live = self._run(session, principal, lease, channel, attach=False)
+        except BaseException:
+            reservation.release()
+            raise
+        live.reservation = reservation
+        logger.info("session %s started for user %r", session.session_id, principal.user_id)
         return live
 
     def _run(
@@ -319,15 +484,28 @@ class InterviewService:
         *,
         attach: bool,
     ) -> LiveSession:
-        sink = RetryingSink(self.store.fenced(lease), name=session.session_id[:12])
+        host_of: list[SessionHost] = []
+
+        def refused(session_id: str, error: BaseException) -> None:
+            # Fenced out (another worker took the session): stop writing and hand it over;
+            # the session lives on there, so it must not end here.
+            if host_of and not host_of[0].session.ended:
+                host_of[0].detach("another worker took the session over; reconnect to continue")
+
+        sink = RetryingSink(
+            self.store.fenced(lease), name=session.session_id[:12], on_refused=refused
+        )
         observer = self.metrics.observer()
+        if session.started_at is not None:  # restored: its record was counted where it ran
+            observer.baseline(session.snapshot())
         host = SessionHost(
             session,
             self.upstream,
             client=None if attach else channel,
-            sink=sink,
+            sink=observer.following(sink),
             observer=observer,
         )
+        host_of.append(host)
         if attach:
             host.attach(channel)
         live = LiveSession(
@@ -338,6 +516,8 @@ class InterviewService:
         )
         self.sessions[session.session_id] = live
         live.task.add_done_callback(lambda _: self._forget(session.session_id, live))
+        if self._draining:  # it began as the drain started: stop it the same way
+            self._stop_for_shutdown(live, detach=self.durable)
         return live
 
     async def _drive(self, live: LiveSession, sink: RetryingSink) -> SessionRecord:
@@ -349,29 +529,40 @@ class InterviewService:
         try:
             async with LeaseKeeper(self.store, live.lease, on_lost=lost):
                 record = await host.run()
+                if host.detached and live.release_on_detach and record.state is not State.ENDED:
+                    with contextlib.suppress(Exception):
+                        await sink.save(record)  # the newest record, for the next worker
         finally:
             await sink.aclose(grace_s=10)
             if host.detached and live.observer is not None:
                 live.observer.detached(host.session.state)
-        if not host.detached:
+        if not host.detached or live.release_on_detach:
             with contextlib.suppress(Exception):
                 await self.store.release_lease(live.lease)
         return record
 
     def _forget(self, session_id: str, live: LiveSession) -> None:
+        if live.reservation is not None:
+            live.reservation.release()
         if self.sessions.get(session_id) is live:
             del self.sessions[session_id]
 
     async def _reattach(
         self, session_id: str, principal: Principal, channel: WebChannel
     ) -> LiveSession | None:
-        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        entry = self._locks.get(session_id)
+        if entry is None:
+            entry = self._locks[session_id] = _SessionLock()
+        # The entry lives while anyone holds *or waits for* it: dropping it while reconnects
+        # are queued would let a later one take a fresh lock and run beside them.
+        entry.users += 1
         try:
-            async with lock:  # two reconnects at once must not start two hosts
+            async with entry.lock:  # two reconnects at once must not start two hosts
                 return await self._reattach_locked(session_id, principal, channel)
         finally:
-            if not lock.locked():
-                self._locks.pop(session_id, None)
+            entry.users -= 1
+            if entry.users == 0 and self._locks.get(session_id) is entry:
+                del self._locks[session_id]
 
     async def _reattach_locked(
         self, session_id: str, principal: Principal, channel: WebChannel
@@ -413,6 +604,24 @@ class InterviewService:
         if record.state is State.ENDED:
             await self._tell_ended(record, channel)
             return None
+        reservation = self.admission.reserve(principal.user_id, new=False)
+        if isinstance(reservation, Refusal):
+            await _refuse(channel.transport, reservation)
+            return None
+        try:
+            live = await self._take_over_reserved(session_id, principal, channel)
+        except BaseException:
+            reservation.release()
+            raise
+        if live is None:
+            reservation.release()
+        else:
+            live.reservation = reservation
+        return live
+
+    async def _take_over_reserved(
+        self, session_id: str, principal: Principal, channel: WebChannel
+    ) -> LiveSession | None:
         lease = await self._acquire_when_free(session_id)
         if lease is None:
             await channel.send_message(
@@ -476,6 +685,24 @@ class InterviewService:
         self, session_id: str, principal: Principal, channel: WebChannel
     ) -> None:
         logger.warning(
-            "user %s tried to attach to session %s of another user", principal.user_id, session_id
+            "user %r tried to attach to session %s of another user", principal.user_id, session_id
         )
         await channel.close(4403, "this session belongs to another user")
+
+
+@dataclass
+class _SessionLock:
+    """A per-session lock and how many reconnects hold or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+async def _refuse(transport: Transport, refusal: Refusal) -> None:
+    """Tell the client why (an ``error`` message), then close with the refusal's code."""
+    with contextlib.suppress(Exception):
+        await transport.send_text(
+            ErrorMessage(code=refusal.error_code, message=refusal.reason).model_dump_json()
+        )
+    with contextlib.suppress(Exception):
+        await transport.close(refusal.close_code, refusal.reason[:120])

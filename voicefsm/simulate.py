@@ -21,7 +21,14 @@ from typing import Any
 from voicefsm import effects as fx
 from voicefsm import events as ev
 from voicefsm.engine import Session
-from voicefsm.model import EndReason, SessionConfig, SessionStats, State
+from voicefsm.model import (
+    EndReason,
+    SessionConfig,
+    SessionRecord,
+    SessionStats,
+    State,
+    TranscriptLine,
+)
 from voicefsm.protocol import ErrorMessage, Ping, SessionEnded, SessionWarning
 
 CHUNK_S = 0.02
@@ -119,6 +126,10 @@ class SimulationResult:
     connections: int = 0
     session_ended_messages: int = 0
     transcript_lines: list[str] = field(default_factory=list)
+    record: SessionRecord | None = None
+    """The session's final record, with its event log and usage sums (for ``--timeline``)."""
+    transcript: list[TranscriptLine] = field(default_factory=list)
+    """The recorded transcript lines, as a store would keep them."""
 
     @property
     def client_chunks_lost(self) -> int:
@@ -142,7 +153,8 @@ class SimulationResult:
                 f"  client audio {self.client_chunks_sent} chunks sent, "
                 f"{self.client_chunks_received_upstream} reached the upstream, "
                 f"{stats.chunks_buffered} buffered while resuming, {stats.chunks_flushed} flushed, "
-                f"{stats.chunks_overflowed} overflowed, {self.client_chunks_lost} lost, "
+                f"{stats.chunks_overflowed} overflowed, "
+                f"{stats.chunks_unsent_at_end} unsent at the end, {self.client_chunks_lost} lost, "
                 f"{self.client_chunks_reordered} out of order",
                 f"  model audio  {self.model_chunks_played} chunks played",
                 f"  transcript   {stats.transcript_lines} lines",
@@ -207,6 +219,7 @@ class Simulation:
         self.model_chunks = 0
         self.ended_messages = 0
         self.lines: list[str] = []
+        self.transcript: list[TranscriptLine] = []
 
     # --------------------------------------------------------------- plumbing
 
@@ -238,6 +251,7 @@ class Simulation:
                 self._log(now, f"{effect.previous} -> {effect.state}: {effect.why}")
             elif isinstance(effect, fx.RecordTranscript):
                 self.lines.append(f"[{effect.line.seq}] {effect.line.role}: {effect.line.text}")
+                self.transcript.append(effect.line)
             elif isinstance(effect, fx.SendToClient):
                 self._client_message(effect.message, now)
 
@@ -284,7 +298,15 @@ class Simulation:
         handle = f"handle-{question}-{upstream.connections}"
         upstream.issued.add(handle)
         self._feed(ev.ResumptionUpdate(handle, True), now)
-        self._feed(ev.Usage(prompt_tokens=2000 * question, total_tokens=2100 * question), now)
+        # The Live API reports each turn's prompt, which holds the context so far: it grows.
+        usage = ev.Usage(
+            prompt_tokens=2000 * question,
+            response_tokens=100 * question,
+            total_tokens=2100 * question,
+            prompt_by_modality=(("AUDIO", 1700 * question), ("TEXT", 300 * question)),
+            response_by_modality=(("AUDIO", 100 * question),),
+        )
+        self._feed(usage, now)
         answer = self.rng.uniform(30, 90)
         self._at(now + answer, "answer_end", question)
 
@@ -411,7 +433,8 @@ class Simulation:
                 self._apply(handle(ev.ClientAudio(chunk), now), now)
             if upstream.connected is not None and now < upstream.speaking_until:
                 self._apply(handle(ev.ModelAudio(MODEL_CHUNK), now), now)
-        ended_at = (session.snapshot().ended_at or now) - START
+        record = session.snapshot()
+        ended_at = (record.ended_at or now) - START
         self._log(ended_at + START, f"session ended: {session.end_reason} ({session.end_detail})")
         return SimulationResult(
             scenario=self.scenario.name,
@@ -420,7 +443,7 @@ class Simulation:
             end_reason=session.end_reason,
             end_detail=session.end_detail,
             ended_at_s=ended_at,
-            stats=session.stats,
+            stats=record.stats,
             client_chunks_sent=self.client_chunk_seq,
             client_chunks_received_upstream=upstream.received,
             client_chunks_reordered=upstream.reordered,
@@ -428,6 +451,8 @@ class Simulation:
             connections=upstream.connections,
             session_ended_messages=self.ended_messages,
             transcript_lines=self.lines,
+            record=record,
+            transcript=self.transcript,
         )
 
 

@@ -31,11 +31,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar, runtime_checkable
 
-from voicefsm.model import EndReason, SessionRecord, State, TranscriptLine
+from voicefsm.model import EndReason, SessionRecord, SessionUsage, State, TranscriptLine
 from voicefsm.ports import SessionSink
 
 logger = logging.getLogger("voicefsm.stores")
@@ -157,7 +157,13 @@ class StoredSession:
 
 @dataclass(frozen=True, slots=True)
 class SessionSummary:
-    """One line of :meth:`SessionStore.list_sessions`."""
+    """One line of :meth:`SessionStore.list_sessions`: a record's headline and its lease.
+
+    ``owner`` is the user the session belongs to; ``worker`` the worker whose lease is (or was
+    last) on the session and ``lease_expires_at`` when that lease runs out (once released: when
+    it was released; 0 if no lease was ever granted). ``worker`` is ``None`` once the lease was
+    released.
+    """
 
     session_id: str
     version: int
@@ -167,10 +173,19 @@ class SessionSummary:
     deadline: float
     ended_at: float | None
     transcript_lines: int
+    owner: str | None = None
+    end_detail: str | None = None
+    worker: str | None = None
+    lease_expires_at: float = 0.0
+    usage: SessionUsage | None = None
+    """The record's usage sums (for a cost column)."""
 
     @classmethod
-    def of(cls, record: SessionRecord, version: int) -> SessionSummary:
-        """The summary of ``record`` stored at ``version``."""
+    def of(
+        cls, record: SessionRecord, version: int, lease: LeaseRow | None = None
+    ) -> SessionSummary:
+        """The summary of ``record`` stored at ``version`` (with its lease row, if known)."""
+        row = lease if lease is not None else LeaseRow()
         return cls(
             session_id=record.session_id,
             version=version,
@@ -180,7 +195,74 @@ class SessionSummary:
             deadline=record.deadline,
             ended_at=record.ended_at,
             transcript_lines=record.transcript_count,
+            owner=record.owner,
+            end_detail=record.end_detail,
+            worker=row.owner,
+            lease_expires_at=row.expires_at,
+            usage=record.usage,
         )
+
+    def lease_live(self, now: float) -> bool:
+        """Whether a worker holds a lease on the session at ``now``."""
+        return self.worker is not None and self.lease_expires_at > now
+
+
+StateFilter = State | Collection[State] | None
+"""``list_sessions(state=...)``: one state, several, or ``None`` for all."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    """What :meth:`SessionStore.list_sessions` selects; every store applies it the same way."""
+
+    states: frozenset[State] | None = None
+    owner: str | None = None
+    worker: str | None = None
+    limit: int | None = None
+    newest_first: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        state: StateFilter = None,
+        owner: str | None = None,
+        worker: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> SessionQuery:
+        """Check and normalise ``list_sessions``' arguments."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        states: frozenset[State] | None
+        if state is None:
+            states = None
+        elif isinstance(state, State | str):
+            states = frozenset({State(state)})
+        else:
+            states = frozenset(State(s) for s in state)
+        return cls(states, owner, worker, limit, newest_first)
+
+    @property
+    def open_only(self) -> bool:
+        """Whether only running (not ended) sessions can match."""
+        return self.states is not None and State.ENDED not in self.states
+
+    def matches(self, summary: SessionSummary) -> bool:
+        """Whether ``summary`` is selected (the order and ``limit`` aside)."""
+        return (
+            (self.states is None or summary.state in self.states)
+            and (self.owner is None or summary.owner == self.owner)
+            and (self.worker is None or summary.worker == self.worker)
+        )
+
+    def apply(self, summaries: Iterable[SessionSummary]) -> list[SessionSummary]:
+        """The selected summaries, in order (by start time, then id), at most ``limit``."""
+        ordered = sorted(
+            (s for s in summaries if self.matches(s)),
+            key=lambda s: (s.started_at, s.session_id),
+            reverse=self.newest_first,
+        )
+        return ordered if self.limit is None else ordered[: self.limit]
 
 
 # ---------------------------------------------------------------------------------------- protocol
@@ -248,8 +330,21 @@ class SessionStore(Protocol):
         """Give the session up so another worker can take it at once (no-op if already lost)."""
         ...
 
-    async def list_sessions(self) -> list[SessionSummary]:
-        """Every session that has a record, oldest first."""
+    async def list_sessions(
+        self,
+        *,
+        state: StateFilter = None,
+        owner: str | None = None,
+        worker: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[SessionSummary]:
+        """The sessions that have a record, by start time (oldest first unless
+        ``newest_first``), each with its lease.
+
+        ``state`` keeps sessions in that state (or any of several), ``owner`` those of one user,
+        ``worker`` those whose lease that worker holds; ``limit`` caps the number returned.
+        """
         ...
 
     async def close(self) -> None:
@@ -471,11 +566,12 @@ def renewed(lease: Lease, ttl_s: float, row: LeaseRow, now: float) -> tuple[Leas
     return LeaseRow(row.token, row.owner, new.expires_at), new
 
 
-def released(lease: Lease, row: LeaseRow) -> LeaseRow | None:
-    """The lease row after releasing ``lease``; ``None`` if it is not the current lease."""
+def released(lease: Lease, row: LeaseRow, now: float) -> LeaseRow | None:
+    """The lease row after releasing ``lease`` at ``now``; ``None`` if it is not the current
+    lease. The row keeps ``now`` as its expiry: when the session was last driven."""
     if row.token != lease.token or row.owner != lease.worker_id:
         return None
-    return LeaseRow(row.token, None, 0.0)
+    return LeaseRow(row.token, None, now)
 
 
 def check_ttl(ttl_s: float) -> None:

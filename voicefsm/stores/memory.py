@@ -13,7 +13,9 @@ from voicefsm.stores.base import (
     Clock,
     Lease,
     LeaseRow,
+    SessionQuery,
     SessionSummary,
+    StateFilter,
     StoreBase,
     StoredSession,
     VersionConflict,
@@ -102,17 +104,27 @@ class MemoryStore(StoreBase):
 
     async def release_lease(self, lease: Lease) -> None:
         """Give the session up (no-op if ``lease`` is no longer the current one)."""
-        row = released(lease, self._lease_row(lease.session_id))
+        row = released(lease, self._lease_row(lease.session_id), self._clock())
         if row is not None:
             self._leases[lease.session_id] = row
 
-    async def list_sessions(self) -> list[SessionSummary]:
-        """Every session with a record, oldest first."""
-        summaries = [
-            SessionSummary.of(SessionRecord.model_validate_json(data), version)
-            for version, data in self._records.values()
-        ]
-        return sorted(summaries, key=lambda s: (s.started_at, s.session_id))
+    async def list_sessions(
+        self,
+        *,
+        state: StateFilter = None,
+        owner: str | None = None,
+        worker: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[SessionSummary]:
+        """The sessions with a record; see :meth:`voicefsm.stores.SessionStore.list_sessions`."""
+        query = SessionQuery.of(state, owner, worker, limit, newest_first)
+        return query.apply(
+            SessionSummary.of(
+                SessionRecord.model_validate_json(data), version, self._leases.get(session_id)
+            )
+            for session_id, (version, data) in self._records.items()
+        )
 
     def _lease_row(self, session_id: str) -> LeaseRow:
         return self._leases.get(session_id) or LeaseRow()

@@ -6,7 +6,9 @@ compare-and-set and the write happen atomically on the server. Keys, for ``prefi
 * ``voicefsm:session:<id>`` — a hash: ``record`` (JSON), ``version``, and the lease: ``fence``
   (the latest fencing token granted), ``owner`` (empty once released), ``expires_at``;
 * ``voicefsm:transcript:<id>`` — a sorted set of transcript lines (JSON), scored by ``seq``;
-* ``voicefsm:sessions`` — a sorted set of session ids, scored by ``started_at``.
+* ``voicefsm:sessions`` — a sorted set of session ids, scored by ``started_at``;
+* ``voicefsm:open`` — the same, for the sessions whose record is not ``ended`` (what the orphan
+  sweep and ``list_sessions(state=<running states>)`` read).
 
 The scripts touch keys of one session plus the index, so the store needs a single Redis primary
 (standalone or behind Sentinel), not Redis Cluster. Nothing expires by itself: lease expiry is a
@@ -33,13 +35,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from voicefsm.model import SessionRecord, TranscriptLine
+from voicefsm.model import SessionRecord, State, TranscriptLine
 from voicefsm.stores.base import (
     Clock,
     Lease,
     LeaseLost,
+    LeaseRow,
+    SessionQuery,
     SessionSummary,
     StaleFencingToken,
+    StateFilter,
     StoreBase,
     StoreClosed,
     StoredSession,
@@ -69,8 +74,8 @@ local function fence_check(key, token, now)
 end
 """
 
-# KEYS: session hash, index. ARGV: record json, expected version ('' = any), token, now,
-# session id, started_at.
+# KEYS: session hash, index, open index. ARGV: record json, expected version ('' = any), token,
+# now, session id, started_at, '1' if the record is ended.
 _SAVE = (
     _FENCE
     + """
@@ -87,6 +92,11 @@ end
 version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'record', ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+if ARGV[7] == '1' then
+  redis.call('ZREM', KEYS[3], ARGV[5])
+else
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
+end
 return {'ok', tostring(version)}
 """
 )
@@ -128,14 +138,17 @@ redis.call('HSET', KEYS[1], 'expires_at', ARGV[3])
 return {'ok'}
 """
 
-# KEYS: session hash. ARGV: token, worker.
+# KEYS: session hash. ARGV: token, worker, now (kept as expires_at: when it was last driven).
 _RELEASE = """
 local f = redis.call('HMGET', KEYS[1], 'fence', 'owner')
 if (tonumber(f[1]) or 0) == tonumber(ARGV[1]) and (f[2] or '') == ARGV[2] then
-  redis.call('HSET', KEYS[1], 'owner', '', 'expires_at', '0')
+  redis.call('HSET', KEYS[1], 'owner', '', 'expires_at', ARGV[3])
 end
 return {'ok'}
 """
+
+_LIST_BATCH = 500
+"""Sessions read per pipeline round trip when listing."""
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
@@ -211,6 +224,10 @@ class RedisStore(StoreBase):
     def _index_key(self) -> str:
         return f"{self.prefix}sessions"
 
+    @property
+    def _open_key(self) -> str:
+        return f"{self.prefix}open"
+
     @asynccontextmanager
     async def _call(self) -> AsyncIterator[None]:
         if self._closed:
@@ -253,7 +270,7 @@ class RedisStore(StoreBase):
         session_id = record.session_id
         async with self._call():
             reply = await self._save(
-                keys=[self._session_key(session_id), self._index_key],
+                keys=[self._session_key(session_id), self._index_key, self._open_key],
                 args=[
                     record.model_dump_json(),
                     "" if expected_version is None else str(expected_version),
@@ -261,6 +278,7 @@ class RedisStore(StoreBase):
                     repr(self._clock()),
                     session_id,
                     repr(record.started_at),
+                    "1" if record.state is State.ENDED else "0",
                 ],
             )
         self._refused(reply, session_id, fencing_token)
@@ -334,24 +352,55 @@ class RedisStore(StoreBase):
         async with self._call():
             await self._release(
                 keys=[self._session_key(lease.session_id)],
-                args=[str(lease.token), lease.worker_id],
+                args=[str(lease.token), lease.worker_id, repr(self._clock())],
             )
 
     # ------------------------------------------------------------------ listing, closing
 
-    async def list_sessions(self) -> list[SessionSummary]:
-        """Every session with a record, oldest first."""
+    async def list_sessions(
+        self,
+        *,
+        state: StateFilter = None,
+        owner: str | None = None,
+        worker: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[SessionSummary]:
+        """The sessions with a record; see :meth:`voicefsm.stores.SessionStore.list_sessions`.
+
+        Only running sessions asked for (``state`` without ``ended``): read from the index of
+        running sessions, so the cost follows how many run, not how many were ever kept.
+        """
+        query = SessionQuery.of(state, owner, worker, limit, newest_first)
+        index = self._open_key if query.open_only else self._index_key
+        found: list[SessionSummary] = []
         async with self._call():
-            ids = [_text(i) for i in await self.client.zrange(self._index_key, 0, -1)]
-            async with self.client.pipeline(transaction=False) as pipe:
-                for session_id in ids:
-                    pipe.hmget(self._session_key(session_id), ["record", "version"])
-                rows = await pipe.execute()
-        return [
-            SessionSummary.of(SessionRecord.model_validate_json(data), int(_text(version)))
-            for data, version in rows
-            if data is not None
-        ]
+            ids = [_text(i) for i in await self.client.zrange(index, 0, -1, desc=newest_first)]
+            for start in range(0, len(ids), _LIST_BATCH):
+                batch = ids[start : start + _LIST_BATCH]
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for session_id in batch:
+                        pipe.hmget(
+                            self._session_key(session_id),
+                            ["record", "version", "fence", "owner", "expires_at"],
+                        )
+                    rows = await pipe.execute()
+                for data, version, fence, holder, expires in rows:
+                    if data is None:
+                        continue
+                    lease = LeaseRow(
+                        int(_text(fence)) if fence is not None else 0,
+                        (_text(holder) or None) if holder is not None else None,
+                        float(_text(expires)) if expires is not None else 0.0,
+                    )
+                    summary = SessionSummary.of(
+                        SessionRecord.model_validate_json(data), int(_text(version)), lease
+                    )
+                    if query.matches(summary):
+                        found.append(summary)
+                if query.limit is not None and len(found) >= query.limit:
+                    break
+        return query.apply(found)
 
     async def close(self) -> None:
         """Close the client if the store made it."""

@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from voicefsm.model import SessionRecord, TranscriptLine
@@ -43,8 +44,11 @@ class RetryingSink:
       scaled by a random factor in [0.5, 1].
     * Errors in ``retry_on`` are retried; any other error (for example
       :class:`~voicefsm.stores.StaleFencingToken`: this worker lost the session) drops that
-      session's queued writes, is logged at ERROR, is kept in :attr:`errors` and is raised by
-      the session's next write.
+      session's queued writes, is logged at ERROR and is kept in :attr:`errors`. Without
+      ``on_refused`` the session's next write raises it. With ``on_refused``, it is called once
+      with the session id and the error, and the session's later writes are discarded (counted
+      in :attr:`discarded`) instead: a worker that was fenced out stops writing and detaches
+      (what :class:`~voicefsm.service.InterviewService` does) rather than failing the session.
     * Logs on ``voicefsm.stores.retrying``: WARNING when writes start failing and every
       ``log_every_s`` while they still fail, INFO when they recover — with counts and error
       types, never transcript text.
@@ -63,6 +67,7 @@ class RetryingSink:
         retry_on: tuple[type[BaseException], ...] = (StoreUnavailable, OSError),
         log_every_s: float = 30.0,
         name: str | None = None,
+        on_refused: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
@@ -86,6 +91,10 @@ class RetryingSink:
         """Failed attempts that were retried."""
         self.dropped = 0
         """Queued saves dropped because a later save of the same session superseded them."""
+        self.discarded = 0
+        """Writes not even queued because their session's writes were refused for good (only
+        with ``on_refused``)."""
+        self._on_refused = on_refused
         self._queue: deque[_Write] = deque()
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -145,6 +154,9 @@ class RetryingSink:
             raise RuntimeError(f"{self.name}: RetryingSink was closed")
         error = self.errors.get(write.session_id)
         if error is not None:
+            if self._on_refused is not None:
+                self.discarded += 1
+                return
             raise error
         if len(self._queue) >= self.max_pending and not self._make_room(write):
             raise BacklogFull(
@@ -260,3 +272,8 @@ class RetryingSink:
             error,
             before - len(self._queue),
         )
+        if self._on_refused is not None:
+            try:
+                self._on_refused(session_id, error)
+            except Exception:
+                logger.exception("%s: on_refused failed for session %s", self.name, session_id)

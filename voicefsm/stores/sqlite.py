@@ -22,7 +22,9 @@ from voicefsm.stores.base import (
     Clock,
     Lease,
     LeaseRow,
+    SessionQuery,
     SessionSummary,
+    StateFilter,
     StoreBase,
     StoreClosed,
     StoredSession,
@@ -309,10 +311,11 @@ class SQLiteStore(StoreBase):
 
     async def release_lease(self, lease: Lease) -> None:
         """Give the session up (no-op if ``lease`` is no longer the current one)."""
+        now = self._clock()
 
         def release(conn: sqlite3.Connection) -> None:
             def body() -> None:
-                row = released(lease, self._lease_row(conn, lease.session_id))
+                row = released(lease, self._lease_row(conn, lease.session_id), now)
                 if row is not None:
                     self._put_lease(conn, lease.session_id, row)
 
@@ -322,19 +325,56 @@ class SQLiteStore(StoreBase):
 
     # ------------------------------------------------------------------ listing, closing
 
-    async def list_sessions(self) -> list[SessionSummary]:
-        """Every session with a record, oldest first."""
+    async def list_sessions(
+        self,
+        *,
+        state: StateFilter = None,
+        owner: str | None = None,
+        worker: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[SessionSummary]:
+        """The sessions with a record; see :meth:`voicefsm.stores.SessionStore.list_sessions`."""
+        query = SessionQuery.of(state, owner, worker, limit, newest_first)
+        where: list[str] = []
+        params: list[object] = []
+        if query.states is not None:
+            marks = ", ".join("?" for _ in query.states)
+            where.append(f"json_extract(s.record, '$.state') IN ({marks})")
+            params.extend(sorted(str(s) for s in query.states))
+        if query.owner is not None:
+            where.append("json_extract(s.record, '$.owner') = ?")
+            params.append(query.owner)
+        if query.worker is not None:
+            where.append("l.owner = ?")
+            params.append(query.worker)
+        order = "DESC" if query.newest_first else "ASC"
+        sql = (
+            "SELECT s.version, s.record, l.token, l.owner, l.expires_at FROM sessions s "
+            "LEFT JOIN leases l ON l.session_id = s.session_id"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" ORDER BY s.started_at {order}, s.session_id {order}"
+            + (" LIMIT ?" if query.limit is not None else "")
+        )
+        if query.limit is not None:
+            params.append(query.limit)
 
-        def list_all(conn: sqlite3.Connection) -> list[tuple[int, str]]:
-            rows = conn.execute(
-                "SELECT version, record FROM sessions ORDER BY started_at, session_id"
-            ).fetchall()
-            return [(row[0], row[1]) for row in rows]
+        def select(conn: sqlite3.Connection) -> list[tuple[int, str, LeaseRow]]:
+            rows = conn.execute(sql, params).fetchall()
+            return [
+                (
+                    row[0],
+                    row[1],
+                    LeaseRow(row[2], row[3], row[4]) if row[2] is not None else LeaseRow(),
+                )
+                for row in rows
+            ]
 
-        return [
-            SessionSummary.of(SessionRecord.model_validate_json(data), version)
-            for version, data in await self._run(list_all)
-        ]
+        found = await self._run(select)
+        return query.apply(
+            SessionSummary.of(SessionRecord.model_validate_json(data), version, lease)
+            for version, data, lease in found
+        )
 
     async def close(self) -> None:
         """Close the database; pending operations finish first."""

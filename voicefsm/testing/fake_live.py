@@ -973,8 +973,10 @@ class FakeLiveConnection:
             self.audio_chunk_count += 1
             self.audio_mime_type = mime or self.audio_mime_type
             if keep:
+                # Without payloads an audio entry per chunk would still grow without bound
+                # over a long session: only the count is kept.
                 self.audio_chunks.append(decoded)
-            self._add_event("audio", index, at, decoded if keep else None)
+                self._add_event("audio", index, at, decoded)
         else:
             if keep:
                 self.video_chunks.append(decoded)
@@ -1116,7 +1118,8 @@ class FakeLiveServer:
             host: address to listen on (the certificate is issued for it).
             port: port to listen on; 0 picks a free one.
             record_payloads: keep decoded audio and raw frames; when False only counts and the
-                non-audio records are kept (for long demo sessions).
+                non-audio records are kept, audio is left out of the timeline too (for long
+                demo sessions: memory stays flat).
             raise_script_errors: re-raise the first script error as :class:`ScriptError` when
                 the ``async with`` block exits without an exception of its own.
             close_timeout: seconds to wait for a client's closing handshake.

@@ -1,22 +1,34 @@
 """aiohttp adapter: serve interviews from an ``aiohttp.web`` application.
 
 app.router.add_get("/interview", interview_handler(service))
+runner = web.AppRunner(app, **runner_options())
+
+The adapter makes aiohttp refuse frames over ``ProtocolLimits.max_frame_bytes`` (close 1009)
+and installs the token redaction filter on aiohttp's loggers (:mod:`voicefsm.web.logs`), so the
+access log does not carry ``?token=``. :func:`runner_options` bounds idle and slow connections.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from voicefsm.service import SUBPROTOCOL, InterviewService
+from voicefsm.web.decoder import ProtocolLimits
+from voicefsm.web.logs import install_token_redaction
+
+IDLE_TIMEOUT_S = 10.0
+"""Default for :func:`runner_options`: how long a connection may sit without a request."""
 
 
 class AiohttpTransport:
     """An ``aiohttp`` websocket request as a :class:`voicefsm.service.Transport`."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, limits: ProtocolLimits | None = None) -> None:
         self._request = request
+        self._max_frame_bytes = (limits or ProtocolLimits()).max_frame_bytes
         self._ws: web.WebSocketResponse | None = None
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
         self.subprotocols: Sequence[str] = [p.strip() for p in offered.split(",") if p.strip()]
@@ -32,7 +44,11 @@ class AiohttpTransport:
 
     async def accept(self, subprotocol: str | None) -> None:
         """Complete the handshake, selecting ``subprotocol`` if given."""
-        ws = web.WebSocketResponse(protocols=(subprotocol,) if subprotocol else (), heartbeat=None)
+        ws = web.WebSocketResponse(
+            protocols=(subprotocol,) if subprotocol else (),
+            heartbeat=None,
+            max_msg_size=self._max_frame_bytes,
+        )
         await ws.prepare(self._request)
         self._ws = ws
 
@@ -67,13 +83,32 @@ def interview_handler(
     service: InterviewService,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """An aiohttp handler that serves interviews through ``service``."""
+    install_token_redaction()
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        transport = AiohttpTransport(request)
+        transport = AiohttpTransport(request, service.limits)
         await service.handle(transport)
         return transport.response
 
     return handler
 
 
-__all__ = ["SUBPROTOCOL", "AiohttpTransport", "interview_handler"]
+def runner_options(idle_timeout_s: float = IDLE_TIMEOUT_S, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``web.AppRunner`` (or ``web.run_app``) that fit the interview.
+
+    aiohttp keeps a connection that sends no request (or trickles its headers) open for its
+    ``keepalive_timeout``, an hour by default; this closes it after ``idle_timeout_s``. Once a
+    websocket is open, the interview service's own deadlines apply.
+    """
+    options: dict[str, Any] = {"keepalive_timeout": idle_timeout_s}
+    options.update(overrides)
+    return options
+
+
+__all__ = [
+    "IDLE_TIMEOUT_S",
+    "SUBPROTOCOL",
+    "AiohttpTransport",
+    "interview_handler",
+    "runner_options",
+]

@@ -3,7 +3,10 @@
 // Wire protocol (see voicefsm/protocol.py): binary frames are raw 16-bit little-endian mono PCM
 // (16 kHz up, 24 kHz down); text frames are JSON. The server's first message on a new session is
 // session_created; the page keeps that id (and the token) in sessionStorage so a refresh or a
-// dropped socket can re-attach with ?session=<id> within the server's grace window.
+// dropped socket can re-attach with ?session=<id> within the server's grace window. After a
+// refresh the page re-attaches at once, without audio ("paused"), so it shows the session's real
+// state and time left; Rejoin turns the microphone and the sound back on, and "Start a new
+// interview instead" ends the old session before starting another.
 //
 // window.voicefsm is a read-only view of what the page knows (for tests and curious people).
 
@@ -19,33 +22,42 @@ const RECONNECT_WINDOW_MS = 60_000;
 const RECONNECT_BASE_MS = 500;
 const RECONNECT_CAP_MS = 8000;
 const LAST_MESSAGES = 30;
+const DISCARD_WAIT_MS = 5000; // how long "Start a new interview instead" waits for the old end
 
 // Close codes (voicefsm/service.py, docs/protocol.md). Codes not listed here are unexpected
-// drops (1006, 1011, 1012, 4408, 4410 "reconnect", ...): the page reconnects.
+// drops (1006, 1011, 1012, 1013 "busy: retry", 4408, 4410 "reconnect", ...): the page reconnects.
+// Each final close says, for a person, why the interview cannot go on: [state, sentence].
 const FINAL_CLOSES = {
-  4401: "The server did not accept the access token.",
-  4403: "The server refused this connection (origin not allowed, or the interview belongs to another user).",
-  4404: "That interview is no longer running on the server.",
-  4409: "This interview was opened in another tab or window.",
+  4401: ["unresumable", "The server did not accept the access token."],
+  4403: ["unresumable", "The server refused this connection (origin not allowed, or the interview belongs to another user)."],
+  4404: ["unresumable", "This interview cannot be resumed: the server no longer has it (it ended, or the server restarted without keeping its interviews)."],
+  4409: ["elsewhere", "This interview was opened in another tab or window, and goes on there."],
+  4429: ["unresumable", "You already have as many interviews running as allowed; end one first."],
 };
-// A 4409 that follows this error means "another worker still holds the session: retry".
-const BUSY_ERROR = "session_busy";
+const REFUSED_TOKEN_ON_REJOIN = {
+  demo: "This interview cannot be resumed: the server no longer accepts the token it was started with. Demo tokens are signed with a key that changes whenever the server restarts, so a restart ends every demo interview for its page.",
+  own: "This interview cannot be resumed with this token: the server did not accept it (it may have expired, or the server's secret changed). Paste a fresh token for the same user to rejoin.",
+};
 
 const RECONNECT_REASONS = {
   1001: "The server is going away",
   1012: "The server is restarting",
+  1013: "The interview is still held by another server",
   4408: "The connection went quiet",
-  4409: "The interview is still held by another server",
   4410: "The server handed the interview on",
 };
 
 const STATE_LABELS = {
   idle: "not started",
+  checking: "checking…",
   connecting: "connecting to the interviewer",
   live: "live",
   warning: "live — wrapping up",
   resuming: "interviewer reconnecting",
   ended: "ended",
+  lost: "connection lost",
+  unresumable: "cannot be resumed",
+  elsewhere: "open in another tab",
 };
 
 const PHASE_LABELS = {
@@ -138,6 +150,7 @@ const ui = {
   start: $("start"),
   end: $("end"),
   discard: $("discard"),
+  paused: $("paused"),
   micLevel: $("mic-level"),
   micStatus: $("mic-status"),
   errors: $("errors"),
@@ -160,6 +173,8 @@ const page = {
   ended: false, // session_ended received
   leaving: false, // the page is unloading: a close is not a drop
   endRequested: false, // End clicked (if the socket was down, it is sent once attached again)
+  joining: false, // Rejoin clicked on a paused session: the audio is starting
+  discarding: null, // "Start a new interview instead": resolves once the old session is over
   reconnectSince: null,
   reconnectAttempt: 0,
   reconnectTimer: null,
@@ -180,10 +195,15 @@ function setPhase(phase) {
   tick();
 }
 
-function setState(state) {
+function setState(state, label) {
   debug.state = state;
   ui.state.dataset.state = state;
-  ui.state.textContent = STATE_LABELS[state] || state;
+  ui.state.textContent = label || STATE_LABELS[state] || state;
+}
+
+// Attached to a session (or trying to) with no audio: after a refresh, until Rejoin.
+function isPaused() {
+  return Boolean(debug.sessionId) && !page.ended && !page.audio && debug.phase !== "starting" && debug.phase !== "failed" && debug.phase !== "idle";
 }
 
 function showError(code, message) {
@@ -201,15 +221,20 @@ function showError(code, message) {
 function refreshButtons() {
   const phase = debug.phase;
   const running = ["starting", "connecting", "connected", "reconnecting"].includes(phase);
+  const paused = isPaused();
+  const busy = page.joining || page.discarding !== null;
   const stored = loadStored();
-  ui.start.hidden = running;
-  ui.start.disabled = running || !page.config;
-  ui.start.textContent = stored ? "Rejoin interview" : page.ended ? "Start a new interview" : "Start interview";
+  ui.start.hidden = running && !paused;
+  ui.start.disabled = (running && !paused) || busy || !page.config;
+  ui.start.textContent = paused || stored ? "Rejoin interview" : page.ended ? "Start a new interview" : "Start interview";
   ui.end.hidden = !running;
   ui.end.disabled = page.ended || page.endRequested || phase === "starting";
   ui.end.textContent = page.endRequested ? "Ending…" : "End interview";
   ui.token.disabled = running;
-  ui.discard.hidden = running || !stored;
+  ui.discard.hidden = !(paused || (!running && stored));
+  ui.discard.disabled = busy;
+  ui.discard.textContent = page.discarding !== null ? "Ending the old interview…" : "Start a new interview instead";
+  ui.paused.hidden = !(paused && phase === "connected") || busy;
 }
 
 // ----------------------------------------------------------------------------- storage
@@ -284,6 +309,7 @@ function tick() {
   const player = page.audio && page.audio.player;
   let activity = "—";
   if (page.ended) activity = "—";
+  else if (isPaused()) activity = "paused — rejoin to talk";
   else if (player && player.busy) activity = "speaking…";
   else if (debug.phase === "reconnecting") activity = "waiting for the connection";
   else if (debug.state === "resuming") activity = "reconnecting to the model…";
@@ -470,7 +496,6 @@ function connect(sessionId) {
     }
     const message = parse(event.data);
     if (!message) return;
-    if (message.type === "error" && message.code === BUSY_ERROR) socket.voicefsmBusy = true;
     // An error before anything else (unknown_session, session_busy) is not an attached session.
     if (!page.attachedOnce && message.type !== "error") attached(socket);
     onMessage(message);
@@ -485,8 +510,10 @@ function attached(socket) {
   page.attachedOnce = true;
   setPhase("connected");
   if (page.reconnectSince !== null) {
-    store(debug.sessionId, page.token); // the token that works now (it may be a fresh one)
-    debug.counters.reconnects++;
+    if (debug.sessionId) {
+      store(debug.sessionId, page.token); // the token that works now (it may be a fresh one)
+      debug.counters.reconnects++;
+    }
     page.reconnectSince = null;
     page.reconnectAttempt = 0;
   }
@@ -583,6 +610,7 @@ function addTranscript(role, text) {
 function onEnded(reason, detail, timestamp) {
   if (page.ended) return;
   page.ended = true;
+  if (page.discarding) page.discarding.settle();
   debug.ended = { reason, detail, timestamp };
   forget();
   setState("ended");
@@ -608,19 +636,27 @@ function onClose(socket, event) {
     setPhase("closed");
     return;
   }
-  const final = event.code === 4409 && socket.voicefsmBusy ? null : FINAL_CLOSES[event.code];
+  const final = FINAL_CLOSES[event.code];
   if (final) {
-    if (event.code === 4404) forget();
+    let [state, sentence] = final;
+    if (event.code === 4404 || event.code === 4409) forget();
     if (event.code === 4401) {
       // A demo token cannot be renewed for the same user: the stored session is lost to us.
       // With real tokens, a fresh token for the same user can still rejoin it.
       if (page.config.demo_tokens) forget();
       else ui.tokenRow.hidden = false;
+      if (debug.sessionId) sentence = REFUSED_TOKEN_ON_REJOIN[page.config.demo_tokens ? "demo" : "own"];
     }
-    giveUp(String(event.code), event.reason ? `${final} (${event.reason})` : final);
+    const said = event.reason ? ` (the server said: ${event.reason})` : "";
+    giveUp(String(event.code), sentence + said, debug.sessionId ? state : null);
     return;
   }
   if (!debug.sessionId) {
+    // 1013 before session_created: the server is busy and started nothing; try again shortly.
+    if (event.code === 1013) {
+      scheduleReconnect(event);
+      return;
+    }
     giveUp(String(event.code), `Could not start an interview: the connection closed (${event.code}${event.reason ? ", " + event.reason : ""}).`);
     return;
   }
@@ -631,8 +667,12 @@ function scheduleReconnect(event) {
   const now = Date.now();
   if (page.reconnectSince === null) page.reconnectSince = now;
   const elapsed = now - page.reconnectSince;
+  if (elapsed >= RECONNECT_WINDOW_MS && !debug.sessionId) {
+    giveUp("server_busy", "The server stayed too busy to start an interview for a minute. Try again later.");
+    return;
+  }
   if (elapsed >= RECONNECT_WINDOW_MS) {
-    giveUp("reconnect_failed", "Lost the connection and could not reconnect within a minute.");
+    giveUp("reconnect_failed", "Lost the connection and could not reconnect within a minute. The server may still hold the interview for a while: try Rejoin.", "lost");
     return;
   }
   const base = Math.min(RECONNECT_CAP_MS, RECONNECT_BASE_MS * 2 ** page.reconnectAttempt);
@@ -640,8 +680,11 @@ function scheduleReconnect(event) {
   page.reconnectAttempt++;
   setPhase("reconnecting");
   const code = event ? event.code : 0;
-  const why = RECONNECT_REASONS[code] || `Connection lost${code ? ` (${code})` : ""}`;
-  ui.reconnectingText.textContent = `${why} — reconnecting, attempt ${page.reconnectAttempt}…`;
+  const busy = code === 1013 && !debug.sessionId;
+  const why = busy ? "The server is busy" : RECONNECT_REASONS[code] || `Connection lost${code ? ` (${code})` : ""}`;
+  const retrying = busy ? "trying again" : "reconnecting";
+  ui.reconnectingText.textContent = `${why} — ${retrying}, attempt ${page.reconnectAttempt}…`;
+  if (debug.state === "checking") ui.reconnectingText.textContent = `${why} — checking on your interview, attempt ${page.reconnectAttempt}…`;
   clearTimeout(page.reconnectTimer);
   page.reconnectTimer = setTimeout(() => {
     page.reconnectTimer = null;
@@ -649,15 +692,24 @@ function scheduleReconnect(event) {
   }, delay);
 }
 
-function giveUp(code, message) {
+// Stop trying. With a session, `state` replaces its state on the page: after a final close the
+// page must not go on showing "live" beside the reason it is not.
+function giveUp(code, message, state) {
   clearTimeout(page.reconnectTimer);
   page.reconnectTimer = null;
   page.reconnectSince = null;
   page.reconnectAttempt = 0;
   stopCountdown();
+  if (state) {
+    setState(state);
+    ui.countdown.textContent = "--:--";
+    ui.countdown.dataset.remaining = "";
+    debug.remainingS = null;
+  }
   showError(code, message);
   stopAudio({ drain: false });
   setPhase("failed");
+  if (page.discarding) page.discarding.settle();
 }
 
 // ----------------------------------------------------------------------------- start / end
@@ -675,6 +727,10 @@ async function fetchToken() {
 }
 
 async function start() {
+  if (isPaused()) {
+    await rejoinPaused();
+    return;
+  }
   const stored = loadStored();
   resetForStart();
   setPhase("starting");
@@ -715,6 +771,73 @@ function resetForStart() {
   ui.errorList.replaceChildren();
   ui.countdown.textContent = "--:--";
   ui.sessionId.textContent = "—";
+}
+
+// Rejoin a session the page is already attached to (or re-attaching to) without audio.
+async function rejoinPaused() {
+  page.joining = true;
+  refreshButtons();
+  try {
+    page.audio = await startAudio();
+  } catch (error) {
+    const denied = error && (error.name === "NotAllowedError" || error.name === "SecurityError");
+    showError(denied ? "microphone" : "start", denied ? "Microphone access was refused. Allow it for this page and try again." : `Could not start the audio: ${error.message || error}`);
+  } finally {
+    page.joining = false;
+    refreshButtons();
+    tick();
+  }
+}
+
+// After a refresh: attach to the stored session at once, without audio, to learn its state.
+function checkStored(stored) {
+  page.token = ui.token.value.trim() || stored.token;
+  debug.sessionId = stored.sessionId;
+  ui.sessionId.textContent = stored.sessionId;
+  setState("checking");
+  ui.countdown.textContent = "--:--";
+  page.reconnectSince = Date.now(); // a rejoin counts as a reconnect
+  setPhase("reconnecting");
+  ui.reconnectingText.textContent = "Checking on your interview…";
+  connect(stored.sessionId);
+}
+
+// "Start a new interview instead": end the old session (its upstream with it), then start anew.
+async function discardAndStart() {
+  const stored = loadStored();
+  const oldId = isPaused() ? debug.sessionId : stored ? stored.sessionId : null;
+  if (oldId) {
+    let settle;
+    const settled = new Promise((resolve) => (settle = resolve));
+    page.discarding = { settle };
+    page.endRequested = true;
+    refreshButtons();
+    if (!send(page.socket, { end_session: true }) && !page.socket) {
+      // Not attached: attach just to end it (attached() sends end_session).
+      if (!page.token) page.token = ui.token.value.trim() || stored.token;
+      clearTimeout(page.reconnectTimer);
+      page.reconnectTimer = null;
+      debug.sessionId = oldId;
+      page.reconnectSince = Date.now();
+      connect(oldId);
+    }
+    const timer = setTimeout(settle, DISCARD_WAIT_MS);
+    await settled;
+    clearTimeout(timer);
+    page.discarding = null;
+    const old = page.socket;
+    page.socket = null;
+    if (old) old.close(1000, "discarded"); // if it did not end in time, the grace window ends it
+  }
+  forget();
+  clearTimeout(page.reconnectTimer);
+  page.reconnectTimer = null;
+  page.reconnectSince = null;
+  page.reconnectAttempt = 0;
+  page.ended = false;
+  debug.sessionId = null;
+  ui.reconnecting.hidden = true;
+  await start();
 }
 
 function endInterview() {
@@ -763,10 +886,7 @@ async function loadConfig() {
   }
   ui.tokenRow.hidden = Boolean(config.demo_tokens) || Boolean(fromUrl);
   const stored = loadStored();
-  if (stored) {
-    ui.reconnecting.hidden = false;
-    ui.reconnectingText.textContent = "An interview in this tab was interrupted. Rejoin it while the server still holds it.";
-  }
+  if (stored) checkStored(stored);
   refreshButtons();
 }
 
@@ -775,11 +895,7 @@ ui.start.addEventListener("click", () => {
   start();
 });
 ui.end.addEventListener("click", endInterview);
-ui.discard.addEventListener("click", () => {
-  forget();
-  ui.reconnecting.hidden = true;
-  refreshButtons();
-});
+ui.discard.addEventListener("click", discardAndStart);
 window.addEventListener("online", () => {
   if (debug.phase === "reconnecting" && page.reconnectTimer !== null && !page.socket) {
     clearTimeout(page.reconnectTimer);
@@ -794,7 +910,7 @@ window.addEventListener("pagehide", () => {
 window.addEventListener("pageshow", (event) => {
   if (!event.persisted) return; // back from the back/forward cache: pick the session up again
   page.leaving = false;
-  if (debug.sessionId && !page.ended && page.audio && !page.socket) scheduleReconnect(null);
+  if (debug.sessionId && !page.ended && !page.socket && debug.phase !== "failed") scheduleReconnect(null);
 });
 
 loadConfig();

@@ -1,9 +1,9 @@
-"""Run a spoken interview from the terminal on voicefsm: Gemini Live through ADK, or the fake.
+"""``voicefsm interview``: a spoken interview in the terminal, on Gemini Live or on the fake.
 
-    python examples/live_interview.py --fake --minutes 1 --time-scale 20   # offline, ~1 minute
-    python examples/live_interview.py --fake --wav answer.wav --show-transcript
-    GOOGLE_API_KEY=... python examples/live_interview.py --mic --play        # Gemini Live
-    GOOGLE_API_KEY=... python examples/live_interview.py --wav answer.wav --minutes 5
+    voicefsm interview --fake --minutes 1 --time-scale 20   # offline, about one minute
+    voicefsm interview --fake --wav answer.wav --show-transcript
+    GOOGLE_API_KEY=... voicefsm interview --mic --play        # Gemini Live
+    GOOGLE_API_KEY=... voicefsm interview --wav answer.wav --minutes 5
 
 One :class:`voicefsm.host.SessionHost` runs the session. Upstream: ADK's ``Runner`` with an
 ``LlmAgent`` interviewer (:class:`voicefsm.adk.AdkUpstream`), talking either to the Gemini Live
@@ -14,8 +14,10 @@ running its scripted :class:`~voicefsm.testing.Interviewer` in this process over
 The terminal is the client: candidate audio comes from a WAV file (``--wav``), the microphone
 (``--mic``, needs the optional ``sounddevice`` package) or, by default, silence, in 20 ms chunks
 of 16 kHz 16-bit mono PCM at real-time pace. Interviewer audio (24 kHz) is played with ``--play``
-(``sounddevice`` again) or just counted. The script prints the state timeline (from logger
-``voicefsm.host``), the warning and an end summary; transcripts only with ``--show-transcript``.
+(``sounddevice`` again) or just counted. The script prints the state timeline (from the host's
+structured notes), the warning and an end summary; transcripts only with ``--show-transcript``.
+This is an application built on the library, not an example to copy: an embedding backend uses
+:class:`voicefsm.service.InterviewService` (see the FastAPI and aiohttp guides).
 Ctrl-C ends the interview cleanly (``user_ended``); a second Ctrl-C cancels the host.
 
 ``--minutes`` sets the interview length; the warning and the other interview-time settings of
@@ -41,12 +43,19 @@ import threading
 import time
 import wave
 from array import array
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from voicefsm import protocol  # light: pydantic and transitions, no ADK or genai
+from voicefsm.ports import (
+    HostNote,
+    StateNote,
+    UpstreamCloseNote,
+    UpstreamOpenNote,
+    UpstreamTornDownNote,
+)
 
 if TYPE_CHECKING:  # ADK and genai wait until after argument parsing (keeps --help fast)
     from voicefsm import SessionConfig, SessionRecord
@@ -84,7 +93,7 @@ interview for a software engineering role, by voice.
 KICKOFF = "Hello, I'm the candidate and I'm ready to begin the interview."
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A problem with the command line or the environment; exit status 2."""
 
 
@@ -119,14 +128,17 @@ class Player:
         )
 
     def start(self) -> None:
+        """Start the output stream (PortAudio calls back for audio from now on)."""
         self._stream.start()
 
     def close(self) -> None:
+        """Stop and close the output stream; errors on the way out are ignored."""
         with contextlib.suppress(Exception):
             self._stream.stop()
             self._stream.close()
 
     def feed(self, data: bytes) -> None:
+        """Queue 24 kHz PCM for playback, dropping (and counting) what does not fit."""
         with self._lock:
             room = self._limit - len(self._buffer)
             if room < len(data):  # the interviewer runs faster than real time (--time-scale)
@@ -180,6 +192,7 @@ class WavReader:
         self._eof = False
 
     def describe(self) -> str:
+        """The file's format, and what is done to it, for the start banner."""
         what = f"{self.rate} Hz, {self.channels} channel{'s' if self.channels > 1 else ''}"
         changes = []
         if self.channels > 1:
@@ -189,6 +202,7 @@ class WavReader:
         return f"{what}, {self.seconds:.1f} s" + (f" ({', '.join(changes)})" if changes else "")
 
     def close(self) -> None:
+        """Close the WAV file."""
         self._wav.close()
 
     def _read_mono(self, frames: int) -> bool:
@@ -309,36 +323,46 @@ async def microphone(sounddevice: ModuleType) -> AsyncGenerator[bytes, None]:
 # --------------------------------------------------------------------------- the terminal client
 
 
-class Timeline(logging.Handler):
-    """Prints the host's log (state changes, upstream opens and closes) with elapsed time.
+class Timeline:
+    """Prints the host's structured notes (state changes, upstream opens and closes) with the
+    elapsed time; pass it to :class:`~voicefsm.host.SessionHost` as ``on_note``.
 
-    The host never logs transcript text; state changes are ``"<from> -> <to>: <why>"``.
+    Notes never carry transcript text, so nothing said is printed unless ``--show-transcript``.
     """
 
-    STATE_CHANGE = "%s -> %s: %s"
-
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
         self.started = time.monotonic()
 
     def stamp(self) -> str:
+        """The elapsed time since the interview started, as ``[mm:ss.s]``."""
         elapsed = time.monotonic() - self.started
         minutes, seconds = divmod(elapsed, 60)
         return f"[{int(minutes):02d}:{seconds:04.1f}]"
 
     def note(self, text: str) -> None:
+        """Print one timeline line."""
         print(f"{self.stamp()}   {text}", flush=True)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-        except Exception:  # a malformed record must not break the interview
-            text = str(record.msg)
-        if record.msg == self.STATE_CHANGE and isinstance(record.args, tuple):
-            previous, state, why = record.args
-            print(f"{self.stamp()} {previous} -> {str(state).upper()}  ({why})", flush=True)
-        else:
-            self.note(text)
+    def __call__(self, note: HostNote) -> None:
+        """Print a host note: state changes in capitals, upstream opens and closes as notes."""
+        if isinstance(note, StateNote):
+            print(
+                f"{self.stamp()} {note.previous.value} -> {note.state.value.upper()}  ({note.why})",
+                flush=True,
+            )
+        elif isinstance(note, UpstreamOpenNote):
+            how = "resuming" if note.resuming else "fresh"
+            resent = f", re-sending {note.resent_chunks} chunks" if note.resent_chunks else ""
+            self.note(
+                f"opening upstream #{note.connection_id} ({how}, attempt {note.attempt}{resent})"
+            )
+        elif isinstance(note, UpstreamCloseNote):
+            self.note(f"closed upstream #{note.connection_id}: {note.reason}")
+        elif isinstance(note, UpstreamTornDownNote) and note.unconfirmed_chunks:
+            self.note(
+                f"upstream #{note.connection_id}: {note.unconfirmed_chunks} chunks were never "
+                "confirmed by the peer (counted as unsent)"
+            )
 
 
 class TerminalChannel:
@@ -357,18 +381,22 @@ class TerminalChannel:
         self.ended = asyncio.Event()
 
     def push(self, message: ClientInput) -> None:
+        """Hand the session something from the candidate (audio, text, the end)."""
         self._input.put_nowait(message)
 
     async def receive(self) -> ClientInput | None:
+        """The next input for the session; ``None`` once the channel is closed."""
         return await self._input.get()
 
     async def send_audio(self, data: bytes) -> None:
+        """Interviewer audio: played with ``--play``, counted either way."""
         self.audio_chunks += 1
         self.audio_bytes += len(data)
         if self._player is not None:
             self._player.feed(data)
 
     async def send_message(self, message: ServerMessage) -> None:
+        """Show the warning and errors; count turns and pings; note the end."""
         if isinstance(message, protocol.SessionWarning):
             self._timeline.note(
                 f"WARNING: {message.remaining_s:.0f} s left (the interviewer was asked to wrap up)"
@@ -384,9 +412,10 @@ class TerminalChannel:
             self.pings += 1  # no answer needed: the audio stream itself keeps the heartbeat
         elif isinstance(message, protocol.SessionEnded):
             self.ended.set()
-        # session_state: the timeline prints state changes from the host's log, with the why.
+        # session_state: the timeline prints state changes from the host's notes, with the why.
 
     async def close(self, code: int, reason: str) -> None:
+        """The session closed the client: stop the input and note the code."""
         self.closed = (code, reason)
         self._input.put_nowait(None)
         self.ended.set()
@@ -403,9 +432,11 @@ class TranscriptPrinter:
         self.lines = 0
 
     async def save(self, record: SessionRecord) -> None:
+        """Keep the newest record (the summary reads it)."""
         self.record = record
 
     async def append_transcript(self, session_id: str, line: TranscriptLine) -> None:
+        """Count a finished line, and print it with ``--show-transcript``."""
         self.lines += 1
         if self._show:
             who = "interviewer" if line.role == "interviewer" else "candidate  "
@@ -458,23 +489,23 @@ def fake_script(args: argparse.Namespace, interviewer: Interviewer, timeline: Ti
     return script
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="live_interview.py",
-        description=(
-            "Run a spoken behavioral interview from the terminal on voicefsm: against the "
-            "Gemini Live API through ADK when GOOGLE_API_KEY is set, or against the built-in "
-            "fake interviewer with --fake. Prints the state timeline and an end summary; "
-            "Ctrl-C ends the interview (user_ended)."
-        ),
-        epilog=(
-            "examples:\n"
-            "  %(prog)s --fake --minutes 1 --time-scale 20\n"
-            "  %(prog)s --fake --wav answer.wav --show-transcript\n"
-            "  GOOGLE_API_KEY=... %(prog)s --mic --play"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+DESCRIPTION = (
+    "Run a spoken behavioral interview from the terminal on voicefsm: against the Gemini Live "
+    "API through ADK when GOOGLE_API_KEY is set, or against the built-in fake interviewer with "
+    "--fake. Prints the state timeline and an end summary; Ctrl-C ends the interview "
+    "(user_ended). Exit status: 0 for time_limit or user_ended, 1 for any other end, 2 for a "
+    "usage problem."
+)
+EPILOG = (
+    "examples:\n"
+    "  voicefsm interview --fake --minutes 1 --time-scale 20\n"
+    "  voicefsm interview --fake --wav answer.wav --show-transcript\n"
+    "  GOOGLE_API_KEY=... voicefsm interview --mic --play"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``voicefsm interview`` options to ``parser``."""
     upstream = parser.add_argument_group("interviewer")
     upstream.add_argument(
         "--fake",
@@ -546,28 +577,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     output.add_argument(
         "--verbose", action="store_true", help="also log voicefsm.adk and the fake server"
     )
-    args = parser.parse_args(argv)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse impossible option values (:class:`UsageError`); fill in scaled defaults."""
     if args.minutes <= 0 or not math.isfinite(args.minutes):
-        parser.error("--minutes must be a positive number")
+        raise UsageError("--minutes must be a positive number")
     if args.time_scale <= 0:
-        parser.error("--time-scale must be positive")
+        raise UsageError("--time-scale must be positive")
     if args.go_away_every is None:
         args.go_away_every = 600.0 * args.minutes / REFERENCE_MINUTES
     if args.go_away_every < 0 or args.go_away_time_left < 0:
-        parser.error("--go-away-every and --go-away-time-left must not be negative")
+        raise UsageError("--go-away-every and --go-away-time-left must not be negative")
     if not args.fake and args.time_scale != 1.0:
-        parser.error("--time-scale only applies to --fake")
-    return args
+        raise UsageError("--time-scale only applies to --fake")
 
 
 # --------------------------------------------------------------------------- the interview
 
 
-def configure_logging(args: argparse.Namespace, timeline: Timeline) -> None:
-    host_logger = logging.getLogger("voicefsm.host")
-    host_logger.setLevel(logging.INFO)
-    host_logger.addHandler(timeline)
-    host_logger.propagate = False
+def configure_logging(args: argparse.Namespace) -> None:
+    """With ``--verbose``, log voicefsm at INFO (the timeline comes from the host's notes)."""
     if args.verbose:
         logging.basicConfig(
             level=logging.WARNING, format="             %(name)s: %(message)s", stream=sys.stdout
@@ -591,7 +621,7 @@ async def interview(
     from voicefsm.host import SessionHost
 
     timeline = Timeline()
-    configure_logging(args, timeline)
+    configure_logging(args)
     player = Player(sounddevice_out) if sounddevice_out is not None else None
 
     config = session_config(args.minutes)
@@ -634,7 +664,7 @@ async def interview(
         agent = LlmAgent(name="interviewer", model=args.model, instruction=instruction)
         upstream = AdkUpstream(agent, client=client)
         session = Session(config)
-        host = SessionHost(session, upstream, client=channel, sink=sink)
+        host = SessionHost(session, upstream, client=channel, sink=sink, on_note=timeline)
 
         if reader is not None:
             heard = f"WAV {args.wav} ({reader.describe()})"
@@ -760,18 +790,15 @@ def preflight(
     return reader, sounddevice_in, sounddevice_out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run ``voicefsm interview`` with parsed arguments; return the exit status."""
     try:
+        check_arguments(args)
         reader, sounddevice_in, sounddevice_out = preflight(args)
         return asyncio.run(interview(args, reader, sounddevice_in, sounddevice_out))
     except UsageError as error:
-        print(f"live_interview.py: {error}", file=sys.stderr)
+        print(f"voicefsm interview: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # no signal handlers (Windows) or before the session started
         print("\ninterrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
