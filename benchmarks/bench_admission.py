@@ -1,0 +1,544 @@
+"""Admission control under an arrival ramp: deadline precision and audio, guard on against off.
+
+Run from the repository root (needs ``pip install -e '.[test]'``)::
+
+    python benchmarks/bench_admission.py --quick                 # a laptop: ~1 minute
+    python benchmarks/bench_admission.py --repeats 3 --cpu 0 --fake-cpu 1
+    python benchmarks/bench_admission.py --markdown docs/benchmarks.md   # write the section
+
+One :class:`voicefsm.service.InterviewService` runs in this process (``--cpu`` pins it to one
+core) on the direct genai upstream (``--upstream adk`` for ADK's); the fake Gemini Live server of
+``bench_capacity.py`` runs in its own process (``--fake-cpu``). New interviews arrive at a steady
+``--rate`` until ``--arrivals`` have come, which drives the worker past what one core carries:
+each one is a client connection handed to :meth:`InterviewService.handle` (the real path:
+connection limits, JWT authentication, the ``overload`` guard, the session's lease in a memory
+store, its :class:`~voicefsm.host.SessionHost`) over an in-process transport. A client that gets
+``session_created`` waits for ``session_state`` ``live``, then sends a stamped 640-byte chunk
+every 20 ms on an absolute schedule until 1 s before its deadline, and receives interviewer audio
+and messages until ``session_ended``. Each interview is short (``--time-limit``, warning
+``--warning-before`` it), so its warning and its end both happen while the worker is loaded.
+
+Two variants, interleaved (the order alternates every repeat), each with a fresh service:
+
+* ``guard``: ``InterviewService(..., overload=OverloadGuard())``, the defaults of
+  :mod:`voicefsm.admission` (refuse while >= 20 % of the last 2 s of 50 ms lag samples are over
+  25 ms); a refused client gets ``error`` ``server_busy`` and close 1013 and does not retry;
+* ``off``: ``overload=None``: every arrival is admitted.
+
+:class:`~voicefsm.limits.ServiceLimits` are raised out of the way, so only the guard refuses.
+
+Per variant, pooled over the repeats:
+
+* **warning / end lateness**: when ``session_warning`` / ``session_ended`` reached the client
+  (the server's ``send_text`` on the transport), minus ``started_at + time_limit -
+  warning_before`` / ``started_at + time_limit`` from the session's stored record (the engine's
+  own clock, ``time.time``): p50, p99, max, and the share later than 50 ms;
+* **refused**: arrivals closed with 1013 ``server_busy``; **admitted**: ``session_created``;
+* **lost**: client chunks sent that the fake had not received 1 s after the last session ended,
+  against the chunks the engine counted as not delivered (overflowed, unsent at the end,
+  unsent upstream) in the stored records: loss beyond that count is silent;
+* **loop lag p99** of this process (a 10 ms timer) and the **peak** of concurrent sessions.
+
+Timing targets are reported, never enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import itertools
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import shlex
+import ssl
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SECRET = "bench-admission-secret-that-is-long-enough-for-hs256"
+VARIANTS = ("guard", "off")
+LATE_S = 0.05
+
+
+def _capacity() -> Any:
+    # On sys.path (not loaded from a file) so that the fake's spawned process can import it.
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import bench_capacity
+
+    return bench_capacity
+
+
+# --------------------------------------------------------------------------- one client
+
+
+class BenchTransport:
+    """An in-process client websocket: what the service sends is timed as it is sent."""
+
+    def __init__(self, subprotocols: list[str]) -> None:
+        self.subprotocols = subprotocols
+        self.query: dict[str, str] = {}
+        self.origin: str | None = None
+        self.inbound: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.created = asyncio.Event()
+        self.live = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.session_id: str | None = None
+        self.created_at: float | None = None
+        self.warning_at: float | None = None
+        self.ended_at: float | None = None
+        self.end_reason: str | None = None
+        self.error_code: str | None = None
+        self.close_code: int | None = None
+        self.model_chunks = 0
+
+    async def accept(self, subprotocol: str | None) -> None:
+        pass
+
+    async def receive(self) -> str | bytes | None:
+        return await self.inbound.get()
+
+    async def send_text(self, text: str) -> None:
+        at = time.time()
+        message = json.loads(text)
+        kind = message.get("type")
+        if kind == "session_created":
+            self.session_id = message["session_id"]
+            self.created_at = at
+            self.created.set()
+        elif kind == "session_state" and message.get("state") == "live":
+            self.live.set()
+        elif kind == "session_warning" and self.warning_at is None:
+            self.warning_at = at
+        elif kind == "session_ended":
+            self.ended_at = at
+            self.end_reason = message.get("reason")
+            self.finished.set()
+        elif kind == "error":
+            self.error_code = message.get("code")
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.model_chunks += 1
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+        self.inbound.put_nowait(None)
+        self.created.set()
+        self.finished.set()
+
+
+async def _client(
+    service: Any, token: str, ident: int, time_limit: float, sent: dict[int, int]
+) -> BenchTransport:
+    """One arrival: connect, and if admitted, talk until the session ends."""
+    cap = _capacity()
+    transport = BenchTransport(["voicefsm.v1", f"bearer.{token}"])
+    handler = asyncio.create_task(service.handle(transport))
+    await transport.created.wait()
+    if transport.session_id is not None:
+        waiter = asyncio.create_task(transport.live.wait())
+        await asyncio.wait({waiter, handler}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if transport.live.is_set() and transport.created_at is not None:
+            stop_wall = transport.created_at + time_limit - 1.0  # the deadline is later
+            start = time.monotonic()
+            stop_at = start + (stop_wall - time.time())
+            for seq in itertools.count():
+                due = start + seq * cap.CHUNK_S
+                if due >= stop_at or transport.finished.is_set():
+                    break
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                chunk = cap.STAMP.pack(due, ident, seq) + bytes(cap.CHUNK_BYTES - cap.STAMP.size)
+                transport.inbound.put_nowait(chunk)
+                sent[ident] += 1
+    await asyncio.wait({handler}, timeout=120)
+    transport.inbound.put_nowait(None)
+    return transport
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunResult:
+    """One variant, one repeat."""
+
+    variant: str
+    offered: int
+    admitted: int
+    refused_busy: int
+    refused_other: int
+    ended_on_time: int
+    ended_otherwise: int
+    warnings_missing: int
+    warning_late_s: list[float]
+    end_late_s: list[float]
+    sent: int
+    lost: int
+    counted: int
+    lag_p99_ms: float
+    peak_sessions: int
+    seconds: float
+    load: tuple[float, float] = field(default=(0.0, 0.0))
+
+
+def make_upstream(kind: str, base_url: str, ca_pem: str) -> Any:
+    """The service's upstream, pointed at the fake."""
+    from google import genai
+    from google.genai import types
+
+    cap = _capacity()
+    context = ssl.create_default_context(cadata=ca_pem)
+    client = genai.Client(
+        api_key="fake-key",
+        http_options=types.HttpOptions(
+            base_url=base_url, api_version="v1alpha", async_client_args={"ssl": context}
+        ),
+    )
+    instruction = "Interview the candidate."
+    if kind == "adk":
+        from google.adk.agents import LlmAgent
+
+        from voicefsm.adk import AdkUpstream
+
+        return AdkUpstream(
+            LlmAgent(name="interviewer", model=cap.MODEL, instruction=instruction), client=client
+        )
+    from voicefsm.genai_live import GenaiUpstream
+
+    return GenaiUpstream(cap.MODEL, client=client, instruction=instruction)
+
+
+async def run_once(
+    upstream: Any,
+    pipe: multiprocessing.connection.Connection,
+    variant: str,
+    args: argparse.Namespace,
+    ids: itertools.count[int],
+) -> RunResult:
+    """One arrival ramp against a fresh service."""
+    from voicefsm import SessionConfig
+    from voicefsm.admission import Admission as OverloadGuard
+    from voicefsm.auth import JWTAuthenticator
+    from voicefsm.limits import ServiceLimits
+    from voicefsm.service import InterviewService
+
+    cap = _capacity()
+    authenticator = JWTAuthenticator(SECRET)
+    config = SessionConfig(
+        time_limit_s=args.time_limit,
+        warning_before_s=args.warning_before,
+        heartbeat_interval_s=max(30.0, args.time_limit * 2),
+        heartbeat_timeout_s=3600,
+        min_remaining_to_resume_s=min(10.0, args.time_limit / 4),  # no rotation here
+    )
+    roomy = 1_000_000
+    service = InterviewService(
+        upstream,
+        authenticator,
+        config=config,
+        service_limits=ServiceLimits(
+            max_connections=roomy, max_sessions=roomy, max_sessions_per_user=roomy
+        ),
+        overload=OverloadGuard() if variant == "guard" else None,
+        orphan_sweep_s=None,
+    )
+    token = authenticator.issue("candidate", ttl_s=3600)
+    load_before = os.getloadavg()[0]
+    cap._ask(pipe, "collect")  # forget arrivals of earlier runs
+    sent: dict[int, int] = {}
+    lags: list[float] = []
+    stop_monitor = asyncio.Event()
+    monitor = asyncio.create_task(cap._lag_monitor(lags, stop_monitor))
+    peak = 0
+
+    async def watch_peak() -> None:
+        nonlocal peak
+        while not stop_monitor.is_set():
+            peak = max(peak, len(service.sessions))
+            await asyncio.sleep(0.05)
+
+    peak_watcher = asyncio.create_task(watch_peak())
+    began = time.monotonic()
+    clients: list[asyncio.Task[BenchTransport]] = []
+    for k in range(args.arrivals):
+        due = began + k / args.rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        ident = next(ids)
+        sent[ident] = 0
+        clients.append(asyncio.create_task(_client(service, token, ident, args.time_limit, sent)))
+    transports = await asyncio.gather(*clients)
+    seconds = time.monotonic() - began
+    stop_monitor.set()
+    await asyncio.wait({monitor, peak_watcher})
+    await asyncio.sleep(1.0)  # what has not reached the fake by now counts as lost
+    fake = cap._ask(pipe, "collect")
+    received: dict[int, int] = fake["received"]
+    idents = list(sent)
+    warning_late: list[float] = []
+    end_late: list[float] = []
+    counted = 0
+    missing = 0
+    for transport in transports:
+        if transport.session_id is None:
+            continue
+        stored = await service.store.load(transport.session_id)
+        if stored is None or stored.record.started_at is None:
+            continue
+        record = stored.record
+        stats = record.stats
+        counted += stats.chunks_overflowed + stats.chunks_unsent_at_end
+        counted += stats.upstream_audio_unsent
+        deadline = record.started_at + args.time_limit
+        if transport.warning_at is not None:
+            warning_late.append(transport.warning_at - (deadline - args.warning_before))
+        else:
+            missing += 1
+        if transport.ended_at is not None and transport.end_reason == "time_limit":
+            end_late.append(transport.ended_at - deadline)
+    await service.shutdown()
+    lost = sum(max(0, sent[ident] - received.get(ident, 0)) for ident in idents)
+    admitted = [t for t in transports if t.session_id is not None]
+    busy = [t for t in transports if t.session_id is None and t.error_code == "server_busy"]
+    return RunResult(
+        variant=variant,
+        offered=len(transports),
+        admitted=len(admitted),
+        refused_busy=len(busy),
+        refused_other=len(transports) - len(admitted) - len(busy),
+        ended_on_time=sum(1 for t in admitted if t.end_reason == "time_limit"),
+        ended_otherwise=sum(1 for t in admitted if t.end_reason != "time_limit"),
+        warnings_missing=missing,
+        warning_late_s=warning_late,
+        end_late_s=end_late,
+        sent=sum(sent.values()),
+        lost=lost,
+        counted=counted,
+        lag_p99_ms=cap.pct(lags, 0.99) * 1000,
+        peak_sessions=peak,
+        seconds=seconds,
+        load=(load_before, os.getloadavg()[0]),
+    )
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def lateness_row(values: Sequence[float]) -> str:
+    """p50 / p99 / max in ms and the share over 50 ms."""
+    cap = _capacity()
+    if not values:
+        return "— | — | — | —"
+    late = sum(1 for v in values if v > LATE_S) / len(values)
+    return (
+        f"{cap.pct(values, 0.5) * 1000:.1f} | {cap.pct(values, 0.99) * 1000:.1f} "
+        f"| {max(values) * 1000:.1f} | {late:.1%}"
+    )
+
+
+def describe(result: RunResult) -> str:
+    """One line per run, for the console."""
+    cap = _capacity()
+
+    def short(values: Sequence[float]) -> str:
+        if not values:
+            return "—"
+        late = sum(1 for v in values if v > LATE_S) / len(values)
+        return (
+            f"p50 {cap.pct(values, 0.5) * 1000:.0f} p99 {cap.pct(values, 0.99) * 1000:.0f} "
+            f"max {max(values) * 1000:.0f} ms >50ms {late:.0%}"
+        )
+
+    return (
+        f"{result.variant:5s} admitted {result.admitted}/{result.offered} busy "
+        f"{result.refused_busy} other {result.refused_other} peak {result.peak_sessions}  "
+        f"warning {short(result.warning_late_s)}  end {short(result.end_late_s)}  "
+        f"lost {result.lost}/{result.sent} (counted {result.counted})  "
+        f"lag p99 {result.lag_p99_ms:.0f} ms  load {result.load[0]:.1f}->{result.load[1]:.1f}"
+    )
+
+
+def build_report(results: list[RunResult], args: argparse.Namespace, command: str) -> str:
+    """The markdown section: per-variant lateness, refusals, audio; per-repeat spread."""
+    loads = [r.load[0] for r in results] + [r.load[1] for r in results]
+    lines = [
+        "<!-- admission:begin -->",
+        "## Admission control under an arrival ramp (`bench_admission.py`)",
+        "",
+        f"`{command}` — {datetime.date.today().isoformat()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        + (f"pinned to CPU {args.cpu}" if args.cpu is not None else "not pinned")
+        + (f", fake on CPU {args.fake_cpu}" if args.fake_cpu is not None else "")
+        + f"; upstream {args.upstream}; 1-minute load average {min(loads):.1f} to {max(loads):.1f} "
+        "during the runs (the machine is shared).",
+        "",
+        f"{args.arrivals} arrivals at {args.rate:g}/s per run (up to "
+        f"{min(args.arrivals, round(args.rate * args.time_limit))} interviews at once if all are "
+        f"admitted), each {args.time_limit:g} s long with its warning {args.warning_before:g} s "
+        f"before the end; {args.repeats} repeat(s) per variant, interleaved. Lateness is pooled "
+        "over the repeats: the moment the message reached the client minus its schedule from "
+        "the session record.",
+        "",
+        "| variant | admitted / offered | refused 1013 busy | peak at once | warning p50 | p99 "
+        "| max ms | > 50 ms | end p50 | p99 | max ms | > 50 ms | chunks lost / sent "
+        "| counted | loop lag p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: |",
+    ]
+    for variant in args.variants:
+        runs = [r for r in results if r.variant == variant]
+        if not runs:
+            continue
+        warnings = [v for r in runs for v in r.warning_late_s]
+        ends = [v for r in runs for v in r.end_late_s]
+        lines.append(
+            f"| {variant} | {sum(r.admitted for r in runs)} / {sum(r.offered for r in runs)} "
+            f"| {sum(r.refused_busy for r in runs)} "
+            f"| {statistics.median(r.peak_sessions for r in runs):.0f} "
+            f"| {lateness_row(warnings)} | {lateness_row(ends)} "
+            f"| {sum(r.lost for r in runs)} / {sum(r.sent for r in runs)} "
+            f"| {sum(r.counted for r in runs)} "
+            f"| {statistics.median(r.lag_p99_ms for r in runs):.0f} |"
+        )
+    lines += [
+        "",
+        "Per repeat (share of warnings / ends later than 50 ms, admitted, peak):",
+        "",
+    ]
+    for variant in args.variants:
+        runs = [r for r in results if r.variant == variant]
+
+        def share(values: Sequence[float]) -> str:
+            if not values:
+                return "—"
+            return f"{sum(1 for v in values if v > LATE_S) / len(values):.0%}"
+
+        parts = [
+            f"{share(r.warning_late_s)} / {share(r.end_late_s)}, {r.admitted}, {r.peak_sessions}"
+            for r in runs
+        ]
+        lines.append(f"* {variant}: " + "; ".join(parts))
+    other = sum(r.refused_other for r in results)
+    otherwise = sum(r.ended_otherwise for r in results)
+    missing = sum(r.warnings_missing for r in results)
+    lines += [
+        "",
+        f"Other refusals: {other}; admitted sessions that ended other than at their time "
+        f"limit: {otherwise}; admitted sessions without a warning: {missing}.",
+        "",
+        "<!-- admission:end -->",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the admission section of ``path`` (between its markers), or append it."""
+    text = path.read_text() if path.exists() else ""
+    begin, end = "<!-- admission:begin -->", "<!-- admission:end -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=20.0, help="arrivals per second")
+    parser.add_argument("--arrivals", type=int, default=240, help="arrivals per run")
+    parser.add_argument("--time-limit", type=float, default=10.0, help="interview length, s")
+    parser.add_argument("--warning-before", type=float, default=4.0, help="warning lead, s")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--upstream", choices=("genai", "adk"), default="genai")
+    parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
+    parser.add_argument("--fake-cpu", type=int, default=None, help="pin the fake's process")
+    parser.add_argument("--quick", action="store_true", help="a short ramp, one repeat")
+    parser.add_argument("--markdown", type=Path, help="write the section into this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rate, args.arrivals, args.time_limit, args.warning_before = 15.0, 90, 6.0, 2.0
+        args.repeats = 1
+    args.variants = [v for v in str(args.variants).split(",") if v]
+    for variant in args.variants:
+        if variant not in VARIANTS:
+            parser.error(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if not 0 < args.warning_before < args.time_limit - 1:
+        parser.error("--warning-before must be positive and over 1 s shorter than --time-limit")
+    if args.rate <= 0 or args.arrivals < 1:
+        parser.error("--rate must be positive and --arrivals at least 1")
+    return args
+
+
+async def amain(
+    args: argparse.Namespace, pipe: multiprocessing.connection.Connection
+) -> list[RunResult]:
+    """Every (repeat, variant) run, interleaved, after one discarded warm-up ramp."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    hello = pipe.recv()
+    upstream = make_upstream(args.upstream, hello["base_url"], hello["ca_pem"])
+    ids = itertools.count()
+    # The first sessions pay one-off costs (lazy imports, pydantic schema builds).
+    warm = argparse.Namespace(**{**vars(args), "arrivals": 3, "rate": 10.0})
+    await run_once(upstream, pipe, "off", warm, ids)
+    results: list[RunResult] = []
+    for repeat in range(args.repeats):
+        shift = repeat % len(args.variants)
+        for variant in args.variants[shift:] + args.variants[:shift]:
+            result = await run_once(upstream, pipe, variant, args, ids)
+            results.append(result)
+            print(f"#{repeat + 1} {describe(result)}", flush=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print (and optionally write) the report."""
+    args = parse_args(argv)
+    cap = _capacity()
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    fake = context.Process(target=cap.fake_process, args=(child, args.fake_cpu), daemon=True)
+    fake.start()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    try:
+        results = asyncio.run(amain(args, parent))
+    finally:
+        with contextlib.suppress(Exception):
+            parent.send("stop")
+        fake.join(timeout=10)
+        if fake.is_alive():
+            fake.kill()
+    command = "python benchmarks/bench_admission.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    report = build_report(results, args, command.strip())
+    print()
+    print(report)
+    if args.markdown is not None:
+        write_section(args.markdown, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
