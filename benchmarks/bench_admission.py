@@ -140,7 +140,7 @@ class BenchTransport:
 
 async def _client(
     service: Any, token: str, ident: int, time_limit: float, sent: dict[int, int]
-) -> BenchTransport:
+) -> tuple[int, BenchTransport]:
     """One arrival: connect, and if admitted, talk until the session ends."""
     cap = _capacity()
     transport = BenchTransport(["voicefsm.v1", f"bearer.{token}"])
@@ -166,7 +166,7 @@ async def _client(
                 sent[ident] += 1
     await asyncio.wait({handler}, timeout=120)
     transport.inbound.put_nowait(None)
-    return transport
+    return ident, transport
 
 
 # --------------------------------------------------------------------------- one run
@@ -189,10 +189,27 @@ class RunResult:
     sent: int
     lost: int
     counted: int
+    silent: int
     lag_p99_ms: float
     peak_sessions: int
     seconds: float
     load: tuple[float, float] = field(default=(0.0, 0.0))
+
+
+def make_guard(variant: str) -> Any:
+    """The overload guard of a variant: ``off``, ``guard`` (the defaults), or
+    ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S`` (e.g. ``guard@10/0.1/1``)."""
+    from voicefsm.admission import Admission as OverloadGuard
+    from voicefsm.admission import LoopLagMonitor
+
+    if variant == "off":
+        return None
+    if variant == "guard":
+        return OverloadGuard()
+    lag_ms, fraction, window = (float(part) for part in variant.split("@", 1)[1].split("/"))
+    return OverloadGuard(
+        lag_ms / 1000, late_fraction=fraction, monitor=LoopLagMonitor(window_s=window)
+    )
 
 
 def make_upstream(kind: str, base_url: str, ca_pem: str) -> Any:
@@ -231,7 +248,6 @@ async def run_once(
 ) -> RunResult:
     """One arrival ramp against a fresh service."""
     from voicefsm import SessionConfig
-    from voicefsm.admission import Admission as OverloadGuard
     from voicefsm.auth import JWTAuthenticator
     from voicefsm.limits import ServiceLimits
     from voicefsm.service import InterviewService
@@ -253,7 +269,7 @@ async def run_once(
         service_limits=ServiceLimits(
             max_connections=roomy, max_sessions=roomy, max_sessions_per_user=roomy
         ),
-        overload=OverloadGuard() if variant == "guard" else None,
+        overload=make_guard(variant),
         orphan_sweep_s=None,
     )
     token = authenticator.issue("candidate", ttl_s=3600)
@@ -273,7 +289,7 @@ async def run_once(
 
     peak_watcher = asyncio.create_task(watch_peak())
     began = time.monotonic()
-    clients: list[asyncio.Task[BenchTransport]] = []
+    clients: list[asyncio.Task[tuple[int, BenchTransport]]] = []
     for k in range(args.arrivals):
         due = began + k / args.rate
         delay = due - time.monotonic()
@@ -282,7 +298,8 @@ async def run_once(
         ident = next(ids)
         sent[ident] = 0
         clients.append(asyncio.create_task(_client(service, token, ident, args.time_limit, sent)))
-    transports = await asyncio.gather(*clients)
+    finished = await asyncio.gather(*clients)
+    transports = [transport for _, transport in finished]
     seconds = time.monotonic() - began
     stop_monitor.set()
     await asyncio.wait({monitor, peak_watcher})
@@ -293,17 +310,23 @@ async def run_once(
     warning_late: list[float] = []
     end_late: list[float] = []
     counted = 0
+    silent = 0
     missing = 0
-    for transport in transports:
+    for ident, transport in finished:
+        lost_here = max(0, sent[ident] - received.get(ident, 0))
         if transport.session_id is None:
+            silent += lost_here
             continue
         stored = await service.store.load(transport.session_id)
         if stored is None or stored.record.started_at is None:
+            silent += lost_here
             continue
         record = stored.record
         stats = record.stats
-        counted += stats.chunks_overflowed + stats.chunks_unsent_at_end
-        counted += stats.upstream_audio_unsent
+        counted_here = stats.chunks_overflowed + stats.chunks_unsent_at_end
+        counted_here += stats.upstream_audio_unsent
+        counted += counted_here
+        silent += max(0, lost_here - counted_here)
         deadline = record.started_at + args.time_limit
         if transport.warning_at is not None:
             warning_late.append(transport.warning_at - (deadline - args.warning_before))
@@ -329,6 +352,7 @@ async def run_once(
         sent=sum(sent.values()),
         lost=lost,
         counted=counted,
+        silent=silent,
         lag_p99_ms=cap.pct(lags, 0.99) * 1000,
         peak_sessions=peak,
         seconds=seconds,
@@ -368,7 +392,7 @@ def describe(result: RunResult) -> str:
         f"{result.variant:5s} admitted {result.admitted}/{result.offered} busy "
         f"{result.refused_busy} other {result.refused_other} peak {result.peak_sessions}  "
         f"warning {short(result.warning_late_s)}  end {short(result.end_late_s)}  "
-        f"lost {result.lost}/{result.sent} (counted {result.counted})  "
+        f"lost {result.lost}/{result.sent} (counted {result.counted}, silent {result.silent})  "
         f"lag p99 {result.lag_p99_ms:.0f} ms  load {result.load[0]:.1f}->{result.load[1]:.1f}"
     )
 
@@ -396,9 +420,9 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
         "",
         "| variant | admitted / offered | refused 1013 busy | peak at once | warning p50 | p99 "
         "| max ms | > 50 ms | end p50 | p99 | max ms | > 50 ms | chunks lost / sent "
-        "| counted | loop lag p99 ms |",
+        "| counted | lost silently | loop lag p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: |",
     ]
     for variant in args.variants:
         runs = [r for r in results if r.variant == variant]
@@ -412,7 +436,7 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
             f"| {statistics.median(r.peak_sessions for r in runs):.0f} "
             f"| {lateness_row(warnings)} | {lateness_row(ends)} "
             f"| {sum(r.lost for r in runs)} / {sum(r.sent for r in runs)} "
-            f"| {sum(r.counted for r in runs)} "
+            f"| {sum(r.counted for r in runs)} | {sum(r.silent for r in runs)} "
             f"| {statistics.median(r.lag_p99_ms for r in runs):.0f} |"
         )
     lines += [
@@ -467,7 +491,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=10.0, help="interview length, s")
     parser.add_argument("--warning-before", type=float, default=4.0, help="warning lead, s")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated: off, guard (the defaults), guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S",
+    )
     parser.add_argument("--upstream", choices=("genai", "adk"), default="genai")
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     parser.add_argument("--fake-cpu", type=int, default=None, help="pin the fake's process")
@@ -479,8 +507,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.repeats = 1
     args.variants = [v for v in str(args.variants).split(",") if v]
     for variant in args.variants:
-        if variant not in VARIANTS:
-            parser.error(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        try:
+            make_guard(variant)
+        except (ValueError, IndexError):
+            parser.error(f"bad variant {variant!r}: off, guard or guard@MAX_LAG_MS/FRACTION/WIN_S")
     if not 0 < args.warning_before < args.time_limit - 1:
         parser.error("--warning-before must be positive and over 1 s shorter than --time-limit")
     if args.rate <= 0 or args.arrivals < 1:
