@@ -14,8 +14,8 @@ each one is a client connection handed to :meth:`InterviewService.handle` (the r
 connection limits, JWT authentication, the ``overload`` guard, the session's lease in a memory
 store, its :class:`~voicefsm.host.SessionHost`) over an in-process transport. A client that gets
 ``session_created`` waits for ``session_state`` ``live``, then sends a stamped 640-byte chunk
-every 20 ms on an absolute schedule until 1 s before its deadline, and receives interviewer audio
-and messages until ``session_ended``. Each interview is short (``--time-limit``, warning
+every 20 ms on an absolute schedule, and receives interviewer audio and messages, until
+``session_ended``. Each interview is short (``--time-limit``, warning
 ``--warning-before`` it), so its warning and its end both happen while the worker is loaded.
 
 Two variants, interleaved (the order alternates every repeat), each with a fresh service:
@@ -36,7 +36,8 @@ Per variant, pooled over the repeats:
 * **refused**: arrivals closed with 1013 ``server_busy``; **admitted**: ``session_created``;
 * **lost**: client chunks sent that the fake had not received 1 s after the last session ended,
   against the chunks the engine counted as not delivered (overflowed, unsent at the end,
-  unsent upstream) in the stored records: loss beyond that count is silent;
+  unsent upstream) in the stored records, and the frames still queued on the transport, never
+  read, when the session was over (sent as it ended): per session, loss beyond both is silent;
 * **loop lag p99** of this process (a 10 ms timer) and the **peak** of concurrent sessions.
 
 Timing targets are reported, never enforced.
@@ -101,6 +102,8 @@ class BenchTransport:
         self.error_code: str | None = None
         self.close_code: int | None = None
         self.model_chunks = 0
+        self.unread = 0
+        """Audio frames still queued, never read by the server, once the session is over."""
 
     async def accept(self, subprotocol: str | None) -> None:
         pass
@@ -151,7 +154,8 @@ async def _client(
         await asyncio.wait({waiter, handler}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if transport.live.is_set() and transport.created_at is not None:
-            stop_wall = transport.created_at + time_limit - 1.0  # the deadline is later
+            # Until session_ended, as a real client (a bound in case the end never comes).
+            stop_wall = transport.created_at + time_limit + 10.0
             start = time.monotonic()
             stop_at = start + (stop_wall - time.time())
             for seq in itertools.count():
@@ -165,6 +169,9 @@ async def _client(
                 transport.inbound.put_nowait(chunk)
                 sent[ident] += 1
     await asyncio.wait({handler}, timeout=120)
+    while not transport.inbound.empty():  # frames the server never read
+        if isinstance(transport.inbound.get_nowait(), bytes):
+            transport.unread += 1
     transport.inbound.put_nowait(None)
     return ident, transport
 
@@ -189,6 +196,7 @@ class RunResult:
     sent: int
     lost: int
     counted: int
+    unread: int
     silent: int
     lag_p99_ms: float
     peak_sessions: int
@@ -310,6 +318,7 @@ async def run_once(
     warning_late: list[float] = []
     end_late: list[float] = []
     counted = 0
+    unread = 0
     silent = 0
     missing = 0
     for ident, transport in finished:
@@ -326,7 +335,8 @@ async def run_once(
         counted_here = stats.chunks_overflowed + stats.chunks_unsent_at_end
         counted_here += stats.upstream_audio_unsent
         counted += counted_here
-        silent += max(0, lost_here - counted_here)
+        unread += transport.unread
+        silent += max(0, lost_here - counted_here - transport.unread)
         deadline = record.started_at + args.time_limit
         if transport.warning_at is not None:
             warning_late.append(transport.warning_at - (deadline - args.warning_before))
@@ -352,6 +362,7 @@ async def run_once(
         sent=sum(sent.values()),
         lost=lost,
         counted=counted,
+        unread=unread,
         silent=silent,
         lag_p99_ms=cap.pct(lags, 0.99) * 1000,
         peak_sessions=peak,
@@ -392,7 +403,8 @@ def describe(result: RunResult) -> str:
         f"{result.variant:5s} admitted {result.admitted}/{result.offered} busy "
         f"{result.refused_busy} other {result.refused_other} peak {result.peak_sessions}  "
         f"warning {short(result.warning_late_s)}  end {short(result.end_late_s)}  "
-        f"lost {result.lost}/{result.sent} (counted {result.counted}, silent {result.silent})  "
+        f"lost {result.lost}/{result.sent} (counted {result.counted}, "
+        f"unread {result.unread}, silent {result.silent})  "
         f"lag p99 {result.lag_p99_ms:.0f} ms  load {result.load[0]:.1f}->{result.load[1]:.1f}"
     )
 
@@ -420,9 +432,9 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
         "",
         "| variant | admitted / offered | refused 1013 busy | peak at once | warning p50 | p99 "
         "| max ms | > 50 ms | end p50 | p99 | max ms | > 50 ms | chunks lost / sent "
-        "| counted | lost silently | loop lag p99 ms |",
+        "| counted | unread at the end | lost silently | loop lag p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for variant in args.variants:
         runs = [r for r in results if r.variant == variant]
@@ -436,7 +448,8 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
             f"| {statistics.median(r.peak_sessions for r in runs):.0f} "
             f"| {lateness_row(warnings)} | {lateness_row(ends)} "
             f"| {sum(r.lost for r in runs)} / {sum(r.sent for r in runs)} "
-            f"| {sum(r.counted for r in runs)} | {sum(r.silent for r in runs)} "
+            f"| {sum(r.counted for r in runs)} | {sum(r.unread for r in runs)} "
+            f"| {sum(r.silent for r in runs)} "
             f"| {statistics.median(r.lag_p99_ms for r in runs):.0f} |"
         )
     lines += [
