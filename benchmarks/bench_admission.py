@@ -405,7 +405,7 @@ def describe(result: RunResult) -> str:
         f"warning {short(result.warning_late_s)}  end {short(result.end_late_s)}  "
         f"lost {result.lost}/{result.sent} (counted {result.counted}, "
         f"unread {result.unread}, silent {result.silent})  "
-        f"lag p99 {result.lag_p99_ms:.0f} ms  load {result.load[0]:.1f}->{result.load[1]:.1f}"
+        f"other ends {result.ended_otherwise}  lag p99 {result.lag_p99_ms:.0f} ms  load {result.load[0]:.1f}->{result.load[1]:.1f}"
     )
 
 
@@ -470,16 +470,16 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
             for r in runs
         ]
         lines.append(f"* {variant}: " + "; ".join(parts))
-    other = sum(r.refused_other for r in results)
-    otherwise = sum(r.ended_otherwise for r in results)
-    missing = sum(r.warnings_missing for r in results)
-    lines += [
-        "",
-        f"Other refusals: {other}; admitted sessions that ended other than at their time "
-        f"limit: {otherwise}; admitted sessions without a warning: {missing}.",
-        "",
-        "<!-- admission:end -->",
-    ]
+    lines.append("")
+    for variant in args.variants:
+        runs = [r for r in results if r.variant == variant]
+        lines.append(
+            f"* {variant}: other refusals {sum(r.refused_other for r in runs)}; admitted "
+            f"sessions that ended other than at their time limit "
+            f"{sum(r.ended_otherwise for r in runs)}; without a warning "
+            f"{sum(r.warnings_missing for r in runs)}."
+        )
+    lines += ["", "<!-- admission:end -->"]
     return "\n".join(lines) + "\n"
 
 
