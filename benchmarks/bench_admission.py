@@ -405,7 +405,8 @@ def describe(result: RunResult) -> str:
         f"warning {short(result.warning_late_s)}  end {short(result.end_late_s)}  "
         f"lost {result.lost}/{result.sent} (counted {result.counted}, "
         f"unread {result.unread}, silent {result.silent})  "
-        f"other ends {result.ended_otherwise}  lag p99 {result.lag_p99_ms:.0f} ms  load {result.load[0]:.1f}->{result.load[1]:.1f}"
+        f"other ends {result.ended_otherwise}  lag p99 {result.lag_p99_ms:.0f} ms  "
+        f"load {result.load[0]:.1f}->{result.load[1]:.1f}"
     )
 
 
