@@ -38,6 +38,8 @@ Per variant, pooled over the repeats:
   against the chunks the engine counted as not delivered (overflowed, unsent at the end,
   unsent upstream) in the stored records, and the frames still queued on the transport, never
   read, when the session was over (sent as it ended): per session, loss beyond both is silent;
+  and, stricter, the chunks scheduled more than 0.1 s before their session's deadline that
+  never reached the fake (audio the model should have heard);
 * **loop lag p99** of this process (a 10 ms timer) and the **peak** of concurrent sessions.
 
 Timing targets are reported, never enforced.
@@ -46,6 +48,7 @@ Timing targets are reported, never enforced.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
 import datetime
@@ -69,6 +72,8 @@ HERE = Path(__file__).resolve().parent
 SECRET = "bench-admission-secret-that-is-long-enough-for-hs256"
 VARIANTS = ("guard", "off")
 LATE_S = 0.05
+END_MARGIN_S = 0.1
+"""Chunks scheduled this long before their session's deadline must reach the model."""
 
 
 def _capacity() -> Any:
@@ -103,6 +108,8 @@ class BenchTransport:
         self.close_code: int | None = None
         self.model_chunks = 0
         self.unread = 0
+        self.sent_due = array.array("d")
+        """The scheduled send time (``time.monotonic``) of every audio chunk sent."""
         """Audio frames still queued, never read by the server, once the session is over."""
 
     async def accept(self, subprotocol: str | None) -> None:
@@ -168,6 +175,7 @@ async def _client(
                 chunk = cap.STAMP.pack(due, ident, seq) + bytes(cap.CHUNK_BYTES - cap.STAMP.size)
                 transport.inbound.put_nowait(chunk)
                 sent[ident] += 1
+                transport.sent_due.append(due)
     await asyncio.wait({handler}, timeout=120)
     while not transport.inbound.empty():  # frames the server never read
         if isinstance(transport.inbound.get_nowait(), bytes):
@@ -198,6 +206,7 @@ class RunResult:
     counted: int
     unread: int
     silent: int
+    lost_before_end: int
     lag_p99_ms: float
     peak_sessions: int
     seconds: float
@@ -314,12 +323,18 @@ async def run_once(
     await asyncio.sleep(1.0)  # what has not reached the fake by now counts as lost
     fake = cap._ask(pipe, "collect")
     received: dict[int, int] = fake["received"]
+    # Chunks scheduled over END_MARGIN_S before their session's deadline, which the fake got.
+    arrived_before: dict[int, list[float]] = {}
+    for ident, scheduled in zip(fake["interview"], fake["scheduled"], strict=True):
+        arrived_before.setdefault(ident, []).append(scheduled)
+    wall_minus_mono = time.time() - time.monotonic()
     idents = list(sent)
     warning_late: list[float] = []
     end_late: list[float] = []
     counted = 0
     unread = 0
     silent = 0
+    lost_before = 0
     missing = 0
     for ident, transport in finished:
         lost_here = max(0, sent[ident] - received.get(ident, 0))
@@ -338,6 +353,10 @@ async def run_once(
         unread += transport.unread
         silent += max(0, lost_here - counted_here - transport.unread)
         deadline = record.started_at + args.time_limit
+        cutoff = deadline - wall_minus_mono - END_MARGIN_S
+        due_before = sum(1 for due in transport.sent_due if due < cutoff)
+        got_before = sum(1 for due in arrived_before.get(ident, ()) if due < cutoff)
+        lost_before += max(0, due_before - got_before)
         if transport.warning_at is not None:
             warning_late.append(transport.warning_at - (deadline - args.warning_before))
         else:
@@ -364,6 +383,7 @@ async def run_once(
         counted=counted,
         unread=unread,
         silent=silent,
+        lost_before_end=lost_before,
         lag_p99_ms=cap.pct(lags, 0.99) * 1000,
         peak_sessions=peak,
         seconds=seconds,
@@ -404,7 +424,8 @@ def describe(result: RunResult) -> str:
         f"{result.refused_busy} other {result.refused_other} peak {result.peak_sessions}  "
         f"warning {short(result.warning_late_s)}  end {short(result.end_late_s)}  "
         f"lost {result.lost}/{result.sent} (counted {result.counted}, "
-        f"unread {result.unread}, silent {result.silent})  "
+        f"unread {result.unread}, silent {result.silent}, "
+        f"before the end {result.lost_before_end})  "
         f"other ends {result.ended_otherwise}  lag p99 {result.lag_p99_ms:.0f} ms  "
         f"load {result.load[0]:.1f}->{result.load[1]:.1f}"
     )
@@ -433,9 +454,10 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
         "",
         "| variant | admitted / offered | refused 1013 busy | peak at once | warning p50 | p99 "
         "| max ms | > 50 ms | end p50 | p99 | max ms | > 50 ms | chunks lost / sent "
-        "| counted | unread at the end | lost silently | loop lag p99 ms |",
+        "| counted | unread at the end | lost silently | lost > 0.1 s before the end "
+        "| loop lag p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for variant in args.variants:
         runs = [r for r in results if r.variant == variant]
@@ -450,7 +472,7 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
             f"| {lateness_row(warnings)} | {lateness_row(ends)} "
             f"| {sum(r.lost for r in runs)} / {sum(r.sent for r in runs)} "
             f"| {sum(r.counted for r in runs)} | {sum(r.unread for r in runs)} "
-            f"| {sum(r.silent for r in runs)} "
+            f"| {sum(r.silent for r in runs)} | {sum(r.lost_before_end for r in runs)} "
             f"| {statistics.median(r.lag_p99_ms for r in runs):.0f} |"
         )
     lines += [

@@ -83,23 +83,27 @@ class _Collector:
     def __init__(self) -> None:
         self.scheduled = array.array("d")
         self.latency = array.array("d")
+        self.interview = array.array("q")
         self.received: dict[int, int] = {}
 
     def add(self, payload: bytes, at: float) -> None:
         scheduled, interview, _seq = STAMP.unpack_from(payload)
         self.scheduled.append(scheduled)
         self.latency.append(at - scheduled)
+        self.interview.append(interview)
         self.received[interview] = self.received.get(interview, 0) + 1
 
     def take(self) -> dict[str, Any]:
         out = {
             "scheduled": self.scheduled,
             "latency": self.latency,
+            "interview": self.interview,
             "received": self.received,
             "cpu": time.process_time(),
         }
         self.scheduled = array.array("d")
         self.latency = array.array("d")
+        self.interview = array.array("q")
         self.received = {}
         return out
 
