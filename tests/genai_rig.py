@@ -14,7 +14,8 @@ from typing import Any
 from voicefsm import Session, SessionConfig, SessionRecord
 from voicefsm import events as ev
 from voicefsm.genai_live import GenaiTool, GenaiUpstream
-from voicefsm.host import MemoryChannel, MemorySink, SessionHost
+from voicefsm.host import SessionHost
+from voicefsm.memory import MemoryChannel, MemorySink
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer
 
 MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"

@@ -37,10 +37,11 @@ from voicefsm import events as ev
 from voicefsm.admission import Admission as OverloadGuard
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
-from voicefsm.host import ClientInput, SessionHost, Upstream
+from voicefsm.host import SessionHost
 from voicefsm.limits import Admission, Refusal, Reservation, ServiceLimits
 from voicefsm.metrics import Metrics, SessionObserver
 from voicefsm.model import SessionConfig, SessionRecord, State
+from voicefsm.ports import ClientInput, Upstream
 from voicefsm.protocol import ErrorMessage, ServerMessage, SessionCreated, SessionEnded
 from voicefsm.stores import (
     Lease,
@@ -108,7 +109,7 @@ class Transport(Protocol):
 
 
 class WebChannel:
-    """A :class:`~voicefsm.host.ClientChannel` over a :class:`Transport`: decodes frames,
+    """A :class:`~voicefsm.ports.ClientChannel` over a :class:`Transport`: decodes frames,
     answers bad ones with an ``error`` message, and ends the session after too many."""
 
     def __init__(self, transport: Transport, limits: ProtocolLimits, metrics: Metrics) -> None:
