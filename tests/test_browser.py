@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from loopback import uvicorn_serving
 
 import voicefsm.serve as serve_module
 import voicefsm.testing as testing_module
@@ -153,23 +154,8 @@ async def _eventually(check: Callable[[], bool], what: str, within: float = 15.0
 @contextlib.asynccontextmanager
 async def _serving(app: Any, port: int = 0) -> AsyncIterator[str]:
     """Run ``app`` under uvicorn on a loopback port (0: a free one) in this loop; yield its URL."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        await _eventually(lambda: server.started or task.done(), "uvicorn to start", within=20)
-        if task.done():
-            task.result()
-            pytest.fail("uvicorn stopped before it started")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)
+    async with uvicorn_serving(app, port, within=20) as bound:
+        yield f"http://127.0.0.1:{bound}"
 
 
 def _get(url: str) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from google.adk.agents import LlmAgent
 from google.adk.tools import ToolContext
-from live_rig import MODEL, Rig, chunk, fast_config, sequence_numbers, upstream_tasks
+from live_rig import Rig
+from loopback import MODEL, chunk, fast_config, sequence_numbers, upstream_tasks
 
 from voicefsm import EndReason, Session, State
 from voicefsm import events as ev

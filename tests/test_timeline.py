@@ -737,7 +737,8 @@ async def test_a_served_interview_feeds_usage_and_gap_metrics_and_its_timeline()
     import socket
 
     from google.adk.agents import LlmAgent
-    from live_rig import MODEL, chunk, fast_config, starlette_service
+    from live_rig import starlette_service
+    from loopback import MODEL, chunk, fast_config
     from websockets.asyncio.client import connect
 
     from voicefsm.adk import AdkUpstream
@@ -850,9 +851,7 @@ async def test_voicefsm_serve_shows_a_stored_interview_to_operators_only(
     tmp_path: Path, interview: SimulationResult
 ) -> None:
     """The real app under uvicorn, its lifespan started, reading a SQLite store over HTTP."""
-    import asyncio
-
-    import uvicorn
+    from loopback import uvicorn_serving
 
     from voicefsm.serve import ServeSettings, create_app
 
@@ -865,17 +864,7 @@ async def test_voicefsm_serve_shows_a_stored_interview_to_operators_only(
     settings = ServeSettings(
         config=SessionConfig(), jwt_secret=SECRET, store_url=f"sqlite://{database}", fake=True
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(30):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    async with uvicorn_serving(create_app(settings)) as port:
         auth = JWTAuthenticator(SECRET)
         page_path = f"/operator/sessions/{record.session_id}"
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -892,6 +881,3 @@ async def test_voicefsm_serve_shows_a_stored_interview_to_operators_only(
             assert page.headers["content-security-policy"].startswith("default-src 'none'")
             assert page.text.count('data-kind="rotation"') == record.stats.resumes
             assert interview.transcript[0].text in page.text
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)

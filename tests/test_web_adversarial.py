@@ -27,7 +27,8 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from live_rig import chunk, starlette_service
+from live_rig import starlette_service
+from loopback import chunk, free_port
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 from test_web import (
@@ -36,7 +37,6 @@ from test_web import (
     SERVERS,
     Stack,
     close_code,
-    free_port,
     next_json,
     open_stack,
     start_session,
