@@ -259,8 +259,9 @@ class InterviewService:
         offered = list(transport.subprotocols)
         refusal = self.admission.connect()
         if refusal is not None:
-            await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
-            await _refuse(transport, refusal)
+            with contextlib.suppress(Exception):  # a client gone mid-handshake: nothing to tell
+                await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+                await _refuse(transport, refusal)
             return
         try:
             await self._handle(transport, offered)
@@ -461,6 +462,7 @@ class InterviewService:
             )
             await _refuse(channel.transport, reservation)
             return None
+        lease: Lease | None = None
         try:
             session = self._session_factory(self.config)
             session.owner = principal.user_id
@@ -477,6 +479,9 @@ class InterviewService:
             live = self._run(session, principal, lease, channel, attach=False)
         except BaseException:
             reservation.release()
+            if lease is not None:  # the client went before it heard of the session
+                with contextlib.suppress(Exception):
+                    await self.store.release_lease(lease)
             raise
         live.reservation = reservation
         logger.info("session %s started for user %r", session.session_id, principal.user_id)
