@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from chromium import ARTIFACTS, CHROMIUM, require_browser
 
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.cli import main
@@ -48,8 +48,6 @@ from voicefsm.stores import MemoryStore, SQLiteStore
 from voicefsm.timeline import build_timeline, render_html, render_timeline
 from voicefsm.web.operator import COOKIE, operator_router
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TOLERANCE_PX = 1.0
 SECRET = "operator-test-secret-long-enough-for-hs256"
 PRICES = TokenPrices(
@@ -398,22 +396,6 @@ def test_the_timeline_follows_the_log(interview: SimulationResult) -> None:
 # ------------------------------------------------------------------ the page in chromium
 
 
-def _require_browser() -> None:
-    problems = []
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        problems.append(f"{CHROMIUM} is missing (Debian package 'chromium')")
-    try:
-        import playwright.async_api  # noqa: F401
-    except ImportError:
-        problems.append("the 'playwright' Python package is missing")
-    if not problems:
-        return
-    reason = "browser test cannot run: " + " and ".join(problems)
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; under CI it must run", pytrace=False)
-    pytest.skip(reason)
-
-
 async def _boxes(page: Any, selector: str) -> list[dict[str, Any]]:
     """Bounding boxes and data attributes of every element matching ``selector``, in DOM order."""
     result: list[dict[str, Any]] = await page.eval_on_selector_all(
@@ -428,7 +410,7 @@ async def _boxes(page: Any, selector: str) -> list[dict[str, Any]]:
 
 
 async def test_the_picture_matches_the_record_in_chromium(interview: SimulationResult) -> None:
-    _require_browser()
+    require_browser()
     from playwright.async_api import async_playwright
 
     record = _record(interview)
