@@ -100,3 +100,44 @@ async def test_a_refused_connection_that_drops_in_the_handshake_does_not_escape(
     token = JWTAuthenticator(SECRET).issue("alice")
     await service.handle(ScriptedTransport(token, fail_accept=True))  # raised OSError before
     assert service.admission.connections == 1
+
+
+# ------------------------------------------------------- a session that ended, then drained
+
+
+async def test_detaching_an_ended_session_does_nothing() -> None:
+    """A drain (or a lost lease) that reaches a session which ended meanwhile must not mark it
+    handed over: the lease is then released as for any end, and nothing is un-counted."""
+    from genai_rig import GenaiRig
+
+    from voicefsm.testing import FakeLiveConnection, FakeLiveServer
+
+    async def setup_only(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(scripts=[setup_only]) as server, GenaiRig(server) as rig:
+        await rig.wait_state("live")
+        record = await rig.end()
+        rig.host.detach("the server is shutting down; reconnect to continue")
+        assert record.state.value == "ended"
+        assert not rig.host.detached
+
+
+def test_an_ended_session_then_detached_leaves_the_state_gauges_alone() -> None:
+    from voicefsm import effects as fx
+    from voicefsm.metrics import Metrics
+    from voicefsm.model import State
+
+    metrics = Metrics()
+    observer = metrics.observer()
+    observer(fx.StateChanged(State.CONNECTING, State.LIVE, "ready", 1.0), None)
+    observer(fx.StateChanged(State.LIVE, State.ENDED, "user ended", 2.0), "user_ended")
+    observer.detached(State.ENDED)
+    gauges = {
+        sample.labels["state"]: sample.value
+        for family in metrics.registry.collect()
+        if family.name == "voicefsm_sessions"
+        for sample in family.samples
+    }
+    assert all(value == 0 for value in gauges.values()), gauges

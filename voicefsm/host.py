@@ -233,7 +233,10 @@ class SessionHost:
 
         ``run()`` closes the upstream and the client (4410, ``reason``) and returns the session's
         record as it stands; whoever holds the session next restores it from its stored record.
+        Once the session has ended there is nothing to hand over: the call does nothing.
         """
+        if self.session.ended:
+            return
         self._detach_reason = reason
         self.post(ev.Tick())  # wake the consumer
 
