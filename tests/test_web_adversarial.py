@@ -706,3 +706,20 @@ async def test_an_implausible_session_id_is_unknown_without_a_lookup(
     assert (await next_json(ws, "error"))["code"] == "unknown_session"
     assert await close_code(ws) == 4404
     assert looked_up == []
+
+
+async def test_a_plain_http_request_to_the_endpoint_is_a_4xx_without_a_logged_error(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crawler's GET is not a websocket: it gets a client error, not a 500 with tracebacks
+    (aiohttp answered 500 and logged two errors)."""
+    import httpx
+
+    url = stack.url.replace("ws://", "http://", 1)
+    with caplog.at_level(logging.WARNING):
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.get(url)
+    assert 400 <= reply.status_code < 500, reply.status_code
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert not stack.service.sessions and stack.service.admission.connections == 0
