@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import struct
 import time
 from typing import Any
 
 import pytest
-from live_rig import fast_config, starlette_service
+from live_rig import starlette_service
+from loopback import fast_config, free_port
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -108,12 +108,6 @@ async def test_the_monitor_measures_a_blocked_loop() -> None:
         assert monitor.recent_max_s >= blocked_s * 0.5
     finally:
         await monitor.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def live_until_closed(conn: FakeLiveConnection) -> None:
