@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from voicefsm.admission import Admission as OverloadGuard
+from voicefsm.admission import OverloadGuard
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from voicefsm import events as ev
-from voicefsm.admission import Admission as OverloadGuard
+from voicefsm.admission import OverloadGuard
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
 from voicefsm.host import SessionHost
