@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import struct
 import time
 from typing import Any
 
 import pytest
-from live_rig import fast_config, starlette_service
+from live_rig import starlette_service
+from loopback import fast_config, free_port
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from voicefsm.admission import Admission, LoopLagMonitor
+from voicefsm.admission import LoopLagMonitor, OverloadGuard
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.genai_live import GenaiUpstream
 from voicefsm.service import InterviewService
@@ -61,7 +61,7 @@ def test_the_monitor_keeps_the_worst_lag_of_its_window() -> None:
 def test_admission_refuses_on_lag_or_session_count_and_counts_refusals() -> None:
     clock = ManualClock()
     monitor = LoopLagMonitor(window_s=1.0, clock=clock)
-    admission = Admission(0.025, max_sessions=3, monitor=monitor)
+    admission = OverloadGuard(0.025, max_sessions=3, monitor=monitor)
     assert admission.refusal(0) is None
     monitor.record(0.030)
     assert admission.refusal(0) == "event-loop lag over 25 ms in 100% of the last 1 s (worst 30 ms)"
@@ -70,7 +70,7 @@ def test_admission_refuses_on_lag_or_session_count_and_counts_refusals() -> None
     assert admission.refusal(3) == "3 sessions running (limit 3)"
     assert admission.refused == 2
     with pytest.raises(ValueError, match="max_lag_s must be positive"):
-        Admission(0)
+        OverloadGuard(0)
     with pytest.raises(ValueError, match="window_s must cover"):
         LoopLagMonitor(interval_s=1.0, window_s=0.5)
 
@@ -78,7 +78,7 @@ def test_admission_refuses_on_lag_or_session_count_and_counts_refusals() -> None
 def test_a_single_stall_refuses_nobody_but_sustained_lag_does() -> None:
     clock = ManualClock()
     monitor = LoopLagMonitor(interval_s=0.05, window_s=2.0, clock=clock)
-    admission = Admission(0.025, monitor=monitor)
+    admission = OverloadGuard(0.025, monitor=monitor)
     for step in range(40):  # one 2 s window: a single 200 ms stall among on-time samples
         monitor.record(0.200 if step == 10 else 0.002)
         clock.now += 0.05
@@ -89,7 +89,7 @@ def test_a_single_stall_refuses_nobody_but_sustained_lag_does() -> None:
     why = admission.refusal(0)
     assert why is not None and "over 25 ms in 3" in why and "worst 40 ms" in why
     with pytest.raises(ValueError, match="late_fraction"):
-        Admission(0.025, late_fraction=0)
+        OverloadGuard(0.025, late_fraction=0)
 
 
 def block_the_loop(seconds: float) -> None:
@@ -108,12 +108,6 @@ async def test_the_monitor_measures_a_blocked_loop() -> None:
         assert monitor.recent_max_s >= blocked_s * 0.5
     finally:
         await monitor.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def live_until_closed(conn: FakeLiveConnection) -> None:
@@ -138,7 +132,7 @@ async def open_client(url: str, user: str) -> ClientConnection:
 async def test_a_busy_worker_refuses_new_sessions_with_1013_and_keeps_the_running_one() -> None:
     clock = ManualClock()
     monitor = InjectedLag(window_s=2.0, clock=clock)
-    admission = Admission(0.025, monitor=monitor)
+    admission = OverloadGuard(0.025, monitor=monitor)
     async with FakeLiveServer(script=live_until_closed) as fake:
         upstream = GenaiUpstream("gemini-live", client=fake.genai_client())
         service = InterviewService(upstream, AUTH, config=fast_config(), overload=admission)

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import time
 import urllib.request
 import wave
@@ -45,6 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from chromium import ARTIFACTS, CHROMIUM, require_browser
+from loopback import uvicorn_serving
 
 import voicefsm.serve as serve_module
 import voicefsm.testing as testing_module
@@ -58,9 +59,7 @@ from voicefsm.service import InterviewService
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
 
-CHROMIUM = Path("/usr/bin/chromium")
 STATIC = Path(voicefsm.web.__file__).resolve().parent / "static"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TONE_HZ = 440.0
 TIME_LIMIT_S = 40.0
 WARNING_BEFORE_S = 29.0  # the warning comes 11 s into the interview
@@ -74,27 +73,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-def _require_browser() -> None:
-    """Skip (or, under CI, fail) when chromium or the playwright package is missing."""
-    problems = []
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        problems.append(f"{CHROMIUM} is missing (Debian package 'chromium')")
-    try:
-        import playwright.async_api  # noqa: F401
-    except ImportError:
-        problems.append("the 'playwright' Python package is missing")
-    if not problems:
-        return
-    reason = "browser test cannot run: " + " and ".join(problems)
-    if os.environ.get("CI") == "true":
-        pytest.fail(
-            f"{reason}. Under CI this test must run: .ci/run must install chromium "
-            "(apt-get install -y chromium) and the playwright package.",
-            pytrace=False,
-        )
-    pytest.skip(reason)
 
 
 def _write_tone_wav(path: Path, seconds: float = 3.0, rate: int = 16_000) -> None:
@@ -153,23 +131,8 @@ async def _eventually(check: Callable[[], bool], what: str, within: float = 15.0
 @contextlib.asynccontextmanager
 async def _serving(app: Any, port: int = 0) -> AsyncIterator[str]:
     """Run ``app`` under uvicorn on a loopback port (0: a free one) in this loop; yield its URL."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        await _eventually(lambda: server.started or task.done(), "uvicorn to start", within=20)
-        if task.done():
-            task.result()
-            pytest.fail("uvicorn stopped before it started")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)
+    async with uvicorn_serving(app, port, within=20) as bound:
+        yield f"http://127.0.0.1:{bound}"
 
 
 def _get(url: str) -> str:
@@ -245,7 +208,7 @@ RENDER = "([rate, frequency, seconds]) => window.render(rate, frequency, seconds
 
 async def test_capture_worklet_resamples_to_16khz() -> None:
     """The capture worklet turns any context rate into clean 16 kHz PCM in 320-sample chunks."""
-    _require_browser()
+    require_browser()
     from playwright.async_api import Route
 
     async def serve(route: Route) -> None:  # http://localhost is a secure context
@@ -276,7 +239,7 @@ async def test_capture_worklet_resamples_to_16khz() -> None:
 
 async def test_interview_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Start, talk, hear, count down, survive a drop and a refresh, get warned, end."""
-    _require_browser()
+    require_browser()
 
     # Observe the demo stack from the inside: the fake Live server the app starts (made to
     # record what it receives) and the service behind the websocket endpoint.
@@ -472,7 +435,7 @@ async def test_interview_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 async def test_tokens_without_demo_tokens(tmp_path: Path) -> None:
     """With a real secret and no demo tokens: a refused token, ``?token=``, a stale session."""
-    _require_browser()
+    require_browser()
     secret = "browser-test-secret-0123456789abcdef"
     settings = ServeSettings(
         config=SessionConfig(time_limit_s=60, warning_before_s=10),
@@ -557,7 +520,7 @@ def _demo_settings(store_url: str = "memory://") -> ServeSettings:
 
 async def test_new_interview_instead_ends_the_old_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a refresh, "Start a new interview instead" ends the old session, then starts one."""
-    _require_browser()
+    require_browser()
     services = _capture_services(monkeypatch)
     async with _serving(create_app(_demo_settings())) as base_url, _chromium() as browser:
         context = await browser.new_context()
@@ -598,7 +561,7 @@ async def test_new_interview_instead_ends_the_old_one(monkeypatch: pytest.Monkey
 
 async def test_restart_says_the_interview_cannot_be_resumed(tmp_path: Path) -> None:
     """A demo server restart: the page says why the interview cannot go on, and not "live"."""
-    _require_browser()
+    require_browser()
     store_url = f"sqlite://{tmp_path / 'sessions.db'}"
     async with _chromium() as browser:
         async with _serving(create_app(_demo_settings(store_url))) as base_url:
@@ -665,7 +628,7 @@ def _scripted_app(script: Callable[[Any, int], Awaitable[None]]) -> Any:
 
 async def test_busy_retries_and_replaced_is_final() -> None:
     """1013 after ``session_busy`` is retried and said so; 4409 is final and explained."""
-    _require_browser()
+    require_browser()
     may_attach = asyncio.Event()
     replace = asyncio.Event()
 
@@ -713,7 +676,7 @@ async def test_busy_retries_and_replaced_is_final() -> None:
 
 async def test_a_busy_server_is_retried_for_a_new_interview() -> None:
     """1013 before ``session_created`` means "busy, retry": the page starts the interview later."""
-    _require_browser()
+    require_browser()
     may_start = asyncio.Event()
 
     async def script(websocket: Any, number: int) -> None:

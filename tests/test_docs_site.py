@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 
 from voicefsm.model import SessionConfig
-from voicefsm.service import ProtocolLimits  # defined in protocol or web.decoder
+from voicefsm.web.decoder import ProtocolLimits
 
 pytest.importorskip("mkdocs", reason="the docs extra is not installed (pip install -e '.[docs]')")
 griffe = pytest.importorskip("griffe")

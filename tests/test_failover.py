@@ -31,8 +31,9 @@ from typing import Any, TypeVar
 
 import pytest
 from google.adk.agents import LlmAgent
-from live_rig import MODEL, chunk, fast_config, sequence_numbers, starlette_service
-from redis_server import RedisServer, free_port, require_redis_server
+from live_rig import starlette_service
+from loopback import MODEL, chunk, fast_config, free_port, sequence_numbers
+from redis_server import RedisServer, require_redis_server
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from worker_process import WorkerPool, WorkerProcess, voicefsm_command, worker_env

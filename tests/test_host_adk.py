@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 from google.adk.agents import LlmAgent
 from google.adk.tools import ToolContext
-from live_rig import MODEL, Rig, chunk, fast_config, sequence_numbers, upstream_tasks
+from live_rig import Rig
+from loopback import MODEL, chunk, fast_config, sequence_numbers, upstream_tasks
 
 from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
 from voicefsm.adk import AdkUpstream, BoundedSessionService
-from voicefsm.host import MemoryChannel, SessionHost
+from voicefsm.host import SessionHost
+from voicefsm.memory import MemoryChannel
 from voicefsm.metrics import Metrics
 from voicefsm.model import LogKind
 from voicefsm.ports import EndNote, LogNote, UpstreamOpenNote, UpstreamTornDownNote
@@ -354,7 +356,8 @@ async def test_metrics_follow_rotations_and_the_end() -> None:
 async def test_smoke_against_the_real_gemini_live_api() -> None:
     from voicefsm import Session
     from voicefsm.adk import AdkUpstream
-    from voicefsm.host import MemoryChannel, SessionHost
+    from voicefsm.host import SessionHost
+    from voicefsm.memory import MemoryChannel
 
     model = os.environ.get("VOICEFSM_LIVE_MODEL", "gemini-2.5-flash-native-audio-preview-09-2025")
     agent = LlmAgent(name="interviewer", model=model, instruction="Greet the candidate briefly.")

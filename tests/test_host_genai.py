@@ -14,8 +14,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from genai_rig import GenaiRig, fast_config, sequence_numbers, upstream_tasks
+from genai_rig import GenaiRig
 from google.genai import types
+from loopback import fast_config, sequence_numbers, upstream_tasks
 
 from voicefsm import EndReason
 from voicefsm import events as ev

@@ -18,16 +18,14 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from live_rig import starlette_service
-from redis_server import free_port
+from loopback import free_port, uvicorn_serving
 from test_failover import (
     AFTER,
     BEFORE,
@@ -167,27 +165,6 @@ async def test_with_the_memory_store_a_stop_says_so_at_start_up_and_in_the_end_r
 
 
 # ----------------------------------------------------------------------------- create_app
-
-
-@asynccontextmanager
-async def uvicorn_serving(app: Any) -> AsyncIterator[int]:
-    """``app`` under a real in-process uvicorn on a loopback port; yields the port."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(30):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield port
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
 
 
 def get_json(url: str) -> Any:

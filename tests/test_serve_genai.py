@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
-import uvicorn
+from loopback import uvicorn_serving
 from websockets.asyncio.client import connect
 
 from voicefsm.auth import JWTAuthenticator
@@ -22,25 +19,6 @@ from voicefsm.model import SessionConfig
 from voicefsm.serve import ServeSettings, create_app, upstream_kind
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-
-
-@asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[int]:
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, ws="websockets-sansio", log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(20):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-        yield int(server.servers[0].sockets[0].getsockname()[1])
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)
 
 
 async def test_serve_with_the_genai_upstream_runs_an_interview_with_the_fake() -> None:
@@ -55,7 +33,7 @@ async def test_serve_with_the_genai_upstream_runs_an_interview_with_the_fake() -
     )
     app = create_app(settings)
     token = JWTAuthenticator(SECRET).issue("alice")
-    async with serving(app) as port:
+    async with uvicorn_serving(app, within=20) as port:
         assert isinstance(app.state.service.upstream, GenaiUpstream)
         url = f"ws://127.0.0.1:{port}/interview?token={token}"
         async with connect(url) as ws:

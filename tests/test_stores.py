@@ -21,7 +21,9 @@ from redis_server import RedisServer, require_redis_server
 from voicefsm import EndReason, Session, SessionConfig, SessionRecord, State, TranscriptLine
 from voicefsm import effects as fx
 from voicefsm import events as ev
-from voicefsm.host import MemoryChannel, Report, SessionHost
+from voicefsm.host import SessionHost
+from voicefsm.memory import MemoryChannel
+from voicefsm.ports import Report
 from voicefsm.stores import (
     BacklogFull,
     FencedSink,

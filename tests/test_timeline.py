@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from chromium import ARTIFACTS, CHROMIUM, require_browser
 
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.cli import main
@@ -48,8 +48,6 @@ from voicefsm.stores import MemoryStore, SQLiteStore
 from voicefsm.timeline import build_timeline, render_html, render_timeline
 from voicefsm.web.operator import COOKIE, operator_router
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TOLERANCE_PX = 1.0
 SECRET = "operator-test-secret-long-enough-for-hs256"
 PRICES = TokenPrices(
@@ -398,22 +396,6 @@ def test_the_timeline_follows_the_log(interview: SimulationResult) -> None:
 # ------------------------------------------------------------------ the page in chromium
 
 
-def _require_browser() -> None:
-    problems = []
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        problems.append(f"{CHROMIUM} is missing (Debian package 'chromium')")
-    try:
-        import playwright.async_api  # noqa: F401
-    except ImportError:
-        problems.append("the 'playwright' Python package is missing")
-    if not problems:
-        return
-    reason = "browser test cannot run: " + " and ".join(problems)
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; under CI it must run", pytrace=False)
-    pytest.skip(reason)
-
-
 async def _boxes(page: Any, selector: str) -> list[dict[str, Any]]:
     """Bounding boxes and data attributes of every element matching ``selector``, in DOM order."""
     result: list[dict[str, Any]] = await page.eval_on_selector_all(
@@ -428,7 +410,7 @@ async def _boxes(page: Any, selector: str) -> list[dict[str, Any]]:
 
 
 async def test_the_picture_matches_the_record_in_chromium(interview: SimulationResult) -> None:
-    _require_browser()
+    require_browser()
     from playwright.async_api import async_playwright
 
     record = _record(interview)
@@ -737,7 +719,8 @@ async def test_a_served_interview_feeds_usage_and_gap_metrics_and_its_timeline()
     import socket
 
     from google.adk.agents import LlmAgent
-    from live_rig import MODEL, chunk, fast_config, starlette_service
+    from live_rig import starlette_service
+    from loopback import MODEL, chunk, fast_config
     from websockets.asyncio.client import connect
 
     from voicefsm.adk import AdkUpstream
@@ -850,9 +833,7 @@ async def test_voicefsm_serve_shows_a_stored_interview_to_operators_only(
     tmp_path: Path, interview: SimulationResult
 ) -> None:
     """The real app under uvicorn, its lifespan started, reading a SQLite store over HTTP."""
-    import asyncio
-
-    import uvicorn
+    from loopback import uvicorn_serving
 
     from voicefsm.serve import ServeSettings, create_app
 
@@ -865,17 +846,7 @@ async def test_voicefsm_serve_shows_a_stored_interview_to_operators_only(
     settings = ServeSettings(
         config=SessionConfig(), jwt_secret=SECRET, store_url=f"sqlite://{database}", fake=True
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(30):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    async with uvicorn_serving(create_app(settings)) as port:
         auth = JWTAuthenticator(SECRET)
         page_path = f"/operator/sessions/{record.session_id}"
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -892,6 +863,3 @@ async def test_voicefsm_serve_shows_a_stored_interview_to_operators_only(
             assert page.headers["content-security-policy"].startswith("default-src 'none'")
             assert page.text.count('data-kind="rotation"') == record.stats.resumes
             assert interview.transcript[0].text in page.text
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 20)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,7 +19,8 @@ import jwt
 import pytest
 from aiohttp import web
 from google.adk.agents import LlmAgent
-from live_rig import MODEL, chunk, fast_config, sequence_numbers, starlette_service
+from live_rig import starlette_service
+from loopback import MODEL, chunk, fast_config, free_port, sequence_numbers
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -34,12 +34,6 @@ from voicefsm.web.decoder import ProtocolLimits
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 AUTH = JWTAuthenticator(SECRET)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @asynccontextmanager

@@ -27,7 +27,8 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from live_rig import chunk, starlette_service
+from live_rig import starlette_service
+from loopback import chunk, free_port
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 from test_web import (
@@ -36,7 +37,6 @@ from test_web import (
     SERVERS,
     Stack,
     close_code,
-    free_port,
     next_json,
     open_stack,
     start_session,
@@ -706,3 +706,20 @@ async def test_an_implausible_session_id_is_unknown_without_a_lookup(
     assert (await next_json(ws, "error"))["code"] == "unknown_session"
     assert await close_code(ws) == 4404
     assert looked_up == []
+
+
+async def test_a_plain_http_request_to_the_endpoint_is_a_4xx_without_a_logged_error(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crawler's GET is not a websocket: it gets a client error, not a 500 with tracebacks
+    (aiohttp answered 500 and logged two errors)."""
+    import httpx
+
+    url = stack.url.replace("ws://", "http://", 1)
+    with caplog.at_level(logging.WARNING):
+        async with httpx.AsyncClient(timeout=10) as client:
+            reply = await client.get(url)
+    assert 400 <= reply.status_code < 500, reply.status_code
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert not stack.service.sessions and stack.service.admission.connections == 0

@@ -3,7 +3,7 @@
 Every interview on a worker shares one event loop. Past some number of interviews per core the
 loop falls behind: timers fire late (the warning, the deadline, rotations), and audio queues up.
 :class:`LoopLagMonitor` measures that directly — how late a periodic timer fires on this loop —
-and :class:`Admission` turns it into a decision: while the lag is *sustained* — at least
+and :class:`OverloadGuard` turns it into a decision: while the lag is *sustained* — at least
 ``late_fraction`` of the samples of the last ``window_s`` exceed ``max_lag_s`` — new sessions are
 refused (the service closes them with 1013
 "server busy, retry", after an ``error`` message with code ``server_busy``), so a load balancer
@@ -103,7 +103,7 @@ class LoopLagMonitor:
             self.record(loop.time() - due)
 
 
-class Admission:
+class OverloadGuard:
     """Decides whether this worker takes a new session.
 
     Refuses while at least ``late_fraction`` of the lag samples of the last

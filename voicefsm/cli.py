@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from voicefsm.model import SessionRecord, SessionUsage
+    from voicefsm.model import SessionRecord, SessionUsage, TranscriptLine
     from voicefsm.pricing import TokenPrices
 
 EXIT_BROKEN_PIPE = 141
@@ -90,33 +90,40 @@ def _default_store() -> str:
     return os.environ.get("VOICEFSM_STORE", "sqlite://voicefsm-sessions.db")
 
 
+async def _load_session(
+    url: str, session_id: str
+) -> tuple[SessionRecord, list[TranscriptLine]] | None:
+    """A stored session's record and transcript (``None``, said on stderr, when there is none)."""
+    from voicefsm.stores import open_store
+
+    store = open_store(url)
+    try:
+        stored = await store.load(session_id)
+        if stored is None:
+            print(f"no session {session_id!r} in {url}", file=sys.stderr)
+            return None
+        lines = await store.read_transcript(session_id)
+    finally:
+        await store.close()
+    return stored.record, lines
+
+
 def _transcript(args: argparse.Namespace) -> int:
     import asyncio
 
-    from voicefsm.stores import open_store
-
-    async def show() -> int:
-        store = open_store(args.store)
-        try:
-            stored = await store.load(args.session_id)
-            if stored is None:
-                print(f"no session {args.session_id!r} in {args.store}", file=sys.stderr)
-                return 1
-            lines = await store.read_transcript(args.session_id)
-        finally:
-            await store.close()
-        record = stored.record
-        print(f"session {record.session_id} (user {record.owner or '-'}): {record.state}")
-        if record.end_reason is not None:
-            print(f"ended: {record.end_reason}: {record.end_detail}")
-        stats = record.stats
-        print(f"resumes: {stats.resumes}, transcript lines: {len(lines)}")
-        print(_usage_line(record, args.prices))
-        for line in lines:
-            print(f"[{line.seq}] {line.role}: {line.text}")
-        return 0
-
-    return asyncio.run(show())
+    loaded = asyncio.run(_load_session(args.store, args.session_id))
+    if loaded is None:
+        return 1
+    record, lines = loaded
+    print(f"session {record.session_id} (user {record.owner or '-'}): {record.state}")
+    if record.end_reason is not None:
+        print(f"ended: {record.end_reason}: {record.end_detail}")
+    stats = record.stats
+    print(f"resumes: {stats.resumes}, transcript lines: {len(lines)}")
+    print(_usage_line(record, args.prices))
+    for line in lines:
+        print(f"[{line.seq}] {line.role}: {line.text}")
+    return 0
 
 
 def _usage_line(record: SessionRecord, prices_file: str | None) -> str:
@@ -145,29 +152,18 @@ def _timeline(args: argparse.Namespace) -> int:
     import asyncio
 
     from voicefsm.pricing import load_prices
-    from voicefsm.stores import open_store
     from voicefsm.timeline import render_timeline
 
     prices = load_prices(args.prices)
-
-    async def load() -> int:
-        store = open_store(args.store)
-        try:
-            stored = await store.load(args.session_id)
-            if stored is None:
-                print(f"no session {args.session_id!r} in {args.store}", file=sys.stderr)
-                return 1
-            lines = await store.read_transcript(args.session_id)
-        finally:
-            await store.close()
-        record = stored.record
-        # A running session's last band reaches the present (never past the deadline).
-        now = None if record.ended_at is not None else min(time.time(), record.deadline)
-        page = render_timeline(record, lines, prices=prices, now=now)
-        _write_page(page, args.output or f"timeline-{args.session_id}.html")
-        return 0
-
-    return asyncio.run(load())
+    loaded = asyncio.run(_load_session(args.store, args.session_id))
+    if loaded is None:
+        return 1
+    record, lines = loaded
+    # A running session's last band reaches the present (never past the deadline).
+    now = None if record.ended_at is not None else min(time.time(), record.deadline)
+    page = render_timeline(record, lines, prices=prices, now=now)
+    _write_page(page, args.output or f"timeline-{args.session_id}.html")
+    return 0
 
 
 def _operator_token(args: argparse.Namespace) -> int:

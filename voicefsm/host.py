@@ -30,7 +30,7 @@ from typing import Any
 from voicefsm import effects as fx
 from voicefsm import events as ev
 from voicefsm.engine import Session
-from voicefsm.memory import MemoryChannel, MemorySink
+from voicefsm.memory import MemorySink
 from voicefsm.model import SessionRecord, State
 from voicefsm.ports import (
     ClientChannel,
@@ -40,7 +40,6 @@ from voicefsm.ports import (
     HostObserver,
     LogNote,
     PushClientChannel,
-    Report,
     SessionSink,
     StateNote,
     Upstream,
@@ -52,19 +51,7 @@ from voicefsm.ports import (
 
 logger = logging.getLogger("voicefsm.host")
 
-# Re-exported for code written before voicefsm.ports and voicefsm.memory existed.
-__all__ = [
-    "ClientChannel",
-    "ClientInput",
-    "MemoryChannel",
-    "MemorySink",
-    "Report",
-    "SessionHost",
-    "SessionLog",
-    "SessionSink",
-    "Upstream",
-    "UpstreamConnection",
-]
+__all__ = ["SessionHost", "SessionLog"]
 
 TEARDOWN_DEFER_S = 0.5
 """Longest a closed connection's tear-down waits before it starts (at once if the session ended,
@@ -246,7 +233,10 @@ class SessionHost:
 
         ``run()`` closes the upstream and the client (4410, ``reason``) and returns the session's
         record as it stands; whoever holds the session next restores it from its stored record.
+        Once the session has ended there is nothing to hand over: the call does nothing.
         """
+        if self.session.ended:
+            return
         self._detach_reason = reason
         self.post(ev.Tick())  # wake the consumer
 

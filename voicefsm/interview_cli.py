@@ -59,8 +59,8 @@ from voicefsm.ports import (
 
 if TYPE_CHECKING:  # ADK and genai wait until after argument parsing (keeps --help fast)
     from voicefsm import SessionConfig, SessionRecord
-    from voicefsm.host import ClientInput
     from voicefsm.model import TranscriptLine
+    from voicefsm.ports import ClientInput
     from voicefsm.protocol import ServerMessage
     from voicefsm.testing import FakeLiveConnection, Interviewer
 
@@ -366,7 +366,7 @@ class Timeline:
 
 
 class TerminalChannel:
-    """The client side of the session (a :class:`voicefsm.host.ClientChannel`) in a terminal."""
+    """The client side of the session (a :class:`voicefsm.ports.ClientChannel`) in a terminal."""
 
     def __init__(self, timeline: Timeline, player: Player | None) -> None:
         self._input: asyncio.Queue[ClientInput | None] = asyncio.Queue()
@@ -422,7 +422,7 @@ class TerminalChannel:
 
 
 class TranscriptPrinter:
-    """A :class:`voicefsm.host.SessionSink` that keeps the record and prints transcript lines
+    """A :class:`voicefsm.ports.SessionSink` that keeps the record and prints transcript lines
     only when asked to."""
 
     def __init__(self, timeline: Timeline, show: bool) -> None:

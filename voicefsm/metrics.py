@@ -184,6 +184,7 @@ class SessionObserver:
         metrics.sessions.labels(state=change.previous.value).dec()
         if change.state is State.ENDED:
             metrics.ended.labels(reason=end_reason or "unknown").inc()
+            self._started = False  # counted out: a later detached() has nothing to take back
             return
         metrics.sessions.labels(state=change.state.value).inc()
         if change.state is State.RESUMING:

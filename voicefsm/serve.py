@@ -1,6 +1,7 @@
 """``voicefsm serve``: a FastAPI app with a browser interview page, served by uvicorn.
 
-With ``GOOGLE_API_KEY`` set, sessions talk to the Gemini Live API through ADK. Without it, the
+With ``GOOGLE_API_KEY`` set, sessions talk to the Gemini Live API (through ADK when it is
+installed, else directly through google-genai: ``ServeSettings.upstream``). Without it, the
 app starts the loopback fake Live server with its scripted interviewer and says so, in the logs
 and on the page, so the whole stack runs on a fresh machine with no key.
 """
@@ -24,7 +25,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from voicefsm.admission import Admission as OverloadGuard
+from voicefsm.admission import OverloadGuard
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics

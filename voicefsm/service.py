@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from voicefsm import events as ev
-from voicefsm.admission import Admission as OverloadGuard
+from voicefsm.admission import OverloadGuard
 from voicefsm.auth import Authenticator, AuthError, Principal
 from voicefsm.engine import Session
-from voicefsm.host import ClientInput, SessionHost, Upstream
+from voicefsm.host import SessionHost
 from voicefsm.limits import Admission, Refusal, Reservation, ServiceLimits
 from voicefsm.metrics import Metrics, SessionObserver
 from voicefsm.model import SessionConfig, SessionRecord, State
+from voicefsm.ports import ClientInput, Upstream
 from voicefsm.protocol import ErrorMessage, ServerMessage, SessionCreated, SessionEnded
 from voicefsm.stores import (
     Lease,
@@ -108,7 +109,7 @@ class Transport(Protocol):
 
 
 class WebChannel:
-    """A :class:`~voicefsm.host.ClientChannel` over a :class:`Transport`: decodes frames,
+    """A :class:`~voicefsm.ports.ClientChannel` over a :class:`Transport`: decodes frames,
     answers bad ones with an ``error`` message, and ends the session after too many."""
 
     def __init__(self, transport: Transport, limits: ProtocolLimits, metrics: Metrics) -> None:
@@ -258,8 +259,9 @@ class InterviewService:
         offered = list(transport.subprotocols)
         refusal = self.admission.connect()
         if refusal is not None:
-            await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
-            await _refuse(transport, refusal)
+            with contextlib.suppress(Exception):  # a client gone mid-handshake: nothing to tell
+                await transport.accept(SUBPROTOCOL if SUBPROTOCOL in offered else None)
+                await _refuse(transport, refusal)
             return
         try:
             await self._handle(transport, offered)
@@ -460,6 +462,7 @@ class InterviewService:
             )
             await _refuse(channel.transport, reservation)
             return None
+        lease: Lease | None = None
         try:
             session = self._session_factory(self.config)
             session.owner = principal.user_id
@@ -476,6 +479,9 @@ class InterviewService:
             live = self._run(session, principal, lease, channel, attach=False)
         except BaseException:
             reservation.release()
+            if lease is not None:  # the client went before it heard of the session
+                with contextlib.suppress(Exception):
+                    await self.store.release_lease(lease)
             raise
         live.reservation = reservation
         logger.info("session %s started for user %r", session.session_id, principal.user_id)

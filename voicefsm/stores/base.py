@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar, runtime_checkable
 
 from voicefsm.model import EndReason, SessionRecord, SessionUsage, State, TranscriptLine
-from voicefsm.ports import SessionSink
 
 logger = logging.getLogger("voicefsm.stores")
 
@@ -266,10 +265,6 @@ class SessionQuery:
 
 
 # ---------------------------------------------------------------------------------------- protocol
-
-
-RecordSink = SessionSink
-"""Anything that takes a host's writes: the one sink port, :class:`voicefsm.ports.SessionSink`."""
 
 
 @runtime_checkable

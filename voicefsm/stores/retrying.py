@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from voicefsm.model import SessionRecord, TranscriptLine
-from voicefsm.stores.base import BacklogFull, RecordSink, StoreUnavailable
+from voicefsm.ports import SessionSink
+from voicefsm.stores.base import BacklogFull, StoreUnavailable
 
 logger = logging.getLogger("voicefsm.stores.retrying")
 
@@ -59,7 +60,7 @@ class RetryingSink:
 
     def __init__(
         self,
-        sink: RecordSink,
+        sink: SessionSink,
         *,
         max_pending: int = 10_000,
         backoff_initial_s: float = 0.05,

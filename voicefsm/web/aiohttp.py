@@ -36,6 +36,11 @@ class AiohttpTransport:
         self.origin: str | None = request.headers.get("Origin")
 
     @property
+    def accepted(self) -> bool:
+        """Whether the websocket handshake completed (:meth:`accept`)."""
+        return self._ws is not None
+
+    @property
     def response(self) -> web.WebSocketResponse:
         """The websocket response (after :meth:`accept`)."""
         if self._ws is None:
@@ -73,9 +78,9 @@ class AiohttpTransport:
         await self.response.send_bytes(data)
 
     async def close(self, code: int, reason: str) -> None:
-        """Close the websocket unless it is already closed."""
-        ws = self.response
-        if not ws.closed:
+        """Close the websocket unless it is already closed (or was never accepted)."""
+        ws = self._ws
+        if ws is not None and not ws.closed:
             await ws.close(code=code, message=reason.encode())
 
 
@@ -86,8 +91,14 @@ def interview_handler(
     install_token_redaction()
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        if not web.WebSocketResponse().can_prepare(request).ok:  # a plain HTTP request
+            return web.Response(
+                status=426, headers={"Upgrade": "websocket"}, text="this is a websocket endpoint"
+            )
         transport = AiohttpTransport(request, service.limits)
         await service.handle(transport)
+        if not transport.accepted:  # the client went during the handshake
+            return web.Response(status=400, text="the websocket handshake did not complete")
         return transport.response
 
     return handler
