@@ -216,8 +216,7 @@ class RunResult:
 def make_guard(variant: str) -> Any:
     """The overload guard of a variant: ``off``, ``guard`` (the defaults), or
     ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S`` (e.g. ``guard@10/0.1/1``)."""
-    from voicefsm.admission import OverloadGuard
-    from voicefsm.admission import LoopLagMonitor
+    from voicefsm.admission import LoopLagMonitor, OverloadGuard
 
     if variant == "off":
         return None
