@@ -18,12 +18,13 @@ every 20 ms on an absolute schedule, and receives interviewer audio and messages
 ``session_ended``. Each interview is short (``--time-limit``, warning
 ``--warning-before`` it), so its warning and its end both happen while the worker is loaded.
 
-Two variants, interleaved (the order alternates every repeat), each with a fresh service:
+Variants, interleaved (the order rotates every repeat), each with a fresh service:
 
 * ``guard``: ``InterviewService(..., overload=OverloadGuard())``, the defaults of
   :mod:`voicefsm.admission` (refuse while >= 20 % of the last 2 s of 50 ms lag samples are over
   25 ms); a refused client gets ``error`` ``server_busy`` and close 1013 and does not retry;
-* ``off``: ``overload=None``: every arrival is admitted.
+* ``off``: ``overload=None``: every arrival is admitted;
+* ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S``: the guard with other settings.
 
 :class:`~voicefsm.limits.ServiceLimits` are raised out of the way, so only the guard refuses.
 
