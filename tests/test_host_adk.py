@@ -575,6 +575,23 @@ async def test_audio_still_queued_at_a_normal_end_is_counted_as_unsent() -> None
     )
 
 
+async def test_client_audio_still_in_the_inbox_at_the_end_is_counted_as_unsent() -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server) as rig:
+        await rig.wait_state("live")
+        rig.send_audio(5)
+        rig.channel.push(ev.ClientEnd())
+        rig.send_audio(7)  # read from the client, queued behind the end: never sent
+        record = await rig.finish()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    assert record.end_reason is EndReason.USER_ENDED
+    # Every chunk the client sent is either at the fake or counted: none vanish silently.
+    assert conn.audio_chunk_count + record.stats.upstream_audio_unsent == 12
+    assert record.stats.upstream_audio_unsent >= 7
+    unsent = [e for e in record.log if e.kind is LogKind.AUDIO_UNSENT]
+    assert any("queued at the end" in (e.why or "") for e in unsent)
+
+
 async def test_the_adk_session_stays_small_over_many_rotations() -> None:
     rotations = 30
     copied: list[int] = []

@@ -324,10 +324,16 @@ class SessionHost:
     async def _count_late_unsent(self) -> None:
         """Hand the engine the unsent-audio counts that arrived after its loop stopped."""
         late: list[ev.UpstreamAudioUnsent] = []
+        queued_audio = 0
         self._inbox.close()
         while (event := self._inbox.take()) is not None:
             if isinstance(event, ev.UpstreamAudioUnsent):
                 late.append(event)
+            elif isinstance(event, ev.ClientAudio):
+                queued_audio += 1
+        if queued_audio:
+            # Read from the client before the session stopped, but never handed to the engine.
+            late.append(ev.UpstreamAudioUnsent(queued_audio, "client audio queued at the end"))
         if self._carry:
             late.append(ev.UpstreamAudioUnsent(len(self._carry), "the host stopped"))
             self._carry = []
