@@ -648,12 +648,13 @@ async def test_busy_retries_and_replaced_is_final() -> None:
         page = await browser.new_page()
         problems = _watch(page)
         debug = _debug(page)
-        await page.goto(base_url + "/")
-        await page.evaluate(
-            """() => sessionStorage.setItem("voicefsm.session",
+        # The session is stored before any of the page's scripts run: written into an open
+        # page, its start-up could read the storage before or after the write.
+        await page.add_init_script(
+            """sessionStorage.setItem("voicefsm.session",
                 JSON.stringify({ sessionId: "0123456789abcdef", token: "t" }))"""
         )
-        await page.reload()  # the page re-attaches to the stored session on load
+        await page.goto(base_url + "/")  # the page re-attaches to the stored session on load
         await page.wait_for_function("() => window.voicefsm.counters.connects === 2")
         assert [close["code"] for close in await debug("closes")] == [1013]
         notice = await page.locator("#reconnecting-text").inner_text()
