@@ -171,3 +171,24 @@ class HostRig:
         """The client ends the interview; wait for the final record."""
         self.channel.push(ev.ClientEnd())
         return await self.finish()
+
+
+def assert_every_chunk_in_order_once_resent(server: FakeLiveServer, sent: int) -> int:
+    """Every chunk arrived; the second connection starts at or before where the first stopped.
+
+    Returns how many chunks arrived twice (re-sent although the dead peer had read them).
+    """
+    first, second = (sequence_numbers([c]) for c in server.connections)
+    assert first == list(range(len(first)))
+    assert second, "nothing reached the resumed connection"
+    assert second == list(range(second[0], second[0] + len(second)))
+    assert second[0] <= len(first)
+    assert set(first) | set(second) == set(range(sent))
+    return len(first) - second[0]
+
+
+async def streaming(rig: HostRig, stop: asyncio.Event) -> None:
+    """Send one numbered client chunk every 5 ms until ``stop`` is set."""
+    while not stop.is_set():
+        rig.send_audio(1)
+        await asyncio.sleep(0.005)

@@ -17,7 +17,15 @@ import pytest
 from google.adk.agents import LlmAgent
 from google.adk.tools import ToolContext
 from live_rig import Rig
-from loopback import MODEL, chunk, fast_config, sequence_numbers, upstream_tasks
+from loopback import (
+    MODEL,
+    assert_every_chunk_in_order_once_resent,
+    chunk,
+    fast_config,
+    sequence_numbers,
+    streaming,
+    upstream_tasks,
+)
 
 from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
@@ -497,26 +505,6 @@ async def test_run_leaves_no_upstream_task_behind_when_the_last_close_hangs() ->
 def silent_config(**overrides: Any) -> Any:
     """Short liveness settings: a silent upstream is noticed within 0.2 + 0.5 s."""
     return fast_config(upstream_ping_interval_s=0.2, upstream_pong_timeout_s=0.5, **overrides)
-
-
-def assert_every_chunk_in_order_once_resent(server: FakeLiveServer, sent: int) -> int:
-    """Every chunk arrived; the second connection starts at or before where the first stopped.
-
-    Returns how many chunks arrived twice (re-sent although the dead peer had read them).
-    """
-    first, second = (sequence_numbers([c]) for c in server.connections)
-    assert first == list(range(len(first)))
-    assert second, "nothing reached the resumed connection"
-    assert second == list(range(second[0], second[0] + len(second)))
-    assert second[0] <= len(first)
-    assert set(first) | set(second) == set(range(sent))
-    return len(first) - second[0]
-
-
-async def streaming(rig: Rig, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        rig.send_audio(1)
-        await asyncio.sleep(0.005)
 
 
 @pytest.mark.parametrize("fault", ["stop_reading", "ignore_pings"])

@@ -16,7 +16,13 @@ from collections.abc import Iterator
 import pytest
 from genai_rig import GenaiRig
 from google.genai import types
-from loopback import fast_config, sequence_numbers, upstream_tasks
+from loopback import (
+    assert_every_chunk_in_order_once_resent,
+    fast_config,
+    sequence_numbers,
+    streaming,
+    upstream_tasks,
+)
 
 from voicefsm import EndReason
 from voicefsm import events as ev
@@ -241,20 +247,6 @@ async def test_close_does_not_wait_for_a_peer_that_never_answers_the_closing_han
         assert server.connections[0].close_frames_ignored == 1
 
 
-def assert_every_chunk_in_order_once_resent(server: FakeLiveServer, sent: int) -> int:
-    """Every chunk arrived; the second connection starts at or before where the first stopped.
-
-    Returns how many chunks arrived twice (re-sent although the dead peer had read them).
-    """
-    first, second = (sequence_numbers([c]) for c in server.connections)
-    assert first == list(range(len(first)))
-    assert second, "nothing reached the resumed connection"
-    assert second == list(range(second[0], second[0] + len(second)))
-    assert second[0] <= len(first)
-    assert set(first) | set(second) == set(range(sent))
-    return len(first) - second[0]
-
-
 @pytest.mark.parametrize("fault", ["stop_reading", "ignore_pings"])
 async def test_a_silent_upstream_is_resumed_and_the_audio_it_swallowed_is_resent(
     fault: str,
@@ -272,13 +264,7 @@ async def test_a_silent_upstream_is_resumed_and_the_audio_it_swallowed_is_resent
         GenaiRig(server, config) as rig,
     ):
         stop = asyncio.Event()
-
-        async def stream() -> None:
-            while not stop.is_set():
-                rig.send_audio(1)
-                await asyncio.sleep(0.005)
-
-        streamer = asyncio.create_task(stream())
+        streamer = asyncio.create_task(streaming(rig, stop))
         second = await server.wait_for_connection(2, timeout=10)
         await rig.wait_state("live", count=2)
         await second.wait_for_audio_chunks(20)
