@@ -292,10 +292,12 @@ class _ReportingConnection(BaseLlmConnection):
 
     async def send_content(self, content: types.Content) -> None:
         link = self._link
-        if link.queued_texts and link.queued_texts[0] is content:
+        ours = bool(link.queued_texts) and link.queued_texts[0] is content
+        await self._guard(self._inner.send_content(content))
+        if ours:
+            # Sent: audio behind this turn may be written directly again.
             link.queued_texts.popleft()
             link.queued -= 1
-        await self._guard(self._inner.send_content(content))
 
     async def send_realtime(self, blob: types.Blob) -> None:
         link = self._link
