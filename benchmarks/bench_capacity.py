@@ -16,11 +16,15 @@ an output-transcript fragment every 0.5 s, a turn end and a resumption update ev
 The same N is measured for four systems, in one run, interleaved (the order rotates every
 repeat):
 
-* ``voicefsm-adk``: :class:`voicefsm.host.SessionHost` on :class:`voicefsm.adk.AdkUpstream`;
+* ``voicefsm-adk``: :class:`voicefsm.host.SessionHost` on :class:`voicefsm.adk.AdkUpstream`
+  (its default ``wire="direct"``: client audio written straight to the websocket);
 * ``voicefsm-genai``: the host on :class:`voicefsm.genai_live.GenaiUpstream`;
 * ``bare-adk``: ADK's ``Runner.run_live`` with a ``LiveRequestQueue`` (same run config);
 * ``raw-genai``: ``client.aio.live.connect`` with a sender awaiting ``send_realtime_input``
   and a receiver looping over ``session.receive()`` (same connect config).
+
+Not run unless named in ``--systems``: ``voicefsm-adk-queue``, the host on
+``AdkUpstream(wire="adk")`` (client audio through ADK's ``LiveRequestQueue``, as bare ADK).
 
 Per system and N, over a ``--window`` after a ``--warmup`` (both after every session is up):
 
@@ -68,7 +72,8 @@ MODEL_CHUNK_BYTES = 1920  # 40 ms of 24 kHz 16-bit mono
 MODEL_CHUNK_S = 0.04
 LAG_TICK_S = 0.01
 STAMP = struct.Struct(">dII")  # scheduled send time, interview id, sequence number
-SYSTEMS = ("voicefsm-adk", "voicefsm-genai", "bare-adk", "raw-genai")
+SYSTEMS = ("voicefsm-adk", "voicefsm-adk-queue", "voicefsm-genai", "bare-adk", "raw-genai")
+DEFAULT_SYSTEMS = ("voicefsm-adk", "voicefsm-genai", "bare-adk", "raw-genai")
 PROFILER: Any = None
 """A ``cProfile.Profile`` enabled during the measured windows (``--profile``)."""
 INPUT_MIME = "audio/pcm;rate=16000"
@@ -382,6 +387,11 @@ class Factory:
         self.adk_upstream = AdkUpstream(
             LlmAgent(name="interviewer", model=MODEL, instruction=instruction), client=client()
         )
+        self.adk_queue_upstream = AdkUpstream(
+            LlmAgent(name="interviewer", model=MODEL, instruction=instruction),
+            client=client(),
+            wire="adk",
+        )
         self.genai_upstream = GenaiUpstream(MODEL, client=client(), instruction=instruction)
         defaults = SessionConfig()
         compression = types.ContextWindowCompressionConfig(
@@ -412,6 +422,8 @@ class Factory:
     def make(self, system: str) -> Interview:
         if system == "voicefsm-adk":
             return VoicefsmInterview(self.adk_upstream)
+        if system == "voicefsm-adk-queue":
+            return VoicefsmInterview(self.adk_queue_upstream)
         if system == "voicefsm-genai":
             return VoicefsmInterview(self.genai_upstream)
         if system == "bare-adk":
@@ -583,6 +595,15 @@ class Summary:
         return self.median("lag_p99_ms") < 50 and all(run.lost == 0 for run in self.runs)
 
 
+RATIOS = (
+    ("voicefsm-adk", "bare-adk"),
+    ("voicefsm-adk-queue", "bare-adk"),
+    ("voicefsm-genai", "raw-genai"),
+    ("voicefsm-genai", "bare-adk"),
+)
+"""The paired CPU ratios reported, (system, baseline), when both ran."""
+
+
 def paired_ratio(results: list[RunResult], system: str, baseline: str, n: int) -> float:
     """Median over repeats of CPU(system) / CPU(baseline), each pair from the same repeat."""
     mine = [r for r in results if r.system == system and r.n == n]
@@ -629,16 +650,16 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
                 f"| {summary.median('fake_cpu_share'):.0%} |"
             )
     lines += ["", "CPU per interview as paired ratios (same repeat, same N):", ""]
-    lines.append(
-        "| N | voicefsm-adk / bare-adk | voicefsm-genai / raw-genai | voicefsm-genai / bare-adk |"
-    )
-    lines.append("| ---: | ---: | ---: | ---: |")
+    pairs = [
+        (system, baseline)
+        for system, baseline in RATIOS
+        if system in systems and baseline in systems
+    ]
+    lines.append("| N | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |")
+    lines.append("| ---: |" + " ---: |" * len(pairs))
     for n in sizes:
-        lines.append(
-            f"| {n} | {paired_ratio(results, 'voicefsm-adk', 'bare-adk', n):.2f}x "
-            f"| {paired_ratio(results, 'voicefsm-genai', 'raw-genai', n):.2f}x "
-            f"| {paired_ratio(results, 'voicefsm-genai', 'bare-adk', n):.2f}x |"
-        )
+        cells = [f"{paired_ratio(results, a, b, n):.2f}x" for a, b in pairs]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Largest N measured that each system sustains (loop-lag p99 < 50 ms, none lost):",
@@ -688,7 +709,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the window")
     parser.add_argument("--window", type=float, default=5.0, help="measured seconds")
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"comma-separated, from {', '.join(SYSTEMS)}",
+    )
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     parser.add_argument("--fake-cpu", type=int, default=None, help="pin the fake's process")
     parser.add_argument("--quick", action="store_true", help="small sizes, one short repeat")

@@ -11,10 +11,12 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from google.adk.agents import LlmAgent
+from google import genai
+from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
 from google.adk.tools import ToolContext
 from live_rig import Rig
 from loopback import (
@@ -547,16 +549,23 @@ async def test_a_silent_upstream_is_resumed_and_the_audio_it_swallowed_is_resent
     assert "no pong" in (silent[0].why or "")
 
 
-async def test_audio_still_queued_at_a_normal_end_is_counted_as_unsent() -> None:
-    async with FakeLiveServer(scripts=[setup_only]) as server, Rig(server) as rig:
-        await rig.wait_state("live")
-        rig.send_audio(40)
-        rig.channel.push(ev.ClientEnd())  # the end is handled before ADK sent them all
-        record = await rig.finish()
-        conn = server.connections[0]
-        await conn.wait_closed()
+@pytest.mark.parametrize("wire", ["adk", "direct"])
+async def test_audio_still_queued_at_a_normal_end_is_counted_as_unsent(wire: Any) -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server:
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+        upstream = AdkUpstream(agent, client=server.genai_client(), wire=wire)
+        async with Rig(server, upstream=upstream) as rig:
+            await rig.wait_state("live")
+            rig.send_audio(40)
+            rig.channel.push(ev.ClientEnd())  # the end is handled before ADK sent them all
+            record = await rig.finish()
+            conn = server.connections[0]
+            await conn.wait_closed()
     received = conn.audio_chunk_count
-    assert record.stats.upstream_audio_unsent > 0
+    if wire == "adk":
+        assert record.stats.upstream_audio_unsent > 0  # still in ADK's queue
+    else:
+        assert received == 40  # each written to the socket as the host handled it
     assert received + record.stats.upstream_audio_unsent == 40
     assert rig.sink.records[record.session_id].stats.upstream_audio_unsent == (
         record.stats.upstream_audio_unsent
@@ -725,3 +734,57 @@ async def test_client_sends_that_suspend_or_not_all_arrive_in_order() -> None:
     assert [chunk[0] for chunk in channel.audio] == list(range(20))
     assert record.end_reason is EndReason.USER_ENDED
     assert record.client_connected  # no send was taken for a failure
+
+
+def _audio_wire_keys(conn: FakeLiveConnection) -> set[str]:
+    """How the client's audio frames were spelled: ``audio`` or ``mediaChunks``."""
+    keys: set[str] = set()
+    for frame in conn.frames_received:
+        realtime = frame.get("realtimeInput") or frame.get("realtime_input")
+        if isinstance(realtime, dict):
+            keys.update(key for key in ("audio", "mediaChunks", "media_chunks") if key in realtime)
+    return keys
+
+
+@pytest.mark.parametrize("wire", ["direct", "adk"])
+async def test_audio_and_text_turns_reach_the_model_in_order_on_either_wire(wire: Any) -> None:
+    async with FakeLiveServer(scripts=[setup_only]) as server:
+        agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+        upstream = AdkUpstream(agent, client=server.genai_client(), wire=wire)
+        assert upstream.wire == wire
+        async with Rig(server, upstream=upstream) as rig:
+            await rig.wait_state("live")
+            conn = server.connections[0]
+            rig.send_audio(20)
+            await conn.wait_for_audio_chunks(20)
+            # One burst: the text turn is queued for ADK between chunks the host may write itself.
+            rig.send_audio(10)
+            rig.channel.push(ev.ClientText("hello"))
+            rig.send_audio(10)
+            await conn.wait_for_audio_chunks(40)
+            await conn.wait_for_text_inputs(1)
+            await rig.end()
+    kinds = [e.kind for e in conn.timeline if e.kind in ("audio", "text")]
+    assert kinds == ["audio"] * 30 + ["text"] + ["audio"] * 10
+    assert sequence_numbers([conn]) == list(range(40))
+    assert _audio_wire_keys(conn) == ({"audio"} if wire == "direct" else {"mediaChunks"})
+
+
+async def test_the_direct_wire_leaves_audio_to_adk_where_adk_needs_it() -> None:
+    async def listen(input_stream: LiveRequestQueue) -> AsyncIterator[str]:
+        """A streaming tool: ADK copies the live audio to it."""
+        yield "listening"
+
+    def client() -> genai.Client:
+        return genai.Client(api_key="unused")  # never connects
+
+    plain = LlmAgent(name="interviewer", model=MODEL, instruction="x")
+    streaming_tool = LlmAgent(name="interviewer", model=MODEL, instruction="x", tools=[listen])
+    parent = LlmAgent(name="lead", model=MODEL, instruction="x", sub_agents=[streaming_tool])
+    assert AdkUpstream(plain, client=client()).wire == "direct"
+    assert AdkUpstream(streaming_tool, client=client()).wire == "adk"
+    assert AdkUpstream(parent, client=client()).wire == "adk"
+    saving = RunConfig(save_live_blob=True)
+    assert AdkUpstream(plain, client=client(), run_config=saving).wire == "adk"
+    with pytest.raises(ValueError, match="wire"):
+        AdkUpstream(plain, client=client(), wire="genai")  # type: ignore[arg-type]

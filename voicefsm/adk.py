@@ -25,12 +25,14 @@ does not.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
+import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator
+from typing import Any, Literal
 
 from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
 from google.adk.events import Event
@@ -45,6 +47,7 @@ from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import errors, types
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State as WebsocketState
 
 from voicefsm import events as ev
 from voicefsm.classify import classify_adk_event
@@ -67,6 +70,11 @@ class _Link:
     The ledger: ``unsent`` holds chunks queued for ADK but not yet written to the websocket;
     ``unconfirmed`` the chunks written since the peer last proved it had read everything (a pong
     to a ping sent after them, or a completed closing handshake).
+
+    On the direct wire (see :class:`AdkUpstream`), a chunk is written to the websocket in the
+    host's turn when nothing voicefsm queued for ADK is still ahead of it (``queued``), the
+    connection is open (``wire_open``) and the socket takes a frame without waiting; otherwise
+    it goes through ADK's ``LiveRequestQueue`` as on the ``"adk"`` wire.
     """
 
     def __init__(
@@ -102,6 +110,18 @@ class _Link:
         """Audio chunks written to the websocket so far."""
         self.confirmed = 0
         """Of those, how many the peer is known to have read."""
+        self.direct = False
+        """This connection writes client audio frames itself (the direct wire, decided on
+        connect)."""
+        self.wire_open = False
+        """ADK has sent its history and receives: a frame written now follows everything ADK
+        sent."""
+        self.queued = 0
+        """Chunks and text turns voicefsm put into the ``LiveRequestQueue`` that have not
+        reached the connection yet; a direct write would overtake them."""
+        self.queued_texts: deque[types.Content] = deque()
+        self.finishing: set[asyncio.Task[None]] = set()
+        """Direct writes that had to wait for the socket's buffer to drain."""
 
     def report(self, event: ev.Event) -> None:
         if not self.closing:
@@ -119,6 +139,40 @@ class _Link:
         self.unsent.popleft()
         self.unconfirmed.append(data)
         self.written += 1
+
+    def write_now(self, data: bytes) -> bool:
+        """Write ``data`` to the websocket in the caller's turn, if nothing queued is ahead.
+
+        Returns False (nothing written) when the chunk must go through ADK's queue instead. A
+        frame to an open socket with room in its buffer is written without suspending; a send
+        that does suspend (waiting for the buffer to drain) already wrote its frame and is
+        finished by a task of its own.
+        """
+        websocket = self.websocket
+        if self.queued or not self.wire_open or websocket is None or not _writable(websocket):
+            return False
+        self.unconfirmed.append(data)
+        self.written += 1
+        sending = websocket.send(_audio_frame(data))
+        try:
+            waiting_on = sending.send(None)
+        except StopIteration:
+            return True
+        except Exception as error:  # this connection's end: the chunk is unsent again
+            self.unwrote(data)
+            self.report_closed(*_close_code(error))
+            self.abort()
+            return True
+        task = asyncio.ensure_future(self._finish_send(sending, waiting_on))
+        self.finishing.add(task)
+        task.add_done_callback(self.finishing.discard)
+        return True
+
+    async def _finish_send(self, sending: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        try:
+            await _Resume(sending, waiting_on)
+        except (ConnectionClosed, OSError) as error:
+            self.report_closed(*_close_code(error))
 
     def unwrote(self, data: bytes) -> None:
         """Writing ``data`` failed before it reached the socket: it is unsent again."""
@@ -167,6 +221,47 @@ class _TrackedConnection(ClientConnection):
 _LINK: contextvars.ContextVar[_Link] = contextvars.ContextVar("voicefsm_link")
 
 
+def _audio_frame(data: bytes) -> str:
+    """The Live API's ``realtimeInput`` message for one chunk of client audio."""
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'{{"realtimeInput":{{"audio":{{"mimeType":"{INPUT_AUDIO_MIME}","data":"{encoded}"}}}}}}'
+
+
+def _writable(websocket: ClientConnection) -> bool:
+    """Whether websockets writes a frame to ``websocket`` now, without suspending."""
+    return (
+        websocket.protocol.state is WebsocketState.OPEN
+        and not websocket.transport.is_closing()
+        and not websocket.paused
+    )
+
+
+class _Resume:
+    """Awaiting it finishes a coroutine that was stepped by hand until it yielded ``waiting_on``."""
+
+    __slots__ = ("_coroutine", "_waiting_on")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        self._coroutine = coroutine
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coroutine, yielded = self._coroutine, self._waiting_on
+        while True:
+            try:
+                yield yielded  # the task waits on it as the coroutine would have
+            except BaseException as error:  # a cancellation, say: pass it in
+                try:
+                    yielded = coroutine.throw(error)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    yielded = coroutine.send(None)
+                except StopIteration:
+                    return
+
+
 class _AbortConnect(RuntimeError):
     """ADK tried to connect again within one ``run_live``; only the session may do that."""
 
@@ -196,7 +291,13 @@ class _ReportingConnection(BaseLlmConnection):
         await self._guard(self._inner.send_history(history))
 
     async def send_content(self, content: types.Content) -> None:
+        link = self._link
+        ours = bool(link.queued_texts) and link.queued_texts[0] is content
         await self._guard(self._inner.send_content(content))
+        if ours:
+            # Sent: audio behind this turn may be written directly again.
+            link.queued_texts.popleft()
+            link.queued -= 1
 
     async def send_realtime(self, blob: types.Blob) -> None:
         link = self._link
@@ -208,9 +309,14 @@ class _ReportingConnection(BaseLlmConnection):
             return
         # genai writes the frame to the socket before its first await (websockets' send
         # writes, then drains), so from here on the chunk is "written", not "unsent".
+        link.queued -= 1
         link.wrote(data)
+        websocket = link.websocket
         try:
-            await self._inner.send_realtime(blob)
+            if link.direct and websocket is not None:
+                await websocket.send(_audio_frame(data))
+            else:
+                await self._inner.send_realtime(blob)
         except (errors.APIError, ConnectionClosed, OSError) as error:
             if not link.closing:
                 link.unwrote(data)
@@ -226,6 +332,9 @@ class _ReportingConnection(BaseLlmConnection):
 
     async def receive(self) -> AsyncGenerator[LlmResponse, None]:
         link = self._link
+        # ADK sends the history before it starts receiving: from now on a frame voicefsm writes
+        # itself follows everything ADK sent on this connection.
+        link.wire_open = True
         try:
             async for response in self._inner.receive():
                 # Everything the session needs is reported here, in wire order; ADK's own
@@ -276,6 +385,8 @@ class VoiceFsmGemini(Gemini):
         # the link (for pings, a bounded close and aborting it), even before setupComplete.
         options = self._live_api_client._api_client._websocket_ssl_ctx
         options["create_connection"] = _TrackedConnection
+        if self._live_api_client.vertexai:
+            link.direct = False  # the frames written directly are the Gemini API's
         stack = contextlib.AsyncExitStack()
         try:
             connection = await stack.enter_async_context(super().connect(llm_request))
@@ -393,15 +504,31 @@ class AdkConnection:
         link.armed.set()
 
     def send_audio(self, data: bytes) -> None:
-        """Queue candidate audio; it counts as unsent until it is written to the websocket."""
-        if self._link.closing:
-            raise RuntimeError(f"upstream #{self._link.connection_id} is closed")
-        self._link.unsent.append(data)
+        """Send candidate audio, in order; it counts as unsent until written to the websocket.
+
+        On the direct wire it is written now when it can be (see :meth:`_Link.write_now`);
+        otherwise it is queued for ADK.
+        """
+        link = self._link
+        if link.closing:
+            raise RuntimeError(f"upstream #{link.connection_id} is closed")
+        if link.direct and link.write_now(data):
+            return
+        link.unsent.append(data)
+        link.queued += 1
         self._queue.send_realtime(types.Blob(data=data, mime_type=INPUT_AUDIO_MIME))
 
     def send_text(self, text: str) -> None:
-        """Queue a text turn (the candidate's, or the wrap-up prompt)."""
-        self._queue.send_content(types.Content(role="user", parts=[types.Part(text=text)]))
+        """Queue a text turn (the candidate's, or the wrap-up prompt) for ADK, in order."""
+        link = self._link
+        content = types.Content(role="user", parts=[types.Part(text=text)])
+        if link.direct:
+            # Audio after it waits in the queue behind it until ADK has sent it. (A turn that
+            # ADK's before-model callback blocks never arrives: the rest of this connection's
+            # audio then stays on ADK's queue, in order.)
+            link.queued_texts.append(content)
+            link.queued += 1
+        self._queue.send_content(content)
 
     def close(self) -> list[bytes]:
         """Stop at once: nothing more is sent or reported. The socket work is :meth:`wait_closed`.
@@ -438,6 +565,8 @@ class AdkConnection:
             except Exception as error:  # TimeoutError, or a socket already broken
                 link.log.info("closing upstream #%d: %r", link.connection_id, error)
         task.cancel()
+        for finishing in list(link.finishing):
+            finishing.cancel()  # its frame is written; only the wait for the drain is left
         done, _ = await asyncio.wait({task}, timeout=link.close_timeout_s + 0.5)
         if not done:
             link.log.warning(
@@ -555,6 +684,14 @@ class AdkUpstream:
     ready, the next connection's ``run_live`` is started and waits just before connecting, so a
     rotation only pays for the connection itself, not for ADK's ``run_live`` start-up. One idle
     ``run_live`` per session; its copy of the ADK session's state is refreshed when it connects.
+
+    ``wire`` is how client audio reaches the model. ``"direct"`` (the default): the connection
+    writes each chunk as a Live API ``realtimeInput`` frame to its websocket, in the host's turn,
+    instead of ADK's ``LiveRequestQueue``, send task and genai's per-frame conversions; text
+    turns, tool responses and everything the model sends still go through ADK. ``"adk"``: audio
+    goes through ADK's ``LiveRequestQueue`` too. ``"direct"`` falls back to ``"adk"`` where ADK
+    itself needs the audio: a ``run_config`` with ``save_live_blob``, or an agent with a
+    streaming tool (an ``input_stream`` parameter), and on Vertex AI clients.
     """
 
     def __init__(
@@ -569,9 +706,12 @@ class AdkUpstream:
         runner: Runner | None = None,
         close_timeout_s: float = 1.0,
         warm_standby: bool = True,
+        wire: Literal["direct", "adk"] = "direct",
     ) -> None:
         if close_timeout_s <= 0:
             raise ValueError(f"close_timeout_s must be > 0, got {close_timeout_s}")
+        if wire not in ("direct", "adk"):
+            raise ValueError(f"wire must be 'direct' or 'adk', got {wire!r}")
         self.close_timeout_s = close_timeout_s
         self._sessions: set[str] = set()
         self._standby: dict[str, AdkConnection] = {}
@@ -621,6 +761,9 @@ class AdkUpstream:
                 or types.AudioTranscriptionConfig(),
             }
         )
+        direct = wire == "direct" and not base.save_live_blob and not _has_streaming_tool(agent)
+        self.wire: Literal["direct", "adk"] = "direct" if direct else "adk"
+        """The wire in use: ``"adk"`` where ``"direct"`` was asked for but ADK needs the audio."""
 
     async def forget(self, session_id: str) -> None:
         """Drop the session's standby and its ADK session (only from the service made here)."""
@@ -673,6 +816,7 @@ class AdkUpstream:
         )
 
     def _wire(self, link: _Link, session_id: str, config: SessionConfig) -> None:
+        link.direct = self.wire == "direct"
         service = self.runner.session_service
         if isinstance(service, BoundedSessionService):
             link.session_service = service
@@ -698,3 +842,20 @@ class AdkUpstream:
 
 def _ignore_report(event: ev.Event) -> None:
     """A standby reports nothing until it is armed."""
+
+
+def _has_streaming_tool(agent: Any) -> bool:
+    """Whether ``agent`` or a sub-agent has a tool that reads the live audio (``input_stream``).
+
+    ADK copies every chunk in its ``LiveRequestQueue`` to such a tool while it runs, so audio
+    for these agents must go through that queue.
+    """
+    for tool in getattr(agent, "tools", None) or ():
+        function = getattr(tool, "func", tool)
+        if callable(function):
+            try:
+                if "input_stream" in inspect.signature(function).parameters:
+                    return True
+            except (TypeError, ValueError):  # no signature to read
+                continue
+    return any(_has_streaming_tool(sub) for sub in getattr(agent, "sub_agents", None) or ())
