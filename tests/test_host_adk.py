@@ -445,6 +445,73 @@ async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_sessio
     assert not [name for name in registry if session_id[:12] in name]
 
 
+class _OrderedConnection:
+    """An upstream connection that writes its close into a shared list of what happened."""
+
+    def __init__(self, inner: Any, connection_id: int, happened: list[str]) -> None:
+        self._inner = inner
+        self._id = connection_id
+        self._happened = happened
+
+    def send_audio(self, data: bytes) -> None:
+        self._inner.send_audio(data)
+
+    def send_text(self, text: str) -> None:
+        self._inner.send_text(text)
+
+    def close(self) -> list[bytes]:
+        self._happened.append(f"close #{self._id}")
+        return list(self._inner.close())
+
+    async def wait_closed(self) -> int:
+        return int(await self._inner.wait_closed())
+
+
+class _OrderedUpstream(AdkUpstream):
+    """An ADK upstream that writes each open into a shared list of what happened."""
+
+    def __init__(self, *args: Any, happened: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.happened = happened
+
+    def open(self, *, connection_id: int, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.happened.append(f"open #{connection_id}")
+        inner = super().open(connection_id=connection_id, **kwargs)
+        return _OrderedConnection(inner, connection_id, self.happened)
+
+
+async def test_a_rotation_starts_the_new_connection_before_closing_the_old_one() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(5)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    happened: list[str] = []
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+    async with FakeLiveServer(scripts=[first, setup_only]) as server:
+        upstream = _OrderedUpstream(agent, client=server.genai_client(), happened=happened)
+        async with Rig(server, upstream=upstream) as rig:
+            stop = asyncio.Event()
+            streamer = asyncio.create_task(streaming(rig, stop))
+            second = await server.wait_for_connection(2, timeout=10)
+            await rig.wait_state("live", count=2)
+            await second.wait_for_audio_chunks(5)
+            stop.set()
+            await streamer
+            await second.wait_for(
+                lambda c: sequence_numbers([c])[-1:] == [rig.sent - 1], timeout=10
+            )
+            record = await rig.end()
+        assert not upstream_tasks()
+    # Make before break: the rotation's connect is under way before the old connection's close.
+    assert happened == ["open #1", "open #2", "close #1", "close #2"]
+    assert record.stats.resumes == 1
+    assert second.resumption_handle == "h-1"
+    assert_every_chunk_in_order_once_resent(server, rig.sent)
+
+
 async def test_warning_and_end_arrive_on_schedule_while_an_old_connection_hangs_closing() -> None:
     async def first(conn: FakeLiveConnection) -> None:
         conn.hang_on_close()  # the rotated-away connection never answers the close frame

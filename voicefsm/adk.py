@@ -265,7 +265,6 @@ class VoiceFsmGemini(Gemini):
         if link.armed is not None:
             # A standby: ADK's run_live start-up is done; connect once the session asks for it.
             await link.armed.wait()
-            await _refresh_state(link)
         connect_config = llm_request.live_connect_config
         connect_config.session_resumption = types.SessionResumptionConfig(handle=link.handle)
         connect_config.context_window_compression = types.ContextWindowCompressionConfig(
@@ -285,6 +284,10 @@ class VoiceFsmGemini(Gemini):
             link.report_closed(*_close_code(error))
             await _park()
         async with stack:
+            if link.armed is not None:
+                # After the connect rather than before: nothing reads the state until the
+                # connection yields, and a rotation's GoAway-to-setup gap stays the connect's own.
+                await _refresh_state(link)
             link.report(ev.UpstreamReady(connection_id=link.connection_id))
             if link.on_ready is not None:
                 link.on_ready()
