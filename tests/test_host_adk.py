@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from google.adk.agents import LlmAgent
+from google.adk.runners import Runner
 from google.adk.tools import ToolContext
 from live_rig import Rig
 from loopback import (
@@ -29,7 +30,7 @@ from loopback import (
 
 from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
-from voicefsm.adk import AdkUpstream, BoundedSessionService
+from voicefsm.adk import _LINK, AdkUpstream, BoundedSessionService, live_model
 from voicefsm.host import SessionHost
 from voicefsm.memory import MemoryChannel
 from voicefsm.metrics import Metrics
@@ -762,6 +763,53 @@ async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() 
     assert seen == [["one"], ["one", "two"]]  # the standby's state was refreshed
     assert record.stats.resumes == 1
     assert second_conn.resumption_handle == "h-1"
+
+
+async def test_a_warm_standby_copies_the_adk_state_again_only_when_it_changed() -> None:
+    copies: list[int] = []  # the connection each get_session was for (-1: a standby not yet armed)
+
+    class Counting(BoundedSessionService):
+        async def get_session(self, **kwargs: Any) -> Any:
+            link = _LINK.get(None)
+            copies.append(link.connection_id if link is not None else 0)
+            return await super().get_session(**kwargs)
+
+    standby_ready = asyncio.Event()
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await standby_ready.wait()
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    prepared = asyncio.Event()
+
+    class Signalling(AdkUpstream):
+        def _prepare_standby(self, session_id: str, config: Any) -> None:
+            super()._prepare_standby(session_id, config)
+            prepared.set()
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server:
+        agent = LlmAgent(
+            name="interviewer", model=live_model(MODEL, server.genai_client()), instruction="x"
+        )
+        runner = Runner(
+            app_name="voicefsm", agent=agent, session_service=Counting(), auto_create_session=True
+        )
+        upstream = Signalling(agent, runner=runner)
+        async with Rig(server, upstream=upstream) as rig:
+            async with asyncio.timeout(10):
+                await prepared.wait()
+            standby_ready.set()
+            await rig.wait_state("live", count=2)
+            record = await rig.end()
+        assert not upstream_tasks()
+    assert record.stats.resumes == 1
+    # One copy per run_live start-up (connection 1, then the standby that became connection 2);
+    # the state never changed, so the standby took no second copy when it connected.
+    assert copies[:2] == [1, -1]
+    assert 2 not in copies
 
 
 async def test_client_sends_that_suspend_or_not_all_arrive_in_order() -> None:
