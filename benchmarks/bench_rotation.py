@@ -28,6 +28,12 @@ observer and the client channel:
 * client chunks: every sequence number sent against what the fake received over all connections
   (lost, duplicated, out of order), and the session's buffering counters.
 
+* side by side with bare ADK (one ``run_live`` with resumption on, reconnecting by itself):
+  GoAway to the next setup frame and to the first client chunk (first and last rotations, all),
+  GoAway to the upgrade request at the fake (the work before the connect, TCP and TLS), and the
+  cyclic garbage collections that ran inside the GoAway-to-setup gap (``gc.callbacks``; client,
+  host and fake share the loop, so a collection there lengthens the gap by its duration);
+
 * how ADK's ``run_live`` start-up grows with the ADK session's history (the runner's
   ``InMemorySessionService`` is wrapped to time ``get_session``, which deep-copies the session).
 

@@ -371,7 +371,7 @@ class SessionHost:
                     self._current.send_text(effect.text)  # type: ignore[union-attr]
             elif kind is fx.OpenUpstream:
                 if opening is not None and opening[0] is effect:
-                    self._finish_open(effect, opening[1])  # type: ignore[arg-type]
+                    self._finish_open(effect, opening[1])
                 else:
                     self._finish_open(effect, self._start_open(effect))  # type: ignore[arg-type]
             elif kind is fx.CloseUpstream:
@@ -429,7 +429,7 @@ class SessionHost:
         """Start the connection a call opens after its closes, before those closes' work."""
         for effect in effects:
             if type(effect) is fx.OpenUpstream:
-                return effect, self._start_open(effect)  # type: ignore[arg-type]
+                return effect, self._start_open(effect)
         return None
 
     def _start_open(self, effect: fx.OpenUpstream) -> UpstreamConnection:
