@@ -28,6 +28,12 @@ observer and the client channel:
 * client chunks: every sequence number sent against what the fake received over all connections
   (lost, duplicated, out of order), and the session's buffering counters.
 
+* side by side with bare ADK (one ``run_live`` with resumption on, reconnecting by itself):
+  GoAway to the next setup frame and to the first client chunk (first and last rotations, all),
+  GoAway to the upgrade request at the fake (the work before the connect, TCP and TLS), and the
+  cyclic garbage collections that ran inside the GoAway-to-setup gap (``gc.callbacks``; client,
+  host and fake share the loop, so a collection there lengthens the gap by its duration);
+
 * how ADK's ``run_live`` start-up grows with the ADK session's history (the runner's
   ``InMemorySessionService`` is wrapped to time ``get_session``, which deep-copies the session).
 
@@ -51,6 +57,7 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import gc
 import importlib.metadata
 import itertools
 import logging
@@ -174,11 +181,42 @@ class Stamps:
         """Forget everything (one rotation run per reset)."""
         self.model_connect: list[float] = []  # ADK asked the model to connect, in order
         self.goaway_reported: dict[int, float] = {}  # the GoAway reached the session's inbox
+        self.upstream_open: dict[int, float] = {}  # the host asked the upstream for a connection
         self.ready_reported: dict[int, float] = {}  # UpstreamReady reached the session's inbox
         self.setup_complete_sent: dict[int, float] = {}  # the fake sent setupComplete
 
 
 STAMPS = Stamps()
+
+
+class GcPauses:
+    """Every cyclic garbage collection of the process: when it started and how long it took.
+
+    Client, host, ADK and the fake share one event loop, so a collection between a GoAway and
+    the next setup frame lengthens that gap by its duration.
+    """
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float]] = []  # (monotonic start, milliseconds)
+        self._started: float | None = None
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            self._started = now
+        elif self._started is not None:
+            self.pauses.append((self._started, (now - self._started) * 1000.0))
+            self._started = None
+
+    def between(self, start: float, end: float) -> float:
+        """Milliseconds of collections that started in ``[start, end]`` (NaN for no window)."""
+        if end != end:
+            return NAN
+        return sum(ms for at, ms in self.pauses if start <= at <= end)
+
+
+GC_PAUSES = GcPauses()
+gc.callbacks.append(GC_PAUSES)
 
 
 class TimedGemini(VoiceFsmGemini):
@@ -237,6 +275,8 @@ class TimedUpstream:
         config: SessionConfig,
         report: Report,
     ) -> AdkConnection:
+        STAMPS.upstream_open.setdefault(connection_id, time.monotonic())
+
         def stamped(event: ev.Event) -> None:
             if isinstance(event, ev.GoAway):
                 STAMPS.goaway_reported.setdefault(connection_id, time.monotonic())
@@ -272,7 +312,7 @@ class Rotation:
     goaway_reported: float = NAN  # the GoAway reached the session's inbox (below ADK)
     old_closed_at: float = NAN  # the fake saw the old connection end
     host_closed_at: float = NAN  # the host finished closing the old connection
-    host_open_at: float = NAN  # the host asked the upstream for the new connection
+    host_open_at: float = NAN  # the host asked the upstream for the new connection (it starts)
     model_connect_at: float = NAN  # ADK's run_live asked the model to connect
     new_opened_at: float = NAN  # the fake received the HTTP upgrade request
     new_setup_at: float = NAN  # the fake received the setup frame
@@ -421,7 +461,7 @@ async def run_rotations(rotations: int, interval: float, warmup: int) -> Rotatio
                 goaway_reported=STAMPS.goaway_reported.get(number - 1, NAN),
                 old_closed_at=old.closed_at if old.closed_at is not None else NAN,
                 host_closed_at=recorder.first("close", goaway_at, (number - 1,)),
-                host_open_at=recorder.first("open", goaway_at, (number,)),
+                host_open_at=STAMPS.upstream_open.get(number, NAN),
                 model_connect_at=(
                     STAMPS.model_connect[number - 1] if len(STAMPS.model_connect) >= number else NAN
                 ),
@@ -538,6 +578,8 @@ class SideRun:
     label: str
     to_setup_ms: list[float] = field(default_factory=list)  # goAway sent -> next setup frame
     to_chunk_ms: list[float] = field(default_factory=list)  # goAway sent -> first client chunk
+    to_upgrade_ms: list[float] = field(default_factory=list)  # goAway sent -> upgrade request
+    gc_ms: list[float] = field(default_factory=list)  # cyclic GC between goAway and setup frame
 
 
 def gaps_from(
@@ -551,6 +593,8 @@ def gaps_from(
         first = next((e.at for e in new.timeline if e.kind == "audio"), NAN)
         run.to_setup_ms.append((setup - goaway_at) * 1000.0)
         run.to_chunk_ms.append((first - goaway_at) * 1000.0)
+        run.to_upgrade_ms.append((new.opened_at - goaway_at) * 1000.0)
+        run.gc_ms.append(GC_PAUSES.between(goaway_at, setup))
     return run
 
 
@@ -680,11 +724,10 @@ def fmt(value: float) -> str:
 PHASES: tuple[tuple[str, str, str], ...] = (
     ("fake sends goAway → reported to the session (below ADK)", "goaway_at", "goaway_reported"),
     (
-        "→ host has closed the old connection (run_live cancelled, WS close)",
+        "→ host starts the new connection (engine's handle, then the host's open)",
         "goaway_reported",
-        "host_closed_at",
+        "host_open_at",
     ),
-    ("→ host opens the new connection", "host_closed_at", "host_open_at"),
     (
         "→ the model connect starts (ADK's run_live start-up, unless warm)",
         "host_open_at",
@@ -720,7 +763,11 @@ def build_report(
     rows: list[tuple[str, tuple[float, float, float], str]] = [
         ("**GoAway → session live again** (client told)", total, f"1.00{TIMES}"),
         ("GoAway → first client chunk at the new connection", to_chunk, ratio(to_chunk, total)),
-        ("closing the old connection (reported → closed)", old_close, ratio(old_close, total)),
+        (
+            "closing the old connection (reported → closed, after the new one started)",
+            old_close,
+            ratio(old_close, total),
+        ),
         ("opening the new one (host opens → live)", reconnect, ratio(reconnect, total)),
         ("baseline: bare `live.connect()` until setupComplete", connect, ratio(connect, total)),
         ("baseline: bare connection close (`__aexit__`)", close, ratio(close, total)),
@@ -996,6 +1043,44 @@ def side_by_side(comparison: Comparison, window: int) -> tuple[list[str], list[s
             ours = pooled(comparison.voicefsm, attr, part)
             bare = pooled(comparison.bare, attr, part)
             rows.append((f"{label}, {part_label}", [ours, bare, ours / bare if bare else NAN]))
+    ours = pooled(comparison.voicefsm, "to_upgrade_ms", every)
+    bare = pooled(comparison.bare, "to_upgrade_ms", every)
+    rows.append(
+        (
+            "GoAway → upgrade request at the fake (work before the connect, TCP, TLS), all",
+            [ours, bare, ours / bare if bare else NAN],
+        )
+    )
+
+    def quiet(runs: list[SideRun]) -> float:
+        values = [
+            gap
+            for run in runs
+            for gap, pause in zip(run.to_setup_ms, run.gc_ms, strict=True)
+            if pause == 0.0
+        ]
+        return statistics.median(values) if values else NAN
+
+    ours, bare = quiet(comparison.voicefsm), quiet(comparison.bare)
+    rows.append(
+        (
+            "GoAway → next setup frame, rotations without a garbage collection in the gap",
+            [ours, bare, ours / bare if bare else NAN],
+        )
+    )
+
+    def collected(runs: list[SideRun]) -> tuple[float, float]:
+        pauses = [pause for run in runs for pause in run.gc_ms if pause == pause]
+        share = sum(1 for pause in pauses if pause > 0) / len(pauses) if pauses else NAN
+        return share * 100.0, statistics.fmean(pauses) if pauses else NAN
+
+    ours_share, ours_ms = collected(comparison.voicefsm)
+    bare_share, bare_ms = collected(comparison.bare)
+    gc_line = (
+        f"A cyclic garbage collection ran inside the GoAway → setup gap in {ours_share:.0f} % of "
+        f"voicefsm's rotations ({fmt(ours_ms)} ms a rotation on average) and in "
+        f"{bare_share:.0f} % of bare ADK's ({fmt(bare_ms)} ms)."
+    )
     runs = len(comparison.voicefsm)
     count = len(comparison.voicefsm[0].to_setup_ms) if comparison.voicefsm else 0
     head = (
@@ -1013,6 +1098,8 @@ def side_by_side(comparison: Comparison, window: int) -> tuple[list[str], list[s
     for label, (ours, bare, quotient) in rows:
         text.append(f"{label.ljust(width)}{fmt(ours):>10}{fmt(bare):>10}{fmt(quotient):>8}")
         md.append(f"| {label} | {fmt(ours)} ms | {fmt(bare)} ms | {fmt(quotient)}{TIMES} |")
+    text += ["", gc_line]
+    md += ["", gc_line]
     return text, md
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from google import genai
 from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
+from google.adk.runners import Runner
 from google.adk.tools import ToolContext
 from live_rig import Rig
 from loopback import (
@@ -31,7 +32,7 @@ from loopback import (
 
 from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
-from voicefsm.adk import AdkUpstream, BoundedSessionService
+from voicefsm.adk import _LINK, AdkUpstream, BoundedSessionService, live_model
 from voicefsm.host import SessionHost
 from voicefsm.memory import MemoryChannel
 from voicefsm.metrics import Metrics
@@ -447,6 +448,73 @@ async def test_observer_notes_follow_a_rotation_and_no_logger_is_left_per_sessio
     assert not [name for name in registry if session_id[:12] in name]
 
 
+class _OrderedConnection:
+    """An upstream connection that writes its close into a shared list of what happened."""
+
+    def __init__(self, inner: Any, connection_id: int, happened: list[str]) -> None:
+        self._inner = inner
+        self._id = connection_id
+        self._happened = happened
+
+    def send_audio(self, data: bytes) -> None:
+        self._inner.send_audio(data)
+
+    def send_text(self, text: str) -> None:
+        self._inner.send_text(text)
+
+    def close(self) -> list[bytes]:
+        self._happened.append(f"close #{self._id}")
+        return list(self._inner.close())
+
+    async def wait_closed(self) -> int:
+        return int(await self._inner.wait_closed())
+
+
+class _OrderedUpstream(AdkUpstream):
+    """An ADK upstream that writes each open into a shared list of what happened."""
+
+    def __init__(self, *args: Any, happened: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.happened = happened
+
+    def open(self, *, connection_id: int, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.happened.append(f"open #{connection_id}")
+        inner = super().open(connection_id=connection_id, **kwargs)
+        return _OrderedConnection(inner, connection_id, self.happened)
+
+
+async def test_a_rotation_starts_the_new_connection_before_closing_the_old_one() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(5)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    happened: list[str] = []
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+    async with FakeLiveServer(scripts=[first, setup_only]) as server:
+        upstream = _OrderedUpstream(agent, client=server.genai_client(), happened=happened)
+        async with Rig(server, upstream=upstream) as rig:
+            stop = asyncio.Event()
+            streamer = asyncio.create_task(streaming(rig, stop))
+            second = await server.wait_for_connection(2, timeout=10)
+            await rig.wait_state("live", count=2)
+            await second.wait_for_audio_chunks(5)
+            stop.set()
+            await streamer
+            await second.wait_for(
+                lambda c: sequence_numbers([c])[-1:] == [rig.sent - 1], timeout=10
+            )
+            record = await rig.end()
+        assert not upstream_tasks()
+    # Make before break: the rotation's connect is under way before the old connection's close.
+    assert happened == ["open #1", "open #2", "close #1", "close #2"]
+    assert record.stats.resumes == 1
+    assert second.resumption_handle == "h-1"
+    assert_every_chunk_in_order_once_resent(server, rig.sent)
+
+
 async def test_warning_and_end_arrive_on_schedule_while_an_old_connection_hangs_closing() -> None:
     async def first(conn: FakeLiveConnection) -> None:
         conn.hang_on_close()  # the rotated-away connection never answers the close frame
@@ -704,6 +772,53 @@ async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() 
     assert seen == [["one"], ["one", "two"]]  # the standby's state was refreshed
     assert record.stats.resumes == 1
     assert second_conn.resumption_handle == "h-1"
+
+
+async def test_a_warm_standby_copies_the_adk_state_again_only_when_it_changed() -> None:
+    copies: list[int] = []  # the connection each get_session was for (-1: a standby not yet armed)
+
+    class Counting(BoundedSessionService):
+        async def get_session(self, **kwargs: Any) -> Any:
+            link = _LINK.get(None)
+            copies.append(link.connection_id if link is not None else 0)
+            return await super().get_session(**kwargs)
+
+    standby_ready = asyncio.Event()
+
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await standby_ready.wait()
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    prepared = asyncio.Event()
+
+    class Signalling(AdkUpstream):
+        def _prepare_standby(self, session_id: str, config: Any) -> None:
+            super()._prepare_standby(session_id, config)
+            prepared.set()
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server:
+        agent = LlmAgent(
+            name="interviewer", model=live_model(MODEL, server.genai_client()), instruction="x"
+        )
+        runner = Runner(
+            app_name="voicefsm", agent=agent, session_service=Counting(), auto_create_session=True
+        )
+        upstream = Signalling(agent, runner=runner)
+        async with Rig(server, upstream=upstream) as rig:
+            async with asyncio.timeout(10):
+                await prepared.wait()
+            standby_ready.set()
+            await rig.wait_state("live", count=2)
+            record = await rig.end()
+        assert not upstream_tasks()
+    assert record.stats.resumes == 1
+    # One copy per run_live start-up (connection 1, then the standby that became connection 2);
+    # the state never changed, so the standby took no second copy when it connected.
+    assert copies[:2] == [1, -1]
+    assert 2 not in copies
 
 
 async def test_client_sends_that_suspend_or_not_all_arrive_in_order() -> None:

@@ -102,6 +102,8 @@ class _Link:
         """Set for a standby connection: its ``run_live`` waits here, just before connecting."""
         self.adk_session: AdkSession | None = None
         """The copy of the ADK session this connection's ``run_live`` works on."""
+        self.state_version = 0
+        """The session service's state version when that copy was taken."""
         self.on_ready: Callable[[], None] | None = None
         self.session_service: BoundedSessionService | None = None
         self.unsent: deque[bytes] = deque()
@@ -374,7 +376,6 @@ class VoiceFsmGemini(Gemini):
         if link.armed is not None:
             # A standby: ADK's run_live start-up is done; connect once the session asks for it.
             await link.armed.wait()
-            await _refresh_state(link)
         connect_config = llm_request.live_connect_config
         connect_config.session_resumption = types.SessionResumptionConfig(handle=link.handle)
         connect_config.context_window_compression = types.ContextWindowCompressionConfig(
@@ -396,6 +397,10 @@ class VoiceFsmGemini(Gemini):
             link.report_closed(*_close_code(error))
             await _park()
         async with stack:
+            if link.armed is not None:
+                # After the connect rather than before: nothing reads the state until the
+                # connection yields, and a rotation's GoAway-to-setup gap stays the connect's own.
+                await _refresh_state(link)
             link.report(ev.UpstreamReady(connection_id=link.connection_id))
             if link.on_ready is not None:
                 link.on_ready()
@@ -414,6 +419,10 @@ async def _refresh_state(link: _Link) -> None:
     service = link.session_service
     if stale is None or service is None:
         return
+    version = service.state_version(stale.app_name, stale.user_id, stale.id)
+    if version == link.state_version:
+        return  # no event changed the state since the copy was taken: nothing to copy again
+    link.state_version = version
     fresh = await service.get_session(
         app_name=stale.app_name,
         user_id=stale.user_id,
@@ -636,6 +645,12 @@ class BoundedSessionService(InMemorySessionService):
             raise ValueError(f"keep must be >= 1, got {keep}")
         super().__init__()
         self.keep = keep
+        self._state_versions: dict[tuple[str, str, str], int] = {}
+
+    def state_version(self, app_name: str, user_id: str, session_id: str) -> int:
+        """How many appended events of the session carried a state change (app, user or
+        session state): a copy taken at one version has the state as it still is."""
+        return self._state_versions.get((app_name, user_id, session_id), 0)
 
     async def get_session(
         self,
@@ -652,16 +667,25 @@ class BoundedSessionService(InMemorySessionService):
         link = _LINK.get(None)
         if link is not None and link.adk_session is None and session is not None:
             link.adk_session = session
+            link.state_version = self.state_version(app_name, user_id, session_id)
         return session
 
     async def append_event(self, session: AdkSession, event: Event) -> Event:
         """Append as ADK does, then cut both copies of the session back to ``keep`` events."""
         result = await super().append_event(session=session, event=event)
+        if event.actions is not None and event.actions.state_delta:
+            key = (session.app_name, session.user_id, session.id)
+            self._state_versions[key] = self._state_versions.get(key, 0) + 1
         self._trim(session)
         stored = self.sessions.get(session.app_name, {}).get(session.user_id, {}).get(session.id)
         if stored is not None and stored is not session:
             self._trim(stored)
         return result
+
+    async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
+        """Delete as ADK does, with the session's state version."""
+        self._state_versions.pop((app_name, user_id, session_id), None)
+        await super().delete_session(app_name=app_name, user_id=user_id, session_id=session_id)
 
     def _trim(self, session: AdkSession) -> None:
         # Cut in batches (down to `keep` once there are twice as many): amortised O(1).

@@ -354,7 +354,11 @@ class SessionHost:
         # The upstream effects never block: carry them out first, in their order, so that a new
         # connection is not opened only after a store write or a client send was awaited. The
         # others follow in their order; the order within each channel is the engine's.
+        # A call that replaces a connection (a rotation: close the old, open the new) starts the
+        # new one first, before the old one's close work, so its connect is on its way as early as
+        # the call allows.
         later: list[fx.Effect] | None = None
+        opening: tuple[fx.OpenUpstream, UpstreamConnection] | None = None
         for effect in effects:
             kind = type(effect)
             if kind is fx.SendAudioUpstream:
@@ -366,8 +370,13 @@ class SessionHost:
                 if self._current is not None:
                     self._current.send_text(effect.text)  # type: ignore[union-attr]
             elif kind is fx.OpenUpstream:
-                self._open(effect)  # type: ignore[arg-type]
+                if opening is not None and opening[0] is effect:
+                    self._finish_open(effect, opening[1])
+                else:
+                    self._finish_open(effect, self._start_open(effect))  # type: ignore[arg-type]
             elif kind is fx.CloseUpstream:
+                if opening is None:
+                    opening = self._open_ahead(effects)
                 self._close_upstream(effect.connection_id, effect.reason)  # type: ignore[union-attr]
             elif later is None:
                 later = [effect]
@@ -414,13 +423,36 @@ class SessionHost:
         if ended and reason is not None:
             self._note(EndNote(session_id, reason, self.session.end_detail or "", effect.at))
 
-    def _open(self, effect: fx.OpenUpstream) -> None:
-        # Whatever is still registered is dead or being replaced: take back its unsent audio.
-        for connection_id in list(self._connections):
+    def _open_ahead(
+        self, effects: list[fx.Effect]
+    ) -> tuple[fx.OpenUpstream, UpstreamConnection] | None:
+        """Start the connection a call opens after its closes, before those closes' work."""
+        for effect in effects:
+            if type(effect) is fx.OpenUpstream:
+                return effect, self._start_open(effect)
+        return None
+
+    def _start_open(self, effect: fx.OpenUpstream) -> UpstreamConnection:
+        # The upstream only starts the connection here (nothing is sent to it yet), so the old
+        # connections can still be closed after it and their unsent audio go to it first.
+        connection = self.upstream.open(
+            connection_id=effect.connection_id,
+            handle=effect.handle,
+            session_id=self.session.session_id,
+            config=self.session.config,
+            report=self.post,
+        )
+        self._connections[effect.connection_id] = connection
+        return connection
+
+    def _finish_open(self, effect: fx.OpenUpstream, connection: UpstreamConnection) -> None:
+        # Whatever else is still registered is dead or being replaced: take back its unsent audio.
+        for connection_id in [c for c in self._connections if c != effect.connection_id]:
             self._close_upstream(connection_id, "replaced by a new connection")
+        self._current = connection
         carried, self._carry = self._carry, []
         self._log.info(
-            "opening upstream #%d (%s, attempt %d, %d chunks to re-send)",
+            "opened upstream #%d (%s, attempt %d, %d chunks to re-send)",
             effect.connection_id,
             "resuming" if effect.handle else "fresh",
             effect.attempt,
@@ -435,15 +467,6 @@ class SessionHost:
                 len(carried),
             )
         )
-        connection = self.upstream.open(
-            connection_id=effect.connection_id,
-            handle=effect.handle,
-            session_id=self.session.session_id,
-            config=self.session.config,
-            report=self.post,
-        )
-        self._connections[effect.connection_id] = connection
-        self._current = connection
         for chunk in carried:
             connection.send_audio(chunk)
 
