@@ -202,6 +202,10 @@ class RunResult:
     warnings_missing: int
     warning_late_s: list[float]
     end_late_s: list[float]
+    warning_fired_late_s: list[float]
+    """When the engine gave each warning (its log entry) minus its schedule."""
+    end_fired_late_s: list[float]
+    """When the engine ended each session at its limit (its log entry) minus the deadline."""
     sent: int
     lost: int
     counted: int
@@ -264,9 +268,10 @@ async def run_once(
     ids: itertools.count[int],
 ) -> RunResult:
     """One arrival ramp against a fresh service."""
-    from voicefsm import SessionConfig
+    from voicefsm import SessionConfig, State
     from voicefsm.auth import JWTAuthenticator
     from voicefsm.limits import ServiceLimits
+    from voicefsm.model import LogKind
     from voicefsm.service import InterviewService
 
     cap = _capacity()
@@ -331,6 +336,8 @@ async def run_once(
     idents = list(sent)
     warning_late: list[float] = []
     end_late: list[float] = []
+    warning_fired: list[float] = []
+    end_fired: list[float] = []
     counted = 0
     unread = 0
     silent = 0
@@ -363,6 +370,15 @@ async def run_once(
             missing += 1
         if transport.ended_at is not None and transport.end_reason == "time_limit":
             end_late.append(transport.ended_at - deadline)
+        for entry in record.log:
+            if entry.kind is LogKind.WARNING:
+                warning_fired.append(entry.at - (deadline - args.warning_before))
+            elif (
+                entry.kind is LogKind.STATE
+                and entry.state_to is State.ENDED
+                and record.end_reason == "time_limit"
+            ):
+                end_fired.append(entry.at - deadline)
     await service.shutdown()
     lost = sum(max(0, sent[ident] - received.get(ident, 0)) for ident in idents)
     admitted = [t for t in transports if t.session_id is not None]
@@ -378,6 +394,8 @@ async def run_once(
         warnings_missing=missing,
         warning_late_s=warning_late,
         end_late_s=end_late,
+        warning_fired_late_s=warning_fired,
+        end_fired_late_s=end_fired,
         sent=sum(sent.values()),
         lost=lost,
         counted=counted,
@@ -422,7 +440,8 @@ def describe(result: RunResult) -> str:
     return (
         f"{result.variant:5s} admitted {result.admitted}/{result.offered} busy "
         f"{result.refused_busy} other {result.refused_other} peak {result.peak_sessions}  "
-        f"warning {short(result.warning_late_s)}  end {short(result.end_late_s)}  "
+        f"warning {short(result.warning_late_s)} (fired {short(result.warning_fired_late_s)})  "
+        f"end {short(result.end_late_s)} (fired {short(result.end_fired_late_s)})  "
         f"lost {result.lost}/{result.sent} (counted {result.counted}, "
         f"unread {result.unread}, silent {result.silent}, "
         f"before the end {result.lost_before_end})  "
