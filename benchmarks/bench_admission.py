@@ -21,10 +21,16 @@ every 20 ms on an absolute schedule, and receives interviewer audio and messages
 Variants, interleaved (the order rotates every repeat), each with a fresh service:
 
 * ``guard``: ``InterviewService(..., overload=OverloadGuard())``, the defaults of
-  :mod:`voicefsm.admission` (refuse while >= 20 % of the last 2 s of 50 ms lag samples are over
-  25 ms); a refused client gets ``error`` ``server_busy`` and close 1013 and does not retry;
+  :mod:`voicefsm.admission` (refuse while 8 sessions are still starting, while the loop's
+  thread was on the CPU >= 80 % of the last 1 s, or while >= 20 % of the last 2 s of 50 ms lag
+  samples are over 25 ms); a refused client gets ``error`` ``server_busy`` and close 1013 and
+  does not retry;
+* ``lag-only``: the lag rule alone (``max_busy=None, max_starting=None``), the guard before the
+  busy and starting rules;
 * ``off``: ``overload=None``: every arrival is admitted;
-* ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S``: the guard with other settings.
+* ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S[/MAX_BUSY/MAX_STARTING]``: the guard with other
+  settings (``-`` turns the busy or starting rule off; the busy window is 1 s, or the lag
+  window if shorter).
 
 :class:`~voicefsm.limits.ServiceLimits` are raised out of the way, so only the guard refuses.
 
@@ -106,6 +112,7 @@ class BenchTransport:
         self.ended_at: float | None = None
         self.end_reason: str | None = None
         self.error_code: str | None = None
+        self.error_message: str | None = None
         self.close_code: int | None = None
         self.model_chunks = 0
         self.unread = 0
@@ -137,6 +144,7 @@ class BenchTransport:
             self.finished.set()
         elif kind == "error":
             self.error_code = message.get("code")
+            self.error_message = message.get("message")
 
     async def send_bytes(self, data: bytes) -> None:
         self.model_chunks += 1
@@ -216,20 +224,57 @@ class RunResult:
     peak_sessions: int
     seconds: float
     load: tuple[float, float] = field(default=(0.0, 0.0))
+    refused_by: dict[str, int] = field(default_factory=dict)
+    """Busy refusals by the guard's rule: ``starting``, ``busy``, ``lag``, ``other``."""
+
+
+def refusal_rule(message: str | None) -> str:
+    """Which of the guard's rules a ``server_busy`` message names."""
+    text = message or ""
+    if "still starting" in text:
+        return "starting"
+    if text.startswith("event loop busy"):
+        return "busy"
+    if text.startswith("event-loop lag"):
+        return "lag"
+    return "other"
 
 
 def make_guard(variant: str) -> Any:
-    """The overload guard of a variant: ``off``, ``guard`` (the defaults), or
-    ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S`` (e.g. ``guard@10/0.1/1``)."""
-    from voicefsm.admission import LoopLagMonitor, OverloadGuard
+    """The overload guard of a variant: ``off``, ``guard`` (the defaults), ``lag-only`` (the
+    defaults without the busy and starting rules), or
+    ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S[/MAX_BUSY/MAX_STARTING]`` (``-`` turns the busy or
+    starting rule off; e.g. ``guard@25/0.2/2/0.7/4``)."""
+    from voicefsm.admission import (
+        DEFAULT_MAX_BUSY,
+        DEFAULT_MAX_STARTING,
+        LoopLagMonitor,
+        OverloadGuard,
+    )
 
     if variant == "off":
         return None
     if variant == "guard":
         return OverloadGuard()
-    lag_ms, fraction, window = (float(part) for part in variant.split("@", 1)[1].split("/"))
+    if variant == "lag-only":
+        return OverloadGuard(max_busy=None, max_starting=None)
+    parts = variant.split("@", 1)[1].split("/")
+    if len(parts) not in (3, 5):
+        raise ValueError(f"bad variant {variant!r}")
+    lag_ms, fraction, window = (float(part) for part in parts[:3])
+    busy: float | None = DEFAULT_MAX_BUSY
+    starting: int | None = DEFAULT_MAX_STARTING
+    if len(parts) == 5:
+        busy = None if parts[3] == "-" else float(parts[3])
+        starting = None if parts[4] == "-" else int(parts[4])
+    monitor = LoopLagMonitor(window_s=window)
     return OverloadGuard(
-        lag_ms / 1000, late_fraction=fraction, monitor=LoopLagMonitor(window_s=window)
+        lag_ms / 1000,
+        late_fraction=fraction,
+        monitor=monitor,
+        max_busy=busy,
+        busy_window_s=min(window, 1.0),
+        max_starting=starting,
     )
 
 
@@ -358,8 +403,28 @@ async def run_once(
         counted_here += stats.upstream_audio_unsent
         counted += counted_here
         unread += transport.unread
-        silent += max(0, lost_here - counted_here - transport.unread)
+        silent_here = max(0, lost_here - counted_here - transport.unread)
+        silent += silent_here
         deadline = record.started_at + args.time_limit
+        if silent_here and os.environ.get("BENCH_ADMISSION_TRACE"):
+            got = set(arrived_before.get(ident, ()))
+            missing_at = [
+                round(due - (deadline - wall_minus_mono), 3)
+                for due in transport.sent_due
+                if due not in got
+            ]
+            unsent_by_reason = [
+                (entry.count, entry.why)
+                for entry in record.log
+                if entry.kind is LogKind.AUDIO_UNSENT
+            ]
+            print(
+                f"  silent {silent_here} (interview {ident}): lost {lost_here} "
+                f"counted {counted_here} "
+                f"unread {transport.unread}; lost chunks at (s from the deadline) {missing_at}; "
+                f"unsent by reason {unsent_by_reason}",
+                flush=True,
+            )
         cutoff = deadline - wall_minus_mono - END_MARGIN_S
         due_before = sum(1 for due in transport.sent_due if due < cutoff)
         got_before = sum(1 for due in arrived_before.get(ident, ()) if due < cutoff)
@@ -383,6 +448,10 @@ async def run_once(
     lost = sum(max(0, sent[ident] - received.get(ident, 0)) for ident in idents)
     admitted = [t for t in transports if t.session_id is not None]
     busy = [t for t in transports if t.session_id is None and t.error_code == "server_busy"]
+    refused_by: dict[str, int] = {}
+    for refused in busy:
+        rule = refusal_rule(refused.error_message)
+        refused_by[rule] = refused_by.get(rule, 0) + 1
     return RunResult(
         variant=variant,
         offered=len(transports),
@@ -406,6 +475,7 @@ async def run_once(
         peak_sessions=peak,
         seconds=seconds,
         load=(load_before, os.getloadavg()[0]),
+        refused_by=refused_by,
     )
 
 
@@ -439,7 +509,8 @@ def describe(result: RunResult) -> str:
 
     return (
         f"{result.variant:5s} admitted {result.admitted}/{result.offered} busy "
-        f"{result.refused_busy} other {result.refused_other} peak {result.peak_sessions}  "
+        f"{result.refused_busy} {result.refused_by} other {result.refused_other} "
+        f"peak {result.peak_sessions}  "
         f"warning {short(result.warning_late_s)} (fired {short(result.warning_fired_late_s)})  "
         f"end {short(result.end_late_s)} (fired {short(result.end_fired_late_s)})  "
         f"lost {result.lost}/{result.sent} (counted {result.counted}, "
@@ -549,7 +620,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help="comma-separated: off, guard (the defaults), guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S",
+        help="comma-separated: off, guard (the defaults), lag-only (no busy or starting rule), "
+        "guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S[/MAX_BUSY/MAX_STARTING] ('-': that rule off)",
     )
     parser.add_argument("--upstream", choices=("genai", "adk"), default="genai")
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
@@ -565,7 +637,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         try:
             make_guard(variant)
         except (ValueError, IndexError):
-            parser.error(f"bad variant {variant!r}: off, guard or guard@MAX_LAG_MS/FRACTION/WIN_S")
+            parser.error(
+                f"bad variant {variant!r}: off, guard, lag-only or "
+                "guard@MAX_LAG_MS/FRACTION/WIN_S[/MAX_BUSY/MAX_STARTING]"
+            )
     if not 0 < args.warning_before < args.time_limit - 1:
         parser.error("--warning-before must be positive and over 1 s shorter than --time-limit")
     if args.rate <= 0 or args.arrivals < 1:
