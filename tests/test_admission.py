@@ -19,7 +19,7 @@ from loopback import fast_config, free_port
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from voicefsm.admission import LoopLagMonitor, OverloadGuard
+from voicefsm.admission import LoopLagMonitor, OverloadGuard, thread_cpu_demand_s
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.genai_live import GenaiUpstream
 from voicefsm.service import InterviewService
@@ -175,6 +175,15 @@ def test_the_lag_rule_still_refuses_an_idle_thread_on_a_stolen_core() -> None:
         cpu.used += 0.005
     why = guard.refusal(5)
     assert why is not None and why.startswith("event-loop lag over 25 ms in 100%")
+
+
+def test_the_cpu_demand_of_a_thread_counts_at_least_its_cpu_time() -> None:
+    demand, cpu = thread_cpu_demand_s(), time.thread_time()
+    while time.thread_time() - cpu < 0.1:  # work, on this thread, for 100 ms of CPU
+        sum(range(1000))
+    # Run time plus run-queue wait, so never less than the CPU time (the kernel's run-time
+    # figure may trail by a scheduler tick: a generous margin).
+    assert thread_cpu_demand_s() - demand >= 0.05
 
 
 def block_the_loop(seconds: float) -> None:

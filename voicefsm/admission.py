@@ -19,21 +19,24 @@ Lag is a *lagging* indicator: it shows only once the loop is already saturated, 
 sessions admitted meanwhile all start (connect, TLS, setup: a burst of CPU each) and then add
 their steady load. Two leading rules stop an arrival ramp before the lag shows:
 
-* **busy**: the share of wall time the loop's thread spent on the CPU (``time.thread_time``
-  deltas at each sample) over the last ``busy_window_s``. A loop busy 80 % of the time still
-  runs its timers on time; one busy 100 % does not, and in between the bursts of a few starts
-  at once are enough to push timers past 50 ms. Refused while it is at least ``max_busy``.
+* **busy**: the share of wall time the loop's thread was on a CPU or waiting for one
+  (:func:`thread_cpu_demand_s` deltas at each sample) over the last ``busy_window_s``. A loop
+  busy up to ~80 % of the time runs its timers on time; near 100 % it does not, and in between
+  a few starts at once are enough to push timers past 50 ms. Refused while it is at least
+  ``max_busy``.
 * **starting**: sessions admitted but not yet ``live`` (still opening their model connection).
   Refused while ``max_starting`` are, so a ramp cannot start a crowd at once.
 
-The thread's CPU time counts only this worker's own work: a neighbour taking the core shows as
-lag, not as busy, which is why the lag rule stays.
+Where the run-queue wait cannot be read (not Linux), busy is the thread's CPU time alone: a
+neighbour taking the core then shows as lag, not as busy. The lag rule stays for that, and for
+whatever else delays timers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,11 +53,29 @@ DEFAULT_MAX_STARTING = 8
 """Default number of sessions that may be opening their model connection at once."""
 
 
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+_HAS_SCHEDSTAT = os.path.exists(_SCHEDSTAT)
+
+
+def thread_cpu_demand_s() -> float:
+    """Seconds the calling thread has spent on a CPU *or waiting for one*.
+
+    On Linux, from ``/proc/thread-self/schedstat`` (time run plus time runnable on a run
+    queue, ~16 µs a read): a thread kept off a core it wants by a neighbour counts as busy,
+    so a stolen core shows as demand, not as idle time. Elsewhere ``time.thread_time()``.
+    """
+    if _HAS_SCHEDSTAT:
+        with open(_SCHEDSTAT, "rb") as stat:
+            ran_ns, waited_ns, _ = stat.read().split()
+        return (int(ran_ns) + int(waited_ns)) / 1e9
+    return time.thread_time()
+
+
 class LoopLagMonitor:
     """How late a periodic timer fires on the running event loop, and how busy its thread is.
 
     :meth:`start` runs a task that sleeps ``interval_s`` and records by how much it overslept,
-    with the loop thread's CPU time (``cpu_clock``, ``time.thread_time``) at that moment;
+    with the loop thread's CPU demand (``cpu_clock``, :func:`thread_cpu_demand_s`) then;
     :meth:`record` takes a sample from elsewhere (tests inject lag and CPU time through it).
     :attr:`recent_max_s` is the worst sample of the last ``window_s``; :meth:`busy_share` the
     share of a recent span the thread spent on the CPU.
@@ -66,7 +87,7 @@ class LoopLagMonitor:
         interval_s: float = 0.05,
         window_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
-        cpu_clock: Callable[[], float] = time.thread_time,
+        cpu_clock: Callable[[], float] = thread_cpu_demand_s,
     ) -> None:
         if interval_s <= 0 or window_s <= 0:
             raise ValueError("interval_s and window_s must be positive")
@@ -77,11 +98,11 @@ class LoopLagMonitor:
         self._clock = clock
         self._cpu_clock = cpu_clock
         self._samples: deque[tuple[float, float, float]] = deque()
-        """(taken at, lag, the loop thread's CPU time then), oldest first."""
+        """(taken at, lag, the loop thread's CPU demand then), oldest first."""
         self._task: asyncio.Task[None] | None = None
 
     def record(self, lag_s: float, cpu_s: float | None = None) -> None:
-        """Add one lag sample, taken now, with the loop thread's CPU time (read from
+        """Add one lag sample, taken now, with the loop thread's CPU demand (read from
         ``cpu_clock`` unless given; it must be read on the loop's thread)."""
         now = self._clock()
         cpu = self._cpu_clock() if cpu_s is None else cpu_s
@@ -89,8 +110,9 @@ class LoopLagMonitor:
         self._expire(now)
 
     def busy_share(self, span_s: float) -> float | None:
-        """The share of the last ``span_s`` (at most ``window_s``) that the loop's thread spent
-        on the CPU, between the oldest and the newest sample in it; ``None`` without two."""
+        """The share of the last ``span_s`` (at most ``window_s``) that the loop's thread was on
+        a CPU or waiting for one, between the oldest and the newest sample in it; ``None``
+        without two samples. It can exceed 1 when other threads of the process queue too."""
         now = self._clock()
         self._expire(now)
         samples = self._samples
