@@ -494,6 +494,12 @@ def lateness_row(values: Sequence[float]) -> str:
     )
 
 
+def _ms(values: Sequence[float], q: float) -> str:
+    if not values:
+        return "—"
+    return f"{(max(values) if q >= 1 else _capacity().pct(values, q)) * 1000:.0f}"
+
+
 def describe(result: RunResult) -> str:
     """One line per run, for the console."""
     cap = _capacity()
@@ -586,8 +592,18 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
     lines.append("")
     for variant in args.variants:
         runs = [r for r in results if r.variant == variant]
+        fired_w = [v for r in runs for v in r.warning_fired_late_s]
+        fired_e = [v for r in runs for v in r.end_fired_late_s]
+        rules: dict[str, int] = {}
+        for run in runs:
+            for rule, count in run.refused_by.items():
+                rules[rule] = rules.get(rule, 0) + count
+        by_rule = ", ".join(f"{rule} {count}" for rule, count in sorted(rules.items()))
         lines.append(
-            f"* {variant}: other refusals {sum(r.refused_other for r in runs)}; admitted "
+            f"* {variant}: when the engine fired them (its log), warnings p99 / max "
+            f"{_ms(fired_w, 0.99)} / {_ms(fired_w, 1.0)} ms and ends {_ms(fired_e, 0.99)} / "
+            f"{_ms(fired_e, 1.0)} ms late; busy refusals by rule: {by_rule or 'none'}; "
+            f"other refusals {sum(r.refused_other for r in runs)}; admitted "
             f"sessions that ended other than at their time limit "
             f"{sum(r.ended_otherwise for r in runs)}; without a warning "
             f"{sum(r.warnings_missing for r in runs)}."
