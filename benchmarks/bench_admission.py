@@ -40,7 +40,10 @@ Per variant, pooled over the repeats:
   (the server's ``send_text`` on the transport), minus ``started_at + time_limit -
   warning_before`` / ``started_at + time_limit`` from the session's stored record (the engine's
   own clock, ``time.time``): p50, p99, max, and the share later than 50 ms;
-* **refused**: arrivals closed with 1013 ``server_busy``; **admitted**: ``session_created``;
+  and, beside it, when the engine *fired* each (the ``warning`` / ``end`` entry of the stored
+  log): the difference is the warning path after the engine (effects, the client send);
+* **refused**: arrivals closed with 1013 ``server_busy``, by the guard's rule that refused
+  them (starting, busy, lag); **admitted**: ``session_created``;
 * **lost**: client chunks sent that the fake had not received 1 s after the last session ended,
   against the chunks the engine counted as not delivered (overflowed, unsent at the end,
   unsent upstream) in the stored records, and the frames still queued on the transport, never
@@ -49,7 +52,9 @@ Per variant, pooled over the repeats:
   never reached the fake (audio the model should have heard);
 * **loop lag p99** of this process (a 10 ms timer) and the **peak** of concurrent sessions.
 
-Timing targets are reported, never enforced.
+Timing targets are reported, never enforced. With ``BENCH_ADMISSION_TRACE=1`` every session
+with silently lost chunks prints which chunks (their schedule against the deadline) and what
+its record counted.
 """
 
 from __future__ import annotations
