@@ -231,6 +231,23 @@ class RunResult:
     load: tuple[float, float] = field(default=(0.0, 0.0))
     refused_by: dict[str, int] = field(default_factory=dict)
     """Busy refusals by the guard's rule: ``starting``, ``busy``, ``lag``, ``other``."""
+    stolen_max: float = 0.0
+    """The largest share of a 1 s span the loop's thread spent runnable but waiting for its
+    core (taken by a neighbour or another thread): what no admission rule can prevent."""
+
+
+def worst_wait_share(samples: Sequence[tuple[float, float, float]], span_s: float) -> float:
+    """The largest (demand - CPU time) / wall time over ``span_s`` windows of the samples."""
+    worst = 0.0
+    start = 0
+    for end in range(len(samples)):
+        while samples[end][0] - samples[start][0] > span_s:
+            start += 1
+        at0, cpu0, demand0 = samples[start]
+        at1, cpu1, demand1 = samples[end]
+        if at1 - at0 >= span_s / 2:
+            worst = max(worst, ((demand1 - demand0) - (cpu1 - cpu0)) / (at1 - at0))
+    return worst
 
 
 def refusal_rule(message: str | None) -> str:
@@ -319,6 +336,7 @@ async def run_once(
 ) -> RunResult:
     """One arrival ramp against a fresh service."""
     from voicefsm import SessionConfig, State
+    from voicefsm.admission import thread_cpu_demand_s
     from voicefsm.auth import JWTAuthenticator
     from voicefsm.limits import ServiceLimits
     from voicefsm.model import LogKind
@@ -353,10 +371,14 @@ async def run_once(
     monitor = asyncio.create_task(cap._lag_monitor(lags, stop_monitor))
     peak = 0
 
+    cpu_samples: list[tuple[float, float, float]] = []
+    """(monotonic, the loop thread's CPU time, its CPU demand: run plus run-queue wait)."""
+
     async def watch_peak() -> None:
         nonlocal peak
         while not stop_monitor.is_set():
             peak = max(peak, len(service.sessions))
+            cpu_samples.append((time.monotonic(), time.thread_time(), thread_cpu_demand_s()))
             await asyncio.sleep(0.05)
 
     peak_watcher = asyncio.create_task(watch_peak())
@@ -481,6 +503,7 @@ async def run_once(
         seconds=seconds,
         load=(load_before, os.getloadavg()[0]),
         refused_by=refused_by,
+        stolen_max=worst_wait_share(cpu_samples, 1.0),
     )
 
 
@@ -528,6 +551,7 @@ def describe(result: RunResult) -> str:
         f"unread {result.unread}, silent {result.silent}, "
         f"before the end {result.lost_before_end})  "
         f"other ends {result.ended_otherwise}  lag p99 {result.lag_p99_ms:.0f} ms  "
+        f"core taken {result.stolen_max:.0%}  "
         f"load {result.load[0]:.1f}->{result.load[1]:.1f}"
     )
 
@@ -578,7 +602,8 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
         )
     lines += [
         "",
-        "Per repeat (share of warnings / ends later than 50 ms, admitted, peak):",
+        "Per repeat (share of warnings / ends later than 50 ms, admitted, peak, and the most of "
+        "a second the loop's thread spent waiting for its core):",
         "",
     ]
     for variant in args.variants:
@@ -590,7 +615,8 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
             return f"{sum(1 for v in values if v > LATE_S) / len(values):.0%}"
 
         parts = [
-            f"{share(r.warning_late_s)} / {share(r.end_late_s)}, {r.admitted}, {r.peak_sessions}"
+            f"{share(r.warning_late_s)} / {share(r.end_late_s)}, {r.admitted}, {r.peak_sessions}, "
+            f"{r.stolen_max:.0%}"
             for r in runs
         ]
         lines.append(f"* {variant}: " + "; ".join(parts))
