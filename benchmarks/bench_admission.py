@@ -22,7 +22,7 @@ Variants, interleaved (the order rotates every repeat), each with a fresh servic
 
 * ``guard``: ``InterviewService(..., overload=OverloadGuard())``, the defaults of
   :mod:`voicefsm.admission` (refuse while 8 sessions are still starting, while the loop's
-  thread was on the CPU >= 80 % of the last 1 s, or while >= 20 % of the last 2 s of 50 ms lag
+  thread wanted the CPU >= 70 % of the last 1 s, or while >= 20 % of the last 2 s of 50 ms lag
   samples are over 25 ms); a refused client gets ``error`` ``server_busy`` and close 1013 and
   does not retry;
 * ``lag-only``: the lag rule alone (``max_busy=None, max_starting=None``), the guard before the

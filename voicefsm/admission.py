@@ -45,7 +45,7 @@ DEFAULT_MAX_LAG_S = 0.025
 """Default threshold: half the 50 ms within which warnings and ends must reach the client."""
 DEFAULT_LATE_FRACTION = 0.2
 """Default share of a window's samples that must be late for the lag to count as sustained."""
-DEFAULT_MAX_BUSY = 0.8
+DEFAULT_MAX_BUSY = 0.7
 """Default share of wall time the loop's thread may spend on the CPU before new sessions wait."""
 DEFAULT_BUSY_WINDOW_S = 1.0
 """Default span over which that share is measured."""
