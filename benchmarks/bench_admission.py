@@ -21,10 +21,16 @@ every 20 ms on an absolute schedule, and receives interviewer audio and messages
 Variants, interleaved (the order rotates every repeat), each with a fresh service:
 
 * ``guard``: ``InterviewService(..., overload=OverloadGuard())``, the defaults of
-  :mod:`voicefsm.admission` (refuse while >= 20 % of the last 2 s of 50 ms lag samples are over
-  25 ms); a refused client gets ``error`` ``server_busy`` and close 1013 and does not retry;
+  :mod:`voicefsm.admission` (refuse while 8 sessions are still starting, while the loop's
+  thread wanted the CPU >= 70 % of the last 1 s, or while >= 20 % of the last 2 s of 50 ms lag
+  samples are over 25 ms); a refused client gets ``error`` ``server_busy`` and close 1013 and
+  does not retry;
+* ``lag-only``: the lag rule alone (``max_busy=None, max_starting=None``), the guard before the
+  busy and starting rules;
 * ``off``: ``overload=None``: every arrival is admitted;
-* ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S``: the guard with other settings.
+* ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S[/MAX_BUSY/MAX_STARTING]``: the guard with other
+  settings (``-`` turns the busy or starting rule off; the busy window is 1 s, or the lag
+  window if shorter).
 
 :class:`~voicefsm.limits.ServiceLimits` are raised out of the way, so only the guard refuses.
 
@@ -34,7 +40,10 @@ Per variant, pooled over the repeats:
   (the server's ``send_text`` on the transport), minus ``started_at + time_limit -
   warning_before`` / ``started_at + time_limit`` from the session's stored record (the engine's
   own clock, ``time.time``): p50, p99, max, and the share later than 50 ms;
-* **refused**: arrivals closed with 1013 ``server_busy``; **admitted**: ``session_created``;
+  and, beside it, when the engine *fired* each (the ``warning`` / ``end`` entry of the stored
+  log): the difference is the warning path after the engine (effects, the client send);
+* **refused**: arrivals closed with 1013 ``server_busy``, by the guard's rule that refused
+  them (starting, busy, lag); **admitted**: ``session_created``;
 * **lost**: client chunks sent that the fake had not received 1 s after the last session ended,
   against the chunks the engine counted as not delivered (overflowed, unsent at the end,
   unsent upstream) in the stored records, and the frames still queued on the transport, never
@@ -43,7 +52,9 @@ Per variant, pooled over the repeats:
   never reached the fake (audio the model should have heard);
 * **loop lag p99** of this process (a 10 ms timer) and the **peak** of concurrent sessions.
 
-Timing targets are reported, never enforced.
+Timing targets are reported, never enforced. With ``BENCH_ADMISSION_TRACE=1`` every session
+with silently lost chunks prints which chunks (their schedule against the deadline) and what
+its record counted.
 """
 
 from __future__ import annotations
@@ -106,6 +117,7 @@ class BenchTransport:
         self.ended_at: float | None = None
         self.end_reason: str | None = None
         self.error_code: str | None = None
+        self.error_message: str | None = None
         self.close_code: int | None = None
         self.model_chunks = 0
         self.unread = 0
@@ -137,6 +149,7 @@ class BenchTransport:
             self.finished.set()
         elif kind == "error":
             self.error_code = message.get("code")
+            self.error_message = message.get("message")
 
     async def send_bytes(self, data: bytes) -> None:
         self.model_chunks += 1
@@ -202,6 +215,10 @@ class RunResult:
     warnings_missing: int
     warning_late_s: list[float]
     end_late_s: list[float]
+    warning_fired_late_s: list[float]
+    """When the engine gave each warning (its log entry) minus its schedule."""
+    end_fired_late_s: list[float]
+    """When the engine ended each session at its limit (its log entry) minus the deadline."""
     sent: int
     lost: int
     counted: int
@@ -212,20 +229,74 @@ class RunResult:
     peak_sessions: int
     seconds: float
     load: tuple[float, float] = field(default=(0.0, 0.0))
+    refused_by: dict[str, int] = field(default_factory=dict)
+    """Busy refusals by the guard's rule: ``starting``, ``busy``, ``lag``, ``other``."""
+    stolen_max: float = 0.0
+    """The largest share of a 1 s span the loop's thread spent runnable but waiting for its
+    core (taken by a neighbour or another thread): what no admission rule can prevent."""
+
+
+def worst_wait_share(samples: Sequence[tuple[float, float, float]], span_s: float) -> float:
+    """The largest (demand - CPU time) / wall time over ``span_s`` windows of the samples."""
+    worst = 0.0
+    start = 0
+    for end in range(len(samples)):
+        while samples[end][0] - samples[start][0] > span_s:
+            start += 1
+        at0, cpu0, demand0 = samples[start]
+        at1, cpu1, demand1 = samples[end]
+        if at1 - at0 >= span_s / 2:
+            worst = max(worst, ((demand1 - demand0) - (cpu1 - cpu0)) / (at1 - at0))
+    return worst
+
+
+def refusal_rule(message: str | None) -> str:
+    """Which of the guard's rules a ``server_busy`` message names."""
+    text = message or ""
+    if "still starting" in text:
+        return "starting"
+    if text.startswith("event loop busy"):
+        return "busy"
+    if text.startswith("event-loop lag"):
+        return "lag"
+    return "other"
 
 
 def make_guard(variant: str) -> Any:
-    """The overload guard of a variant: ``off``, ``guard`` (the defaults), or
-    ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S`` (e.g. ``guard@10/0.1/1``)."""
-    from voicefsm.admission import LoopLagMonitor, OverloadGuard
+    """The overload guard of a variant: ``off``, ``guard`` (the defaults), ``lag-only`` (the
+    defaults without the busy and starting rules), or
+    ``guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S[/MAX_BUSY/MAX_STARTING]`` (``-`` turns the busy or
+    starting rule off; e.g. ``guard@25/0.2/2/0.7/4``)."""
+    from voicefsm.admission import (
+        DEFAULT_MAX_BUSY,
+        DEFAULT_MAX_STARTING,
+        LoopLagMonitor,
+        OverloadGuard,
+    )
 
     if variant == "off":
         return None
     if variant == "guard":
         return OverloadGuard()
-    lag_ms, fraction, window = (float(part) for part in variant.split("@", 1)[1].split("/"))
+    if variant == "lag-only":
+        return OverloadGuard(max_busy=None, max_starting=None)
+    parts = variant.split("@", 1)[1].split("/")
+    if len(parts) not in (3, 5):
+        raise ValueError(f"bad variant {variant!r}")
+    lag_ms, fraction, window = (float(part) for part in parts[:3])
+    busy: float | None = DEFAULT_MAX_BUSY
+    starting: int | None = DEFAULT_MAX_STARTING
+    if len(parts) == 5:
+        busy = None if parts[3] == "-" else float(parts[3])
+        starting = None if parts[4] == "-" else int(parts[4])
+    monitor = LoopLagMonitor(window_s=window)
     return OverloadGuard(
-        lag_ms / 1000, late_fraction=fraction, monitor=LoopLagMonitor(window_s=window)
+        lag_ms / 1000,
+        late_fraction=fraction,
+        monitor=monitor,
+        max_busy=busy,
+        busy_window_s=min(window, 1.0),
+        max_starting=starting,
     )
 
 
@@ -264,9 +335,11 @@ async def run_once(
     ids: itertools.count[int],
 ) -> RunResult:
     """One arrival ramp against a fresh service."""
-    from voicefsm import SessionConfig
+    from voicefsm import SessionConfig, State
+    from voicefsm.admission import thread_cpu_demand_s
     from voicefsm.auth import JWTAuthenticator
     from voicefsm.limits import ServiceLimits
+    from voicefsm.model import LogKind
     from voicefsm.service import InterviewService
 
     cap = _capacity()
@@ -298,10 +371,14 @@ async def run_once(
     monitor = asyncio.create_task(cap._lag_monitor(lags, stop_monitor))
     peak = 0
 
+    cpu_samples: list[tuple[float, float, float]] = []
+    """(monotonic, the loop thread's CPU time, its CPU demand: run plus run-queue wait)."""
+
     async def watch_peak() -> None:
         nonlocal peak
         while not stop_monitor.is_set():
             peak = max(peak, len(service.sessions))
+            cpu_samples.append((time.monotonic(), time.thread_time(), thread_cpu_demand_s()))
             await asyncio.sleep(0.05)
 
     peak_watcher = asyncio.create_task(watch_peak())
@@ -331,6 +408,8 @@ async def run_once(
     idents = list(sent)
     warning_late: list[float] = []
     end_late: list[float] = []
+    warning_fired: list[float] = []
+    end_fired: list[float] = []
     counted = 0
     unread = 0
     silent = 0
@@ -351,8 +430,28 @@ async def run_once(
         counted_here += stats.upstream_audio_unsent
         counted += counted_here
         unread += transport.unread
-        silent += max(0, lost_here - counted_here - transport.unread)
+        silent_here = max(0, lost_here - counted_here - transport.unread)
+        silent += silent_here
         deadline = record.started_at + args.time_limit
+        if silent_here and os.environ.get("BENCH_ADMISSION_TRACE"):
+            got = set(arrived_before.get(ident, ()))
+            missing_at = [
+                round(due - (deadline - wall_minus_mono), 3)
+                for due in transport.sent_due
+                if due not in got
+            ]
+            unsent_by_reason = [
+                (entry.count, entry.why)
+                for entry in record.log
+                if entry.kind is LogKind.AUDIO_UNSENT
+            ]
+            print(
+                f"  silent {silent_here} (interview {ident}): lost {lost_here} "
+                f"counted {counted_here} "
+                f"unread {transport.unread}; lost chunks at (s from the deadline) {missing_at}; "
+                f"unsent by reason {unsent_by_reason}",
+                flush=True,
+            )
         cutoff = deadline - wall_minus_mono - END_MARGIN_S
         due_before = sum(1 for due in transport.sent_due if due < cutoff)
         got_before = sum(1 for due in arrived_before.get(ident, ()) if due < cutoff)
@@ -363,10 +462,23 @@ async def run_once(
             missing += 1
         if transport.ended_at is not None and transport.end_reason == "time_limit":
             end_late.append(transport.ended_at - deadline)
+        for entry in record.log:
+            if entry.kind is LogKind.WARNING:
+                warning_fired.append(entry.at - (deadline - args.warning_before))
+            elif (
+                entry.kind is LogKind.STATE
+                and entry.state_to is State.ENDED
+                and record.end_reason == "time_limit"
+            ):
+                end_fired.append(entry.at - deadline)
     await service.shutdown()
     lost = sum(max(0, sent[ident] - received.get(ident, 0)) for ident in idents)
     admitted = [t for t in transports if t.session_id is not None]
     busy = [t for t in transports if t.session_id is None and t.error_code == "server_busy"]
+    refused_by: dict[str, int] = {}
+    for refused in busy:
+        rule = refusal_rule(refused.error_message)
+        refused_by[rule] = refused_by.get(rule, 0) + 1
     return RunResult(
         variant=variant,
         offered=len(transports),
@@ -378,6 +490,8 @@ async def run_once(
         warnings_missing=missing,
         warning_late_s=warning_late,
         end_late_s=end_late,
+        warning_fired_late_s=warning_fired,
+        end_fired_late_s=end_fired,
         sent=sum(sent.values()),
         lost=lost,
         counted=counted,
@@ -388,6 +502,8 @@ async def run_once(
         peak_sessions=peak,
         seconds=seconds,
         load=(load_before, os.getloadavg()[0]),
+        refused_by=refused_by,
+        stolen_max=worst_wait_share(cpu_samples, 1.0),
     )
 
 
@@ -406,6 +522,12 @@ def lateness_row(values: Sequence[float]) -> str:
     )
 
 
+def _ms(values: Sequence[float], q: float) -> str:
+    if not values:
+        return "—"
+    return f"{(max(values) if q >= 1 else _capacity().pct(values, q)) * 1000:.0f}"
+
+
 def describe(result: RunResult) -> str:
     """One line per run, for the console."""
     cap = _capacity()
@@ -421,12 +543,15 @@ def describe(result: RunResult) -> str:
 
     return (
         f"{result.variant:5s} admitted {result.admitted}/{result.offered} busy "
-        f"{result.refused_busy} other {result.refused_other} peak {result.peak_sessions}  "
-        f"warning {short(result.warning_late_s)}  end {short(result.end_late_s)}  "
+        f"{result.refused_busy} {result.refused_by} other {result.refused_other} "
+        f"peak {result.peak_sessions}  "
+        f"warning {short(result.warning_late_s)} (fired {short(result.warning_fired_late_s)})  "
+        f"end {short(result.end_late_s)} (fired {short(result.end_fired_late_s)})  "
         f"lost {result.lost}/{result.sent} (counted {result.counted}, "
         f"unread {result.unread}, silent {result.silent}, "
         f"before the end {result.lost_before_end})  "
         f"other ends {result.ended_otherwise}  lag p99 {result.lag_p99_ms:.0f} ms  "
+        f"core taken {result.stolen_max:.0%}  "
         f"load {result.load[0]:.1f}->{result.load[1]:.1f}"
     )
 
@@ -477,7 +602,8 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
         )
     lines += [
         "",
-        "Per repeat (share of warnings / ends later than 50 ms, admitted, peak):",
+        "Per repeat (share of warnings / ends later than 50 ms, admitted, peak, and the most of "
+        "a second the loop's thread spent waiting for its core):",
         "",
     ]
     for variant in args.variants:
@@ -489,15 +615,26 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
             return f"{sum(1 for v in values if v > LATE_S) / len(values):.0%}"
 
         parts = [
-            f"{share(r.warning_late_s)} / {share(r.end_late_s)}, {r.admitted}, {r.peak_sessions}"
+            f"{share(r.warning_late_s)} / {share(r.end_late_s)}, {r.admitted}, {r.peak_sessions}, "
+            f"{r.stolen_max:.0%}"
             for r in runs
         ]
         lines.append(f"* {variant}: " + "; ".join(parts))
     lines.append("")
     for variant in args.variants:
         runs = [r for r in results if r.variant == variant]
+        fired_w = [v for r in runs for v in r.warning_fired_late_s]
+        fired_e = [v for r in runs for v in r.end_fired_late_s]
+        rules: dict[str, int] = {}
+        for run in runs:
+            for rule, count in run.refused_by.items():
+                rules[rule] = rules.get(rule, 0) + count
+        by_rule = ", ".join(f"{rule} {count}" for rule, count in sorted(rules.items()))
         lines.append(
-            f"* {variant}: other refusals {sum(r.refused_other for r in runs)}; admitted "
+            f"* {variant}: when the engine fired them (its log), warnings p99 / max "
+            f"{_ms(fired_w, 0.99)} / {_ms(fired_w, 1.0)} ms and ends {_ms(fired_e, 0.99)} / "
+            f"{_ms(fired_e, 1.0)} ms late; busy refusals by rule: {by_rule or 'none'}; "
+            f"other refusals {sum(r.refused_other for r in runs)}; admitted "
             f"sessions that ended other than at their time limit "
             f"{sum(r.ended_otherwise for r in runs)}; without a warning "
             f"{sum(r.warnings_missing for r in runs)}."
@@ -530,7 +667,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help="comma-separated: off, guard (the defaults), guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S",
+        help="comma-separated: off, guard (the defaults), lag-only (no busy or starting rule), "
+        "guard@MAX_LAG_MS/LATE_FRACTION/WINDOW_S[/MAX_BUSY/MAX_STARTING] ('-': that rule off)",
     )
     parser.add_argument("--upstream", choices=("genai", "adk"), default="genai")
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
@@ -546,7 +684,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         try:
             make_guard(variant)
         except (ValueError, IndexError):
-            parser.error(f"bad variant {variant!r}: off, guard or guard@MAX_LAG_MS/FRACTION/WIN_S")
+            parser.error(
+                f"bad variant {variant!r}: off, guard, lag-only or "
+                "guard@MAX_LAG_MS/FRACTION/WIN_S[/MAX_BUSY/MAX_STARTING]"
+            )
     if not 0 < args.warning_before < args.time_limit - 1:
         parser.error("--warning-before must be positive and over 1 s shorter than --time-limit")
     if args.rate <= 0 or args.arrivals < 1:

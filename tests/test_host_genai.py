@@ -17,6 +17,8 @@ import pytest
 from genai_rig import GenaiRig
 from google.genai import types
 from loopback import (
+    MODEL,
+    HostRig,
     assert_every_chunk_in_order_once_resent,
     fast_config,
     sequence_numbers,
@@ -26,7 +28,7 @@ from loopback import (
 
 from voicefsm import EndReason
 from voicefsm import events as ev
-from voicefsm.genai_live import GenaiClassifier, GenaiTool
+from voicefsm.genai_live import GenaiClassifier, GenaiTool, GenaiUpstream
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
 
@@ -621,3 +623,25 @@ async def test_audio_keeps_its_order_when_the_websocket_applies_flow_control() -
         assert await connection.wait_closed() == 0
     assert unsent == []
     assert [int.from_bytes(chunk[:4], "big") for chunk in conn.audio_chunks] == list(range(count))
+
+
+async def test_a_chunk_handled_after_the_deadline_was_due_is_counted_as_unsent() -> None:
+    # A busy loop handles a client chunk after the deadline fell due, before the host's timer
+    # woke it: the deadline fires first in that call and ends the session; the chunk is dropped.
+    now = [time.time()]
+    async with FakeLiveServer(scripts=[setup_only]) as server:
+        upstream = GenaiUpstream(MODEL, client=server.genai_client(), wire=GenaiRig.wire)
+        config = fast_config(time_limit_s=60)
+        async with HostRig(server, upstream, config, clock=lambda: now[0]) as rig:
+            await rig.wait_state("live")
+            rig.send_audio(3)
+            conn = server.connections[0]
+            await conn.wait_for_audio_chunks(3)
+            now[0] += 61  # past the limit, and no tick in between on the host's clock
+            rig.send_audio(1)
+            record = await rig.finish()
+            await conn.wait_closed()
+    assert record.end_reason is EndReason.TIME_LIMIT
+    assert conn.audio_chunk_count == 3
+    assert record.stats.upstream_audio_unsent == 1  # the fourth: none vanishes silently
+    assert rig.sink.records[record.session_id].stats.upstream_audio_unsent == 1

@@ -215,6 +215,7 @@ class SessionHost:
         self._on_note = on_note
         self.client_send_timeout_s = client_send_timeout_s
         self._detach_reason: str | None = None
+        self._audio_refused_at_end = 0
         self._log = SessionLog(logger, session.session_id)
 
     # ------------------------------------------------------------------ entry points
@@ -253,6 +254,7 @@ class SessionHost:
             self._pending_client = None
         try:
             await self._apply(session.start(self._clock()))
+            event: ev.Event | None = None
             while not session.ended and self._detach_reason is None:
                 event = await self._next_event()
                 if self._detach_reason is not None:
@@ -260,6 +262,10 @@ class SessionHost:
                 await self._apply(session.handle(event, self._clock()))
                 if self._deferred and type(event) is ev.UpstreamReady:
                     self._defer_teardowns(TEARDOWN_AFTER_READY_S)
+            if type(event) is ev.ClientAudio and session.ended:
+                # A chunk handled after a timer was due (the deadline, on a busy loop): the timer
+                # fired first and ended the session, so the engine dropped the chunk unheard.
+                self._audio_refused_at_end = 1
             if self._detach_reason is not None and not session.ended:
                 self._log.warning("detached without ending the session: %s", self._detach_reason)
                 client, self._client = self._client, None
@@ -324,7 +330,7 @@ class SessionHost:
     async def _count_late_unsent(self) -> None:
         """Hand the engine the unsent-audio counts that arrived after its loop stopped."""
         late: list[ev.UpstreamAudioUnsent] = []
-        queued_audio = 0
+        queued_audio = self._audio_refused_at_end
         self._inbox.close()
         while (event := self._inbox.take()) is not None:
             if isinstance(event, ev.UpstreamAudioUnsent):

@@ -449,7 +449,10 @@ class InterviewService:
     async def _start(self, principal: Principal, channel: WebChannel) -> LiveSession | None:
         if self.overload is not None:  # new sessions only: running ones are never refused
             self.overload.start()
-            busy = self.overload.refusal(len(self.sessions))
+            starting = sum(
+                1 for live in self.sessions.values() if live.host.session.state is State.CONNECTING
+            )
+            busy = self.overload.refusal(len(self.sessions), starting)
             if busy is not None:
                 logger.warning("refused a new session: %s", busy)
                 await channel.send_message(ErrorMessage(code="server_busy", message=busy))
