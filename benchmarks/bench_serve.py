@@ -41,6 +41,7 @@ import itertools
 import multiprocessing
 import os
 import shlex
+import signal
 import socket
 import statistics
 import struct
@@ -129,22 +130,37 @@ def relay_main(port: int, base_url: str, ca_file: str) -> None:
                 await asyncio.wait({sender})
 
     app = Starlette(routes=[WebSocketRoute("/interview", relay)])
-    profile = os.environ.get("BENCH_SERVE_RELAY_PROFILE")
-    if profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.runcall(
-            uvicorn.run,
-            app,
-            host="127.0.0.1",
-            port=port,
-            ws="websockets-sansio",
-            log_level="warning",
-        )
-        profiler.dump_stats(profile)
-        return
+    profile_windows(os.environ.get("BENCH_SERVE_PROFILE"))
     uvicorn.run(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")
+
+
+def profile_windows(path: str | None) -> None:
+    """With a ``path``: SIGUSR1 starts cProfile in this process, SIGUSR2 stops it and writes
+    the stats so far to ``path`` (the benchmark brackets each measured window with them)."""
+    if not path:
+        return
+    import cProfile
+    import signal
+
+    profiler = cProfile.Profile()
+
+    def start(signum: int, frame: Any) -> None:
+        profiler.enable()
+
+    def stop(signum: int, frame: Any) -> None:
+        profiler.disable()
+        profiler.dump_stats(path)
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
+def serve_main(argv: list[str]) -> None:
+    """``voicefsm serve`` with :func:`profile_windows` (only used with ``--profile-server``)."""
+    from voicefsm.cli import main
+
+    profile_windows(os.environ.get("BENCH_SERVE_PROFILE"))
+    raise SystemExit(main(argv))
 
 
 # --------------------------------------------------------------------------- servers
@@ -228,18 +244,17 @@ def cpu_seconds(pid: int) -> float:
 def start_server(
     kind: str, port: int, base_url: str, ca_file: str, cpu: int | None, profile: Path | None
 ) -> Any:
-    """Start one server process; return the Popen (``profile``: run voicefsm under cProfile)."""
+    """Start one server process; return the Popen.
+
+    With a ``profile`` path the server profiles its measured windows into ``PATH.KIND``
+    (:func:`profile_windows`).
+    """
     env = {**os.environ, "VOICEFSM_JWT_SECRET": SECRET, "PYTHONPATH": str(ROOT)}
     if profile is not None:
-        env["BENCH_SERVE_RELAY_PROFILE"] = f"{profile}.relay"
+        env["BENCH_SERVE_PROFILE"] = f"{profile}.{kind}"
     env.pop("GOOGLE_API_KEY", None)
     if kind == "voicefsm-serve":
-        profiling = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
-        argv = [
-            sys.executable,
-            *profiling,
-            "-m",
-            "voicefsm.cli",
+        serve_args = [
             "serve",
             "--port",
             str(port),
@@ -254,6 +269,14 @@ def start_server(
             "--max-loop-lag-ms",
             "0",
         ]
+        if profile is None:
+            argv = [sys.executable, "-m", "voicefsm.cli", *serve_args]
+        else:
+            code = (
+                f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_serve; "
+                f"bench_serve.serve_main({serve_args!r})"
+            )
+            argv = [sys.executable, "-c", code]
     else:
         code = (
             f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_serve; "
@@ -554,6 +577,7 @@ async def run_once(
     window: float,
     fake_pid: int,
     client_impl: str = "raw",
+    profile: bool = False,
 ) -> ServeResult:
     """One server at one N: connect N clients, feed them, measure over the window."""
     from voicefsm.auth import JWTAuthenticator
@@ -581,6 +605,8 @@ async def run_once(
             if isinstance(c, WebsocketsClient)
         ]
     await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+    if profile:
+        os.kill(pid, signal.SIGUSR1)
     cpu_before = cpu_seconds(pid)
     client_before = cpu_seconds(os.getpid())
     fake_before = cpu_seconds(fake_pid)
@@ -588,6 +614,8 @@ async def run_once(
     cpu = cpu_seconds(pid) - cpu_before
     client_cpu = cpu_seconds(os.getpid()) - client_before
     fake_cpu = cpu_seconds(fake_pid) - fake_before
+    if profile:
+        os.kill(pid, signal.SIGUSR2)
     await asyncio.wait(feeders)
     await asyncio.sleep(1.0)
     # End each interview (voicefsm would otherwise keep it, and its upstream, for the client's
@@ -702,7 +730,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--markdown", type=Path)
     parser.add_argument(
-        "--profile-server", type=Path, help="run voicefsm serve under cProfile, stats to this file"
+        "--profile-server",
+        type=Path,
+        help="profile both servers over the measured windows, stats to PATH.voicefsm-serve "
+        "and PATH.starlette-relay",
     )
     parser.add_argument("--profile-fake", type=Path, help="run the fake under cProfile")
     parser.add_argument("--profile-clients", type=Path, help="run the clients under cProfile")
@@ -740,7 +771,15 @@ async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[Serv
                 for kind in order:
                     pid = processes[kind].pid
                     result = await run_once(
-                        kind, ports[kind], pid, n, args.warmup, args.window, fake_pid, args.clients
+                        kind,
+                        ports[kind],
+                        pid,
+                        n,
+                        args.warmup,
+                        args.window,
+                        fake_pid,
+                        args.clients,
+                        args.profile_server is not None,
                     )
                     results.append(result)
                     print(
@@ -753,7 +792,7 @@ async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[Serv
                     )
     finally:
         for process in processes.values():
-            process.send_signal(2)  # SIGINT: uvicorn shuts down cleanly (and cProfile writes)
+            process.send_signal(signal.SIGINT)  # uvicorn shuts down cleanly
         for process in processes.values():
             try:
                 process.wait(10)
