@@ -242,7 +242,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(
-    kind: str, port: int, base_url: str, ca_file: str, cpu: int | None, profile: Path | None
+    kind: str,
+    port: int,
+    base_url: str,
+    ca_file: str,
+    cpu: int | None,
+    profile: Path | None,
+    max_sessions: int = 100,
 ) -> Any:
     """Start one server process; return the Popen.
 
@@ -268,6 +274,8 @@ def start_server(
             "memory://",
             "--max-loop-lag-ms",
             "0",
+            "--max-sessions",
+            str(max_sessions),
         ]
         if profile is None:
             argv = [sys.executable, "-m", "voicefsm.cli", *serve_args]
@@ -753,7 +761,13 @@ async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[Serv
     ports = {kind: free_port() for kind in args.servers}
     processes = {
         kind: start_server(
-            kind, ports[kind], hello["base_url"], ca.name, args.cpu, args.profile_server
+            kind,
+            ports[kind],
+            hello["base_url"],
+            ca.name,
+            args.cpu,
+            args.profile_server,
+            max(100, *args.sizes),
         )
         for kind in args.servers
     }
