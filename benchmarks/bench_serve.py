@@ -664,10 +664,12 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
         f"Medians of {args.repeats} interleaved repeat(s); window {args.window:g} s. Server CPU "
         "per interview in ms per second; latency is the fake's scheduled send time of an "
         "interviewer chunk to its arrival at the client; jitter is a chunk's latency minus its "
-        "client's lowest.",
+        "client's lowest. Clients CPU is this process (all N clients), fake CPU the fake Live "
+        "server's process, each over the window, in % of one core.",
         "",
-        "| N | server | CPU ms/s | latency p50 / p99 ms | jitter p99 ms | model chunks received |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| N | server | CPU ms/s | latency p50 / p99 ms | jitter p99 ms | model chunks received "
+        "| clients CPU | fake CPU |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     held: dict[str, list[int]] = {s: [] for s in SERVERS}
     for n in sizes:
@@ -683,7 +685,9 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
             lines.append(
                 f"| {n} | {server} | {med('cpu_ms_per_s'):.2f} "
                 f"| {med('latency_p50_ms'):.1f} / {med('latency_p99_ms'):.1f} "
-                f"| {med('jitter_p99_ms'):.1f} | {got:.1%} |"
+                f"| {med('jitter_p99_ms'):.1f} | {got:.1%} "
+                f"| {med('client_cpu_ms_per_s') / 10:.0f} % "
+                f"| {med('fake_cpu_ms_per_s') / 10:.0f} % |"
             )
             if med("jitter_p99_ms") <= 50 and got >= 0.99:
                 held[server].append(n)
