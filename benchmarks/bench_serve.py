@@ -6,18 +6,25 @@ Run from the repository root::
     python benchmarks/bench_serve.py --sizes 25,50,100 --repeats 3 --cpu 0
     python benchmarks/bench_serve.py --quick --markdown docs/benchmarks.md   # write the section
 
-Three kinds of process: the fake Gemini Live server (the one of ``bench_capacity.py``: model
-audio every 40 ms on an absolute schedule, each chunk stamped with its scheduled send time); two
-servers under test, both uvicorn with ``websockets-sansio`` and pinned to ``--cpu``:
+Three kinds of process: the fake Gemini Live server (``bench_capacity.py``'s interviewer on the
+wire: model audio every 40 ms on an absolute schedule, each chunk stamped with its scheduled
+send time; here one task per connection and no payload records, see :func:`model_audio_script`);
+two servers under test, both uvicorn pinned to ``--cpu``:
 
 * ``voicefsm-serve``: ``voicefsm serve --upstream genai`` (service, session hosts, the direct
-  genai upstream; memory store, admission control off so it can be driven past saturation);
-* ``starlette-relay``: a bare Starlette app that relays each client websocket to its own
-  ``client.aio.live.connect`` (client audio in, model audio out, nothing else);
+  genai upstream; memory store, admission control off so it can be driven past saturation;
+  uvicorn as ``voicefsm.web.starlette.uvicorn_options()`` sets it up, i.e. ``websockets-sansio``
+  through :class:`voicefsm.web.uvicorn_server.QueueingWebSocketProtocol`);
+* ``starlette-relay``: a bare Starlette app on stock ``websockets-sansio`` that relays each
+  client websocket to its own ``client.aio.live.connect`` (client audio in, model audio out,
+  nothing else);
 
 and this process, running N websocket clients: each sends a 640-byte binary frame every 20 ms on
-an absolute schedule and receives interviewer audio. Both servers run for the whole benchmark;
-the runs alternate between them (the order rotates every repeat).
+an absolute schedule and receives interviewer audio. By default (``--clients raw``) the clients
+speak RFC 6455 themselves over asyncio protocols, with one pre-built masked audio frame each and
+one task feeding them all, so that the load generator stays cheap next to the servers;
+``--clients websockets`` gives each client a ``websockets`` connection and a task. Both servers
+run for the whole benchmark; the runs alternate between them (the order rotates every repeat).
 
 Per server and N, over a ``--window`` after a ``--warmup``:
 
@@ -26,7 +33,9 @@ Per server and N, over a ``--window`` after a ``--warmup``:
   client; **jitter p99**: per chunk, its latency minus the lowest latency of its client (how
   unevenly the audio arrives), over every chunk of every client;
 * **model chunks** received against those the fake scheduled (a shortfall is audio that never
-  arrived or is still queued).
+  arrived or is still queued);
+* **clients CPU** and **fake CPU**: this process and the fake's over the window, in % of a core
+  (the harness must not be what saturates).
 
 "Holds N" means jitter p99 <= 50 ms with every scheduled chunk received.
 """
