@@ -301,9 +301,8 @@ def start_server(
         )
         argv = [sys.executable, "-c", code]
 
-    def pin() -> None:
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
+    def pin() -> None:  # not the clients' affinity, which this process may have
+        os.sched_setaffinity(0, {cpu} if cpu is not None else range(os.cpu_count() or 1))
 
     log = open(f"/tmp/bench-serve-{kind}.log", "w")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
@@ -668,6 +667,7 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
         "",
         f"`{command}` — {datetime.date.today().isoformat()}; servers "
         f"{'pinned to CPU ' + str(args.cpu) if args.cpu is not None else 'not pinned'}, "
+        f"fake on CPU {args.fake_cpu}, clients on CPU {args.clients_cpu}, "
         f"load average {os.getloadavg()[0]:.1f} at the end (the machine is shared).",
         "",
         f"Medians of {args.repeats} interleaved repeat(s); window {args.window:g} s. Server CPU "
@@ -736,6 +736,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=float, default=5.0)
     parser.add_argument("--cpu", type=int, default=None, help="pin both servers to this CPU")
     parser.add_argument("--fake-cpu", type=int, default=None)
+    parser.add_argument(
+        "--clients-cpu",
+        type=int,
+        default=None,
+        help="pin the clients (this process) to this CPU (default: the fake's, if pinned)",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--clients",
@@ -763,6 +769,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.sizes, args.repeats, args.window = "10,30", 1, 3.0
     args.sizes = [int(n) for n in str(args.sizes).split(",")]
     args.servers = [kind for kind in SERVERS if kind in str(args.servers).split(",")]
+    if args.clients_cpu is None:
+        args.clients_cpu = args.fake_cpu
     return args
 
 
@@ -839,6 +847,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fake = context.Process(target=fake_main, args=(child, args.fake_cpu, fake_profile), daemon=True)
     fake.start()
     assert fake.pid is not None
+    if args.clients_cpu is not None:  # after the fake started: it sets its own affinity
+        os.sched_setaffinity(0, {args.clients_cpu})
     try:
         if args.profile_clients is not None:
             import cProfile
