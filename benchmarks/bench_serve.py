@@ -6,18 +6,25 @@ Run from the repository root::
     python benchmarks/bench_serve.py --sizes 25,50,100 --repeats 3 --cpu 0
     python benchmarks/bench_serve.py --quick --markdown docs/benchmarks.md   # write the section
 
-Three kinds of process: the fake Gemini Live server (the one of ``bench_capacity.py``: model
-audio every 40 ms on an absolute schedule, each chunk stamped with its scheduled send time); two
-servers under test, both uvicorn with ``websockets-sansio`` and pinned to ``--cpu``:
+Three kinds of process: the fake Gemini Live server (``bench_capacity.py``'s interviewer on the
+wire: model audio every 40 ms on an absolute schedule, each chunk stamped with its scheduled
+send time; here one task per connection and no payload records, see :func:`model_audio_script`);
+two servers under test, both uvicorn pinned to ``--cpu``:
 
 * ``voicefsm-serve``: ``voicefsm serve --upstream genai`` (service, session hosts, the direct
-  genai upstream; memory store, admission control off so it can be driven past saturation);
-* ``starlette-relay``: a bare Starlette app that relays each client websocket to its own
-  ``client.aio.live.connect`` (client audio in, model audio out, nothing else);
+  genai upstream; memory store, admission control off so it can be driven past saturation;
+  uvicorn as ``voicefsm.web.starlette.uvicorn_options()`` sets it up, i.e. ``websockets-sansio``
+  through :class:`voicefsm.web.uvicorn_server.QueueingWebSocketProtocol`);
+* ``starlette-relay``: a bare Starlette app on stock ``websockets-sansio`` that relays each
+  client websocket to its own ``client.aio.live.connect`` (client audio in, model audio out,
+  nothing else);
 
 and this process, running N websocket clients: each sends a 640-byte binary frame every 20 ms on
-an absolute schedule and receives interviewer audio. Both servers run for the whole benchmark;
-the runs alternate between them (the order rotates every repeat).
+an absolute schedule and receives interviewer audio. By default (``--clients raw``) the clients
+speak RFC 6455 themselves over asyncio protocols, with one pre-built masked audio frame each and
+one task feeding them all, so that the load generator stays cheap next to the servers;
+``--clients websockets`` gives each client a ``websockets`` connection and a task. Both servers
+run for the whole benchmark; the runs alternate between them (the order rotates every repeat).
 
 Per server and N, over a ``--window`` after a ``--warmup``:
 
@@ -26,7 +33,9 @@ Per server and N, over a ``--window`` after a ``--warmup``:
   client; **jitter p99**: per chunk, its latency minus the lowest latency of its client (how
   unevenly the audio arrives), over every chunk of every client;
 * **model chunks** received against those the fake scheduled (a shortfall is audio that never
-  arrived or is still queued).
+  arrived or is still queued);
+* **clients CPU** and **fake CPU**: this process and the fake's over the window, in % of a core
+  (the harness must not be what saturates).
 
 "Holds N" means jitter p99 <= 50 ms with every scheduled chunk received.
 """
@@ -41,6 +50,7 @@ import itertools
 import multiprocessing
 import os
 import shlex
+import signal
 import socket
 import statistics
 import struct
@@ -61,6 +71,7 @@ MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 CHUNK_BYTES = 640
 CHUNK_S = 0.02
 MODEL_CHUNK_S = 0.04
+MODEL_CHUNK_BYTES = 1920  # 40 ms of 24 kHz 16-bit mono
 
 
 def _capacity() -> Any:
@@ -128,25 +139,102 @@ def relay_main(port: int, base_url: str, ca_file: str) -> None:
                 await asyncio.wait({sender})
 
     app = Starlette(routes=[WebSocketRoute("/interview", relay)])
-    profile = os.environ.get("BENCH_SERVE_RELAY_PROFILE")
-    if profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.runcall(
-            uvicorn.run,
-            app,
-            host="127.0.0.1",
-            port=port,
-            ws="websockets-sansio",
-            log_level="warning",
-        )
-        profiler.dump_stats(profile)
-        return
+    profile_windows(os.environ.get("BENCH_SERVE_PROFILE"))
     uvicorn.run(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")
 
 
+def profile_windows(path: str | None) -> None:
+    """With a ``path``: SIGUSR1 starts cProfile in this process, SIGUSR2 stops it and writes
+    the stats so far to ``path`` (the benchmark brackets each measured window with them)."""
+    if not path:
+        return
+    import cProfile
+    import signal
+
+    profiler = cProfile.Profile()
+
+    def start(signum: int, frame: Any) -> None:
+        profiler.enable()
+
+    def stop(signum: int, frame: Any) -> None:
+        profiler.disable()
+        profiler.dump_stats(path)
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
+def serve_main(argv: list[str]) -> None:
+    """``voicefsm serve`` with :func:`profile_windows` (only used with ``--profile-server``)."""
+    from voicefsm.cli import main
+
+    profile_windows(os.environ.get("BENCH_SERVE_PROFILE"))
+    raise SystemExit(main(argv))
+
+
 # --------------------------------------------------------------------------- servers
+
+
+def fake_main(pipe: Any, cpu: int | None, profile: str | None) -> None:
+    """The fake Live server's process, optionally under cProfile."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    if profile is None:
+        asyncio.run(_serve_fake(pipe))
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(asyncio.run, _serve_fake(pipe))
+    finally:
+        profiler.dump_stats(profile)
+
+
+def model_audio_script() -> Any:
+    """What the fake sends on each connection: ``bench_capacity.py``'s interviewer, one task.
+
+    After ``setupComplete``: a 40 ms model audio chunk on an absolute schedule, each stamped
+    with its scheduled send time; an output transcription after every 12th chunk; a turn
+    complete and a resumption update after every 50th. It ends when a send finds the
+    connection closed.
+    """
+    silence = bytes(MODEL_CHUNK_BYTES - 8)
+
+    async def script(conn: Any) -> None:
+        await conn.send_setup_complete()
+        start = time.monotonic()
+        for k in itertools.count():
+            due = start + k * MODEL_CHUNK_S
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await conn.send_model_audio(struct.pack(">d", due) + silence)
+            if k % 12 == 11:
+                await conn.send_output_transcription("word ", finished=False)
+            if k % 50 == 49:
+                await conn.send_turn_complete()
+                await conn.send_resumption_update()
+
+    return script
+
+
+async def _serve_fake(pipe: Any) -> None:
+    import logging
+
+    from voicefsm.testing import FakeLiveServer
+
+    logging.disable(logging.WARNING)
+    # Nothing here reads what the clients sent: keep counts only (memory stays flat).
+    server = FakeLiveServer(
+        script=model_audio_script(),
+        enforce_resumption_handles=False,
+        raise_script_errors=False,
+        record_payloads=False,
+    )
+    async with server:
+        pipe.send({"base_url": server.base_url, "ca_pem": server.ca_pem.decode()})
+        await asyncio.get_running_loop().run_in_executor(None, pipe.recv)  # "stop"
 
 
 def free_port() -> int:
@@ -163,20 +251,25 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(
-    kind: str, port: int, base_url: str, ca_file: str, cpu: int | None, profile: Path | None
+    kind: str,
+    port: int,
+    base_url: str,
+    ca_file: str,
+    cpu: int | None,
+    profile: Path | None,
+    max_sessions: int = 100,
 ) -> Any:
-    """Start one server process; return the Popen (``profile``: run voicefsm under cProfile)."""
+    """Start one server process; return the Popen.
+
+    With a ``profile`` path the server profiles its measured windows into ``PATH.KIND``
+    (:func:`profile_windows`).
+    """
     env = {**os.environ, "VOICEFSM_JWT_SECRET": SECRET, "PYTHONPATH": str(ROOT)}
     if profile is not None:
-        env["BENCH_SERVE_RELAY_PROFILE"] = f"{profile}.relay"
+        env["BENCH_SERVE_PROFILE"] = f"{profile}.{kind}"
     env.pop("GOOGLE_API_KEY", None)
     if kind == "voicefsm-serve":
-        profiling = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
-        argv = [
-            sys.executable,
-            *profiling,
-            "-m",
-            "voicefsm.cli",
+        serve_args = [
             "serve",
             "--port",
             str(port),
@@ -190,7 +283,17 @@ def start_server(
             "memory://",
             "--max-loop-lag-ms",
             "0",
+            "--max-sessions",
+            str(max_sessions),
         ]
+        if profile is None:
+            argv = [sys.executable, "-m", "voicefsm.cli", *serve_args]
+        else:
+            code = (
+                f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_serve; "
+                f"bench_serve.serve_main({serve_args!r})"
+            )
+            argv = [sys.executable, "-c", code]
     else:
         code = (
             f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_serve; "
@@ -198,9 +301,8 @@ def start_server(
         )
         argv = [sys.executable, "-c", code]
 
-    def pin() -> None:
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
+    def pin() -> None:  # not the clients' affinity, which this process may have
+        os.sched_setaffinity(0, {cpu} if cpu is not None else range(os.cpu_count() or 1))
 
     log = open(f"/tmp/bench-serve-{kind}.log", "w")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
@@ -222,38 +324,212 @@ async def wait_listening(port: int, process: Any, within: float = 60) -> None:
 # --------------------------------------------------------------------------- clients
 
 
-class Client:
-    """One interview's client: audio out on schedule, interviewer audio in."""
+def masked_frame(opcode: int, payload: bytes, key: bytes) -> bytes:
+    """One complete client frame (FIN set, masked with ``key``), built once and re-sent."""
+    length = len(payload)
+    if length < 126:
+        head = struct.pack(">BB", 0x80 | opcode, 0x80 | length)
+    elif length < 65536:
+        head = struct.pack(">BBH", 0x80 | opcode, 0x80 | 126, length)
+    else:
+        head = struct.pack(">BBQ", 0x80 | opcode, 0x80 | 127, length)
+    mask = (key * (length // 4 + 1))[:length]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(length, "big")
+    return head + key + masked
 
-    def __init__(self, url: str, kind: str, token: str) -> None:
-        self.url = url
+
+class RawClient(asyncio.Protocol):
+    """One interview's client speaking RFC 6455 itself: the cheap load generator.
+
+    The audio frame is built (and masked) once; a received server frame costs a header parse
+    and, for interviewer audio, one ``unpack_from`` of its stamp. Server frames are read as
+    they come (``data_received``), all frames of one read stamped with one arrival time.
+    """
+
+    def __init__(self, kind: str, token: str) -> None:
         self.kind = kind
         self.token = token
         self.ready = asyncio.Event()
         self.latencies: list[float] = []
         self.received = 0
-        self.ws: Any = None
+        self.window = (float("inf"), float("inf"))
+        self.key = os.urandom(4)
+        self.audio_frame = masked_frame(0x2, bytes(CHUNK_BYTES), self.key)
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self._opened = asyncio.get_running_loop().create_future()
+        self._accept = ""
+        self._buffer = bytearray()
+        self._upgraded = False
 
-    async def connect(self) -> None:
+    async def connect(self, host: str, port: int, path: str) -> None:
+        """Open the TCP connection and complete the websocket handshake."""
+        import base64
+        import hashlib
+
+        key = base64.b64encode(os.urandom(16)).decode()
+        magic = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+        self._accept = base64.b64encode(hashlib.sha1((key + magic).encode()).digest()).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
+        if self.kind == "voicefsm-serve":
+            lines.append(f"Sec-WebSocket-Protocol: voicefsm.v1, bearer.{self.token}")
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(lambda: self, host, port)
+        assert self.transport is not None
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        async with asyncio.timeout(30):
+            await self._opened
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Mark the client closed."""
+        if not self._opened.done():
+            self._opened.set_exception(ConnectionError("closed during the handshake"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse every complete server frame in the buffer."""
+        now = time.monotonic()
+        buffer = self._buffer
+        buffer += data
+        if not self._upgraded:
+            head_end = buffer.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = bytes(buffer[:head_end]).decode("latin-1")
+            del buffer[: head_end + 4]
+            if not head.startswith("HTTP/1.1 101") or self._accept not in head:
+                self._opened.set_exception(ConnectionError(head.split("\r\n", 1)[0]))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self._upgraded = True
+            self._opened.set_result(None)
+        start, end = self.window
+        at = 0
+        size = len(buffer)
+        while size - at >= 2:
+            opcode = buffer[at] & 0x0F
+            length = buffer[at + 1] & 0x7F
+            offset = at + 2
+            if length == 126:
+                if size - at < 4:
+                    break
+                length = (buffer[at + 2] << 8) | buffer[at + 3]
+                offset = at + 4
+            elif length == 127:
+                if size - at < 10:
+                    break
+                (length,) = struct.unpack_from(">Q", buffer, at + 2)
+                offset = at + 10
+            if size - offset < length:
+                break
+            if opcode == 0x2 and length >= 8:
+                (scheduled,) = struct.unpack_from(">d", buffer, offset)
+                if start <= scheduled < end:
+                    self.latencies.append(now - scheduled)
+                    self.received += 1
+                if not self.ready.is_set():
+                    self.ready.set()
+            elif opcode == 0x9:  # ping: answer with a pong carrying its payload
+                self.send_frame(0xA, bytes(buffer[offset : offset + length]))
+            elif opcode == 0x8:  # close: echo it and let the server end the TCP connection
+                self.send_frame(0x8, bytes(buffer[offset : offset + min(length, 2)]))
+            at = offset + length
+        del buffer[:at]
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Send one (small) control or text frame."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(masked_frame(opcode, payload, self.key))
+
+    def send_audio(self) -> bool:
+        """Send the audio frame; False once the connection is closing."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(self.audio_frame)
+        return True
+
+    async def end(self, within: float) -> None:
+        """Ask the server to close (``end_session`` for voicefsm, a close frame otherwise)."""
+        if self.kind == "voicefsm-serve":
+            self.send_frame(0x1, b'{"end_session": true}')
+        else:
+            self.send_frame(0x8, struct.pack(">H", 1000))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self.closed
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def feed_all(clients: Sequence[RawClient], begin: float, stop_at: float) -> None:
+    """Every client's audio on its absolute 20 ms schedule, staggered by ``CHUNK_S / N``.
+
+    One task for all clients: each wake-up sends every frame that has come due since the last.
+    """
+    n = len(clients)
+    step = CHUNK_S / n
+    k = 0
+    while True:
+        now = time.monotonic()
+        while begin + k * step <= now:
+            due = begin + k * step
+            if due >= stop_at:
+                return
+            clients[k % n].send_audio()
+            k += 1
+        await asyncio.sleep(begin + k * step - time.monotonic())
+
+
+class WebsocketsClient:
+    """One interview's client on the ``websockets`` library (``--clients websockets``)."""
+
+    def __init__(self, kind: str, token: str) -> None:
+        self.kind = kind
+        self.token = token
+        self.ready = asyncio.Event()
+        self.latencies: list[float] = []
+        self.received = 0
+        self.window = (float("inf"), float("inf"))
+        self.ws: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def connect(self, host: str, port: int, path: str) -> None:
+        """Open the websocket; start reading."""
         from websockets.asyncio.client import connect
 
         protocols = ["voicefsm.v1", f"bearer.{self.token}"] if self.kind == "voicefsm-serve" else []
         self.ws = await connect(
-            self.url,
+            f"ws://{host}:{port}{path}",
             subprotocols=protocols or None,  # type: ignore[arg-type]
             open_timeout=30,
             max_queue=None,
             compression=None,
         )
+        self._reader = asyncio.create_task(self._read())
 
-    async def read(self, window: tuple[float, float]) -> None:
-        start, end = window
+    async def _read(self) -> None:
         try:
             async for frame in self.ws:
                 if isinstance(frame, bytes) and len(frame) >= 8:
                     now = time.monotonic()
                     (scheduled,) = struct.unpack_from(">d", frame)
                     self.ready.set()
+                    start, end = self.window
                     if start <= scheduled < end:
                         self.latencies.append(now - scheduled)
                         self.received += 1
@@ -261,6 +537,7 @@ class Client:
             return
 
     async def feed(self, begin: float, stop_at: float) -> None:
+        """This client's audio on its absolute 20 ms schedule."""
         payload = bytes(CHUNK_BYTES)
         for seq in itertools.count():
             due = begin + seq * CHUNK_S
@@ -273,6 +550,20 @@ class Client:
                 await self.ws.send(payload)
             except Exception:
                 return
+
+    async def end(self, within: float) -> None:
+        """Ask the server to close, wait for it, stop reading."""
+        if self.kind == "voicefsm-serve":
+            with contextlib.suppress(Exception):
+                await self.ws.send('{"end_session": true}')
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await self.ws.wait_closed()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 5)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.wait({self._reader})
 
 
 @dataclass
@@ -287,49 +578,66 @@ class ServeResult:
     jitter_p99_ms: float
     received: int
     expected: int
+    client_cpu_ms_per_s: float = float("nan")
+    """This process (the N clients) over the window, ms per second: its share of a core x 1000."""
+    fake_cpu_ms_per_s: float = float("nan")
+    """The fake Live server's process over the window, ms per second."""
 
 
 async def run_once(
-    kind: str, url: str, pid: int, n: int, warmup: float, window: float
+    kind: str,
+    port: int,
+    pid: int,
+    n: int,
+    warmup: float,
+    window: float,
+    fake_pid: int,
+    client_impl: str = "raw",
+    profile: bool = False,
 ) -> ServeResult:
+    """One server at one N: connect N clients, feed them, measure over the window."""
     from voicefsm.auth import JWTAuthenticator
 
     capacity = sys.modules["bench_capacity"]
     auth = JWTAuthenticator(SECRET)
-    clients = [Client(url, kind, auth.issue(f"user-{i}")) for i in range(n)]
+    factory = RawClient if client_impl == "raw" else WebsocketsClient
+    clients = [factory(kind, auth.issue(f"user-{i}")) for i in range(n)]
     for client in clients:
-        await client.connect()
+        await client.connect("127.0.0.1", port, "/interview")
     window_start = time.monotonic() + 2.0 + warmup  # after every client got its first audio
     window_end = window_start + window
-    readers = [asyncio.create_task(c.read((window_start, window_end))) for c in clients]
+    for client in clients:
+        client.window = (window_start, window_end)
     async with asyncio.timeout(60):
         await asyncio.gather(*(c.ready.wait() for c in clients))
     begin = time.monotonic() + 0.05
-    feeders = [
-        asyncio.create_task(c.feed(begin + (i / n) * CHUNK_S, window_end + 0.5))
-        for i, c in enumerate(clients)
-    ]
+    if client_impl == "raw":
+        raw = [c for c in clients if isinstance(c, RawClient)]
+        feeders = [asyncio.create_task(feed_all(raw, begin, window_end + 0.5))]
+    else:
+        feeders = [
+            asyncio.create_task(c.feed(begin + (i / n) * CHUNK_S, window_end + 0.5))
+            for i, c in enumerate(clients)
+            if isinstance(c, WebsocketsClient)
+        ]
     await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+    if profile:
+        os.kill(pid, signal.SIGUSR1)
     cpu_before = cpu_seconds(pid)
+    client_before = cpu_seconds(os.getpid())
+    fake_before = cpu_seconds(fake_pid)
     await asyncio.sleep(max(0.0, window_end - time.monotonic()))
     cpu = cpu_seconds(pid) - cpu_before
+    client_cpu = cpu_seconds(os.getpid()) - client_before
+    fake_cpu = cpu_seconds(fake_pid) - fake_before
+    if profile:
+        os.kill(pid, signal.SIGUSR2)
     await asyncio.wait(feeders)
     await asyncio.sleep(1.0)
     # End each interview (voicefsm would otherwise keep it, and its upstream, for the client's
-    # reconnect grace), then close; the relay ends its session when the socket closes.
-    if kind == "voicefsm-serve":
-        for client in clients:
-            with contextlib.suppress(Exception):
-                await client.ws.send('{"end_session": true}')
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(15):  # the server closes each with 1000 once ended
-                await asyncio.gather(*(c.ws.wait_closed() for c in clients))
-    await asyncio.gather(
-        *(asyncio.wait_for(c.ws.close(), 5) for c in clients), return_exceptions=True
-    )
-    for reader in readers:
-        reader.cancel()
-    await asyncio.wait(readers)
+    # reconnect grace; the server closes each with 1000 once ended), then close; the relay ends
+    # its session when the socket closes.
+    await asyncio.gather(*(c.end(15) for c in clients))
     latencies = [lat for c in clients for lat in c.latencies]
     jitter = [lat - min(c.latencies) for c in clients if c.latencies for lat in c.latencies]
     await asyncio.sleep(1.0)  # let the server tear the sessions down before the next run
@@ -342,6 +650,8 @@ async def run_once(
         jitter_p99_ms=capacity.pct(jitter, 0.99) * 1000,
         received=sum(c.received for c in clients),
         expected=round(n * window / MODEL_CHUNK_S),
+        client_cpu_ms_per_s=client_cpu / window * 1000,
+        fake_cpu_ms_per_s=fake_cpu / window * 1000,
     )
 
 
@@ -357,15 +667,18 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
         "",
         f"`{command}` — {datetime.date.today().isoformat()}; servers "
         f"{'pinned to CPU ' + str(args.cpu) if args.cpu is not None else 'not pinned'}, "
+        f"fake on CPU {args.fake_cpu}, clients on CPU {args.clients_cpu}, "
         f"load average {os.getloadavg()[0]:.1f} at the end (the machine is shared).",
         "",
         f"Medians of {args.repeats} interleaved repeat(s); window {args.window:g} s. Server CPU "
         "per interview in ms per second; latency is the fake's scheduled send time of an "
         "interviewer chunk to its arrival at the client; jitter is a chunk's latency minus its "
-        "client's lowest.",
+        "client's lowest. Clients CPU is this process (all N clients), fake CPU the fake Live "
+        "server's process, each over the window, in % of one core.",
         "",
-        "| N | server | CPU ms/s | latency p50 / p99 ms | jitter p99 ms | model chunks received |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| N | server | CPU ms/s | latency p50 / p99 ms | jitter p99 ms | model chunks received "
+        "| clients CPU | fake CPU |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     held: dict[str, list[int]] = {s: [] for s in SERVERS}
     for n in sizes:
@@ -375,13 +688,15 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
                 continue
 
             def med(name: str, runs: list[ServeResult] = runs) -> float:
-                return statistics.median(getattr(r, name) for r in runs)
+                return float(statistics.median(getattr(r, name) for r in runs))
 
             got = min(r.received / max(1, r.expected) for r in runs)
             lines.append(
                 f"| {n} | {server} | {med('cpu_ms_per_s'):.2f} "
                 f"| {med('latency_p50_ms'):.1f} / {med('latency_p99_ms'):.1f} "
-                f"| {med('jitter_p99_ms'):.1f} | {got:.1%} |"
+                f"| {med('jitter_p99_ms'):.1f} | {got:.1%} "
+                f"| {med('client_cpu_ms_per_s') / 10:.0f} % "
+                f"| {med('fake_cpu_ms_per_s') / 10:.0f} % |"
             )
             if med("jitter_p99_ms") <= 50 and got >= 0.99:
                 held[server].append(n)
@@ -421,55 +736,98 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=float, default=5.0)
     parser.add_argument("--cpu", type=int, default=None, help="pin both servers to this CPU")
     parser.add_argument("--fake-cpu", type=int, default=None)
+    parser.add_argument(
+        "--clients-cpu",
+        type=int,
+        default=None,
+        help="pin the clients (this process) to this CPU (default: the fake's, if pinned)",
+    )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--clients",
+        choices=("raw", "websockets"),
+        default="raw",
+        help="the load generator: raw RFC 6455 frames over asyncio protocols (default), or one "
+        "websockets-library connection and task pair per client",
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help="which servers to run (comma-separated; default both)",
+    )
     parser.add_argument("--markdown", type=Path)
     parser.add_argument(
-        "--profile-server", type=Path, help="run voicefsm serve under cProfile, stats to this file"
+        "--profile-server",
+        type=Path,
+        help="profile both servers over the measured windows, stats to PATH.voicefsm-serve "
+        "and PATH.starlette-relay",
     )
+    parser.add_argument("--profile-fake", type=Path, help="run the fake under cProfile")
+    parser.add_argument("--profile-clients", type=Path, help="run the clients under cProfile")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.window = "10,30", 1, 3.0
     args.sizes = [int(n) for n in str(args.sizes).split(",")]
+    args.servers = [kind for kind in SERVERS if kind in str(args.servers).split(",")]
+    if args.clients_cpu is None:
+        args.clients_cpu = args.fake_cpu
     return args
 
 
-async def amain(args: argparse.Namespace, pipe: Any) -> list[ServeResult]:
+async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[ServeResult]:
     """Start both servers, run every (N, repeat, server), interleaved."""
     hello = pipe.recv()
     with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as ca:
         ca.write(hello["ca_pem"])
-    ports = {kind: free_port() for kind in SERVERS}
+    ports = {kind: free_port() for kind in args.servers}
     processes = {
         kind: start_server(
-            kind, ports[kind], hello["base_url"], ca.name, args.cpu, args.profile_server
+            kind,
+            ports[kind],
+            hello["base_url"],
+            ca.name,
+            args.cpu,
+            args.profile_server,
+            max(100, *args.sizes),
         )
-        for kind in SERVERS
+        for kind in args.servers
     }
     results: list[ServeResult] = []
     try:
-        for kind in SERVERS:
+        for kind in args.servers:
             await wait_listening(ports[kind], processes[kind])
-        for kind in SERVERS:  # one discarded warm-up run each
-            url = f"ws://127.0.0.1:{ports[kind]}/interview"
-            await run_once(kind, url, processes[kind].pid, 2, 0.2, 0.5)
+        for kind in args.servers:  # one discarded warm-up run each
+            await run_once(
+                kind, ports[kind], processes[kind].pid, 2, 0.2, 0.5, fake_pid, args.clients
+            )
         for n in args.sizes:
             for repeat in range(args.repeats):
-                order = list(SERVERS) if repeat % 2 == 0 else list(reversed(SERVERS))
+                order = list(args.servers) if repeat % 2 == 0 else list(reversed(args.servers))
                 for kind in order:
-                    url = f"ws://127.0.0.1:{ports[kind]}/interview"
                     pid = processes[kind].pid
-                    result = await run_once(kind, url, pid, n, args.warmup, args.window)
+                    result = await run_once(
+                        kind,
+                        ports[kind],
+                        pid,
+                        n,
+                        args.warmup,
+                        args.window,
+                        fake_pid,
+                        args.clients,
+                        args.profile_server is not None,
+                    )
                     results.append(result)
                     print(
                         f"N={n:4d} #{repeat + 1} {kind:16s} cpu {result.cpu_ms_per_s:6.2f} ms/s"
                         f"  latency p99 {result.latency_p99_ms:7.1f} ms  jitter p99 "
                         f"{result.jitter_p99_ms:7.1f} ms  received {result.received}/"
-                        f"{result.expected}",
+                        f"{result.expected}  clients cpu {result.client_cpu_ms_per_s / 10:4.0f} %"
+                        f"  fake cpu {result.fake_cpu_ms_per_s / 10:4.0f} %",
                         flush=True,
                     )
     finally:
         for process in processes.values():
-            process.send_signal(2)  # SIGINT: uvicorn shuts down cleanly (and cProfile writes)
+            process.send_signal(signal.SIGINT)  # uvicorn shuts down cleanly
         for process in processes.values():
             try:
                 process.wait(10)
@@ -482,13 +840,26 @@ async def amain(args: argparse.Namespace, pipe: Any) -> list[ServeResult]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print (and optionally write) the report."""
     args = parse_args(argv)
-    capacity = _capacity()
+    _capacity()
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    fake = context.Process(target=capacity.fake_process, args=(child, args.fake_cpu), daemon=True)
+    fake_profile = None if args.profile_fake is None else str(args.profile_fake)
+    fake = context.Process(target=fake_main, args=(child, args.fake_cpu, fake_profile), daemon=True)
     fake.start()
+    assert fake.pid is not None
+    if args.clients_cpu is not None:  # after the fake started: it sets its own affinity
+        os.sched_setaffinity(0, {args.clients_cpu})
     try:
-        results = asyncio.run(amain(args, parent))
+        if args.profile_clients is not None:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            try:
+                results = profiler.runcall(asyncio.run, amain(args, parent, fake.pid))
+            finally:
+                profiler.dump_stats(args.profile_clients)
+        else:
+            results = asyncio.run(amain(args, parent, fake.pid))
     finally:
         with contextlib.suppress(Exception):
             parent.send("stop")

@@ -723,3 +723,59 @@ async def test_a_plain_http_request_to_the_endpoint_is_a_4xx_without_a_logged_er
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
     assert not stack.service.sessions and stack.service.admission.connections == 0
+
+
+async def test_the_websocket_protocol_pauses_a_client_only_once_its_queue_is_full() -> None:
+    """uvicorn_options' websocket protocol queues up to MAX_QUEUED_MESSAGES unread frames, then
+    stops reading the socket (TCP holds the client back) until the application caught up."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from websockets.asyncio.client import connect
+
+    from tests.loopback import uvicorn_serving
+    from voicefsm.web.starlette import uvicorn_options
+    from voicefsm.web.uvicorn_server import MAX_QUEUED_MESSAGES, QueueingWebSocketProtocol
+
+    accepted: asyncio.Future[QueueingWebSocketProtocol] = asyncio.Future()
+    paused = asyncio.Event()
+    read_on = asyncio.Event()
+    got: list[bytes] = []
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        protocol = websocket._receive.__self__  # type: ignore[attr-defined]
+        pause = protocol.transport.pause_reading
+
+        def pausing() -> None:
+            paused.set()
+            pause()
+
+        protocol.transport.pause_reading = pausing
+        accepted.set_result(protocol)
+        await read_on.wait()
+        for _ in range(MAX_QUEUED_MESSAGES):
+            got.append(await websocket.receive_bytes())
+        await websocket.send_bytes(b"done")
+        await websocket.receive()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    options = uvicorn_options(log_level="warning")
+    options.pop("http")  # the h11 deadline is not under test
+    async with (
+        uvicorn_serving(app, **options) as port,
+        connect(f"ws://127.0.0.1:{port}/ws", compression=None) as ws,
+    ):
+        protocol = await accepted
+        for i in range(MAX_QUEUED_MESSAGES - 1):
+            await ws.send(bytes([i]))
+            await (await ws.ping())  # answered once the server parsed the frame
+            assert not paused.is_set()
+            assert not protocol.read_paused
+        assert protocol.queue.qsize() == MAX_QUEUED_MESSAGES - 1
+        await ws.send(bytes([MAX_QUEUED_MESSAGES - 1]))
+        await paused.wait()
+        assert protocol.read_paused
+        read_on.set()
+        assert await ws.recv() == b"done"
+        assert not protocol.read_paused  # resumed once the application emptied the queue
+    assert got == [bytes([i]) for i in range(MAX_QUEUED_MESSAGES)]

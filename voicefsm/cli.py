@@ -47,6 +47,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
+    from voicefsm.limits import ServiceLimits
     from voicefsm.model import SessionConfig
     from voicefsm.serve import ServeSettings, run
 
@@ -72,6 +73,11 @@ def _serve(args: argparse.Namespace) -> int:
         live_ca_file=args.live_ca_file,
         upstream=args.upstream,
         max_loop_lag_ms=args.max_loop_lag_ms,
+        service_limits=(
+            ServiceLimits()
+            if args.max_sessions is None
+            else ServiceLimits(max_sessions=args.max_sessions)
+        ),
     )
     try:
         run(settings, host=args.host, port=args.port)
@@ -338,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="refuse new sessions (1013, server busy) while the event loop lags more (0: never)",
+    )
+    serve.add_argument(
+        "--max-sessions",
+        type=int,
+        help="running sessions this worker takes on; more are refused with 1013 (default 100)",
     )
     serve.set_defaults(func=_serve)
 

@@ -37,8 +37,19 @@ _DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)s\s*$")
 
 def to_camel(snake: str) -> str:
     """Return the lowerCamelCase spelling of a snake_case field name."""
-    head, *rest = snake.split("_")
-    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+    camel = _CAMEL.get(snake)
+    if camel is None:
+        head, *rest = snake.split("_")
+        camel = head + "".join(part[:1].upper() + part[1:] for part in rest)
+        if len(_CAMEL) < _CAMEL_CACHE_SIZE:
+            _CAMEL[snake] = camel
+    return camel
+
+
+# Every frame looks several fields up under both spellings; the names come from this package's
+# code (a few dozen), so the spellings are kept rather than rebuilt per lookup.
+_CAMEL: dict[str, str] = {}
+_CAMEL_CACHE_SIZE = 1024
 
 
 def has_field(obj: Mapping[str, Any], snake: str) -> bool:

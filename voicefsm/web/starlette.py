@@ -88,15 +88,17 @@ def interview_endpoint(service: InterviewService) -> Callable[[WebSocket], Await
 def uvicorn_options(limits: ProtocolLimits | None = None, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.Config`` that fit the interview websocket.
 
-    The websocket server refuses frames over ``limits.max_frame_bytes`` itself (close 1009), the
-    access log is off, and (h11) a connection that sends no complete request within 10 s is
-    closed (:class:`voicefsm.web.uvicorn_server.HeaderDeadlineH11Protocol`).
+    The websocket server refuses frames over ``limits.max_frame_bytes`` itself (close 1009) and
+    pauses a socket only once a few of its messages wait unread
+    (:class:`voicefsm.web.uvicorn_server.QueueingWebSocketProtocol`, uvicorn's
+    ``websockets-sansio``), the access log is off, and (h11) a connection that sends no complete
+    request within 10 s is closed (:class:`voicefsm.web.uvicorn_server.HeaderDeadlineH11Protocol`).
     """
-    from voicefsm.web.uvicorn_server import HeaderDeadlineH11Protocol
+    from voicefsm.web.uvicorn_server import HeaderDeadlineH11Protocol, QueueingWebSocketProtocol
 
     limits = limits or ProtocolLimits()
     options: dict[str, Any] = {
-        "ws": "websockets-sansio",
+        "ws": QueueingWebSocketProtocol,
         "ws_max_size": limits.max_frame_bytes,
         "http": HeaderDeadlineH11Protocol,
         "access_log": False,

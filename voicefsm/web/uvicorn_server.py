@@ -1,10 +1,14 @@
-"""uvicorn's h11 protocol with a deadline for each request's headers.
+"""uvicorn protocols for the interview server.
 
-uvicorn closes idle keep-alive connections only *after* a response, so a TCP connection that
-never sends a request, or trickles its headers (slow loris), stays open forever. This protocol
-closes a connection that has not sent a complete request head within ``header_timeout_s`` of
-connecting (or of its previous response). A websocket upgrade ends the deadline: from then on
-the interview service's own authentication deadline applies.
+:class:`HeaderDeadlineH11Protocol` is uvicorn's h11 protocol with a deadline for each request's
+headers. uvicorn closes idle keep-alive connections only *after* a response, so a TCP
+connection that never sends a request, or trickles its headers (slow loris), stays open
+forever. This protocol closes a connection that has not sent a complete request head within
+``header_timeout_s`` of connecting (or of its previous response). A websocket upgrade ends the
+deadline: from then on the interview service's own authentication deadline applies.
+
+:class:`QueueingWebSocketProtocol` is uvicorn's ``websockets-sansio`` websocket protocol
+pausing the socket only once a few messages wait for the application, instead of after each.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 HEADER_TIMEOUT_S = 10.0
 """Seconds a connection has to send a complete request head."""
@@ -61,4 +66,38 @@ class HeaderDeadlineH11Protocol(H11Protocol):
         self.transport.close()
 
 
-__all__ = ["HEADER_TIMEOUT_S", "HeaderDeadlineH11Protocol"]
+MAX_QUEUED_MESSAGES = 8
+"""Messages a websocket connection may hold for the application before its socket pauses."""
+
+
+class QueueingWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's ``websockets-sansio`` protocol with a queue of a few messages per connection.
+
+    uvicorn pauses reading the socket after *every* message and resumes once the application
+    took it: two changes of the event loop's selector per client chunk (50 a second per
+    interview). This protocol pauses only once ``max_queued_messages`` wait unread, so a
+    client that outpaces the application is still held back by TCP, with at most that many
+    frames (each within ``ws_max_size``) buffered for it.
+    """
+
+    max_queued_messages: int = MAX_QUEUED_MESSAGES
+
+    def send_receive_event_to_app(self) -> None:
+        """Queue the message; pause reading only when the queue is full."""
+        if self.read_paused or self.queue.qsize() + 1 >= self.max_queued_messages:
+            super().send_receive_event_to_app()
+            return
+        # uvicorn pauses unless it believes it already has: let it believe so for this one.
+        self.read_paused = True
+        try:
+            super().send_receive_event_to_app()
+        finally:
+            self.read_paused = False
+
+
+__all__ = [
+    "HEADER_TIMEOUT_S",
+    "MAX_QUEUED_MESSAGES",
+    "HeaderDeadlineH11Protocol",
+    "QueueingWebSocketProtocol",
+]
