@@ -25,13 +25,12 @@ does not.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import contextvars
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any, Literal
 
 from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
@@ -47,17 +46,16 @@ from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import errors, types
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State as WebsocketState
 
 from voicefsm import events as ev
 from voicefsm.classify import classify_adk_event
 from voicefsm.host import SessionLog
 from voicefsm.model import SessionConfig
 from voicefsm.ports import Report
+from voicefsm.sending import INPUT_AUDIO_MIME, Resume, realtime_audio_frame, takes_a_frame_now
 
 logger = logging.getLogger("voicefsm.adk")
 
-INPUT_AUDIO_MIME = "audio/pcm;rate=16000"
 
 UNCONFIRMED_MAX_CHUNKS = 1500
 """Most written-but-unconfirmed chunks a connection keeps for re-sending (30 s of 20 ms chunks);
@@ -151,11 +149,16 @@ class _Link:
         finished by a task of its own.
         """
         websocket = self.websocket
-        if self.queued or not self.wire_open or websocket is None or not _writable(websocket):
+        if (
+            self.queued
+            or not self.wire_open
+            or websocket is None
+            or not takes_a_frame_now(websocket)
+        ):
             return False
         self.unconfirmed.append(data)
         self.written += 1
-        sending = websocket.send(_audio_frame(data))
+        sending = websocket.send(realtime_audio_frame(data))
         try:
             waiting_on = sending.send(None)
         except StopIteration:
@@ -172,7 +175,7 @@ class _Link:
 
     async def _finish_send(self, sending: Coroutine[Any, Any, None], waiting_on: Any) -> None:
         try:
-            await _Resume(sending, waiting_on)
+            await Resume(sending, waiting_on)
         except (ConnectionClosed, OSError) as error:
             self.report_closed(*_close_code(error))
 
@@ -221,47 +224,6 @@ class _TrackedConnection(ClientConnection):
 
 
 _LINK: contextvars.ContextVar[_Link] = contextvars.ContextVar("voicefsm_link")
-
-
-def _audio_frame(data: bytes) -> str:
-    """The Live API's ``realtimeInput`` message for one chunk of client audio."""
-    encoded = base64.b64encode(data).decode("ascii")
-    return f'{{"realtimeInput":{{"audio":{{"mimeType":"{INPUT_AUDIO_MIME}","data":"{encoded}"}}}}}}'
-
-
-def _writable(websocket: ClientConnection) -> bool:
-    """Whether websockets writes a frame to ``websocket`` now, without suspending."""
-    return (
-        websocket.protocol.state is WebsocketState.OPEN
-        and not websocket.transport.is_closing()
-        and not websocket.paused
-    )
-
-
-class _Resume:
-    """Awaiting it finishes a coroutine that was stepped by hand until it yielded ``waiting_on``."""
-
-    __slots__ = ("_coroutine", "_waiting_on")
-
-    def __init__(self, coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-        self._coroutine = coroutine
-        self._waiting_on = waiting_on
-
-    def __await__(self) -> Generator[Any, None, None]:
-        coroutine, yielded = self._coroutine, self._waiting_on
-        while True:
-            try:
-                yield yielded  # the task waits on it as the coroutine would have
-            except BaseException as error:  # a cancellation, say: pass it in
-                try:
-                    yielded = coroutine.throw(error)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    yielded = coroutine.send(None)
-                except StopIteration:
-                    return
 
 
 class _AbortConnect(RuntimeError):
@@ -316,7 +278,7 @@ class _ReportingConnection(BaseLlmConnection):
         websocket = link.websocket
         try:
             if link.direct and websocket is not None:
-                await websocket.send(_audio_frame(data))
+                await websocket.send(realtime_audio_frame(data))
             else:
                 await self._inner.send_realtime(blob)
         except (errors.APIError, ConnectionClosed, OSError) as error:

@@ -33,24 +33,23 @@ import inspect
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final, cast
 
 from google import genai
 from google.genai import errors, types
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.protocol import State
 
 from voicefsm import events as ev
 from voicefsm.classify import FIELD_RULES
 from voicefsm.host import SessionLog
 from voicefsm.model import SessionConfig
 from voicefsm.ports import Report
+from voicefsm.sending import INPUT_AUDIO_MIME, Resume, realtime_audio_frame, takes_a_frame_now
 
 logger = logging.getLogger("voicefsm.genai")
 
-INPUT_AUDIO_MIME: Final = "audio/pcm;rate=16000"
 """What the candidate's audio is sent as."""
 
 ToolHandler = Callable[..., Awaitable[Any]] | Callable[..., Any]
@@ -279,12 +278,6 @@ def _wire_part(part: Mapping[str, Any]) -> ev.Event:
     return ev.Unknown("empty or unrecognised content part")
 
 
-def _audio_frame(data: bytes) -> str:
-    """The ``realtimeInput`` message genai's ``send_realtime_input(audio=...)`` sends."""
-    encoded = base64.b64encode(data).decode("ascii")
-    return f'{{"realtimeInput":{{"audio":{{"mimeType":"{INPUT_AUDIO_MIME}","data":"{encoded}"}}}}}}'
-
-
 def close_code(error: BaseException) -> tuple[int | None, str]:
     """The close code and reason an exception from genai or websockets stands for."""
     if isinstance(error, errors.APIError):
@@ -298,47 +291,6 @@ def close_code(error: BaseException) -> tuple[int | None, str]:
 
 
 _CONNECTION_ERRORS = (errors.APIError, ConnectionClosed, InvalidStatus, OSError)
-
-
-def _takes_a_frame_now(ws: Any) -> bool:
-    """Whether websockets would write a frame to ``ws`` without suspending.
-
-    True for an open connection whose transport is not closing and not flow-controlled: then
-    ``send()`` writes and returns with no await that suspends, and no timeout context (those
-    belong to the closing path) is entered.
-    """
-    try:
-        return bool(
-            ws.protocol.state is State.OPEN and not ws.transport.is_closing() and not ws.paused
-        )
-    except AttributeError:  # not the websockets connection this was written for
-        return False
-
-
-class _Resume:
-    """Awaiting it finishes a coroutine that suspended (on ``yielded``) outside any task."""
-
-    __slots__ = ("_coroutine", "_yielded")
-
-    def __init__(self, coroutine: Coroutine[Any, Any, None], yielded: Any) -> None:
-        self._coroutine = coroutine
-        self._yielded = yielded
-
-    def __await__(self) -> Generator[Any, None, None]:
-        coroutine, yielded = self._coroutine, self._yielded
-        while True:
-            try:
-                yield yielded  # the awaiting task waits on it as the coroutine would have
-            except BaseException as error:  # e.g. the task is cancelled: pass it in
-                try:
-                    yielded = coroutine.throw(error)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    yielded = coroutine.send(None)
-                except StopIteration:
-                    return
 
 
 class GenaiTool:
@@ -576,7 +528,7 @@ class GenaiConnection:
             or self._sender_busy
             or self._inflight is not None
             or ws is None
-            or not _takes_a_frame_now(ws)
+            or not takes_a_frame_now(ws)
         ):
             self._outbox.put(item)
             return
@@ -596,7 +548,7 @@ class GenaiConnection:
 
     def _send_one(self, session: Any, item: bytes | str) -> Coroutine[Any, Any, None]:
         if isinstance(item, bytes) and self._direct:
-            return cast(Coroutine[Any, Any, None], self._ws.send(_audio_frame(item)))
+            return cast(Coroutine[Any, Any, None], self._ws.send(realtime_audio_frame(item)))
         if isinstance(item, bytes):
             return cast(
                 Coroutine[Any, Any, None],
@@ -625,7 +577,7 @@ class GenaiConnection:
                     sending, yielded = self._inflight
                     self._sender_busy = True
                     try:
-                        await _Resume(sending, yielded)
+                        await Resume(sending, yielded)
                     finally:
                         self._inflight = None
                         self._sender_busy = False

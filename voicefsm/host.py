@@ -22,9 +22,8 @@ import contextlib
 import functools
 import logging
 import time
-import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from voicefsm import effects as fx
@@ -48,6 +47,7 @@ from voicefsm.ports import (
     UpstreamOpenNote,
     UpstreamTornDownNote,
 )
+from voicefsm.sending import Resume
 
 logger = logging.getLogger("voicefsm.host")
 
@@ -87,30 +87,6 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
         extra = kwargs.get("extra")
         kwargs["extra"] = {"session_id": self.session_id, **(extra or {})}
         return self._prefix + str(msg), kwargs
-
-
-@types.coroutine
-def _resume(coroutine: Coroutine[Any, Any, None], suspended_on: Any) -> Generator[Any, Any, None]:
-    """Continue ``coroutine``, which was stepped by hand until it yielded ``suspended_on``.
-
-    What ``await coroutine`` would have done from that point: the task waits on what the
-    coroutine yields, and what the task sends or throws (a result, a cancellation) goes back
-    into it.
-    """
-    yielded = suspended_on
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as error:
-            try:
-                yielded = coroutine.throw(error)
-            except StopIteration:
-                return
-        else:
-            try:
-                yielded = coroutine.send(sent)
-            except StopIteration:
-                return
 
 
 class _Inbox:
@@ -568,7 +544,7 @@ class SessionHost:
             return
         try:
             async with asyncio.timeout(self.client_send_timeout_s):
-                await _resume(sending, suspended_on)
+                await Resume(sending, suspended_on)
         except Exception as error:  # a dead or stuck client socket is the client leaving
             self._client_send_failed(client, error)
 
