@@ -26,6 +26,12 @@ one task feeding them all, so that the load generator stays cheap next to the se
 ``--clients websockets`` gives each client a ``websockets`` connection and a task. Both servers
 run for the whole benchmark; the runs alternate between them (the order rotates every repeat).
 
+By default the clients offer permessage-deflate as browsers do (``--offer-deflate yes``): a
+server that takes it inflates every client chunk and deflates every interviewer chunk.
+``--offer-deflate both`` runs every (server, N, repeat) twice, offering and not, paired. The
+audio both ways is speech-like PCM (tones and noise, :func:`speech_like_pcm`), which deflates
+about as little as real speech does.
+
 Per server and N, over a ``--window`` after a ``--warmup``:
 
 * **server CPU per interview** (utime + stime of the server's process / N / window), ms per s;

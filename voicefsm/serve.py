@@ -91,15 +91,18 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if not self.max_loop_lag_ms >= 0:
             raise ValueError(
-                f"max_loop_lag_ms (--max-loop-lag-ms) must be 0 (off) or positive, not {self.max_loop_lag_ms}"
+                "max_loop_lag_ms (--max-loop-lag-ms) must be 0 (off) or positive, "
+                f"not {self.max_loop_lag_ms}"
             )
         if not 0 <= self.max_busy <= 1:
             raise ValueError(
-                f"max_busy (--max-busy) is a share of the loop's time: 0 (off) to 1, not {self.max_busy}"
+                "max_busy (--max-busy) is a share of the loop's time: 0 (off) to 1, "
+                f"not {self.max_busy}"
             )
         if self.max_starting < 0:
             raise ValueError(
-                f"max_starting (--max-starting) must be 0 (off) or positive, not {self.max_starting}"
+                "max_starting (--max-starting) must be 0 (off) or positive, "
+                f"not {self.max_starting}"
             )
 
     def overload_guard(self) -> OverloadGuard | None:
