@@ -26,6 +26,12 @@ one task feeding them all, so that the load generator stays cheap next to the se
 ``--clients websockets`` gives each client a ``websockets`` connection and a task. Both servers
 run for the whole benchmark; the runs alternate between them (the order rotates every repeat).
 
+By default the clients offer permessage-deflate as browsers do (``--offer-deflate yes``): a
+server that takes it inflates every client chunk and deflates every interviewer chunk.
+``--offer-deflate both`` runs every (server, N, repeat) twice, offering and not, paired. The
+audio both ways is speech-like PCM (tones and noise, :func:`speech_like_pcm`), which deflates
+about as little as real speech does.
+
 Per server and N, over a ``--window`` after a ``--warmup``:
 
 * **server CPU per interview** (utime + stime of the server's process / N / window), ms per s;
@@ -58,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +79,28 @@ CHUNK_BYTES = 640
 CHUNK_S = 0.02
 MODEL_CHUNK_S = 0.04
 MODEL_CHUNK_BYTES = 1920  # 40 ms of 24 kHz 16-bit mono
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+"""What Chrome and Firefox offer (``Sec-WebSocket-Extensions``) on every websocket."""
+DEFLATE_SUFFIX = " +deflate"
+"""Appended to a server's name for the runs whose clients offered permessage-deflate."""
+
+
+def speech_like_pcm(seconds: float, rate: int, seed: int) -> bytes:
+    """16-bit mono PCM that deflates about as badly as speech does: tones plus noise.
+
+    Silence would deflate to almost nothing and understate what compressing audio costs.
+    """
+    import array
+    import math
+    import random
+
+    rng = random.Random(seed)
+    samples = array.array("h")
+    for i in range(int(seconds * rate)):
+        t = i / rate
+        tone = 3000 * math.sin(2 * math.pi * 180 * t) + 1500 * math.sin(2 * math.pi * 720 * t)
+        samples.append(int(tone * (0.6 + 0.4 * math.sin(2 * math.pi * 3 * t)) + rng.gauss(0, 400)))
+    return samples.tobytes()
 
 
 def _capacity() -> Any:
@@ -199,7 +228,9 @@ def model_audio_script() -> Any:
     complete and a resumption update after every 50th. It ends when a send finds the
     connection closed.
     """
-    silence = bytes(MODEL_CHUNK_BYTES - 8)
+    body = MODEL_CHUNK_BYTES - 8
+    pcm = speech_like_pcm(2.0, 24000, seed=1)  # chunks differ, so no chunk deflates to a copy
+    slices = [pcm[i : i + body] for i in range(0, len(pcm) - body + 1, body)]
 
     async def script(conn: Any) -> None:
         await conn.send_setup_complete()
@@ -209,7 +240,7 @@ def model_audio_script() -> Any:
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await conn.send_model_audio(struct.pack(">d", due) + silence)
+            await conn.send_model_audio(struct.pack(">d", due) + slices[k % len(slices)])
             if k % 12 == 11:
                 await conn.send_output_transcription("word ", finished=False)
             if k % 50 == 49:
@@ -324,18 +355,37 @@ async def wait_listening(port: int, process: Any, within: float = 60) -> None:
 # --------------------------------------------------------------------------- clients
 
 
-def masked_frame(opcode: int, payload: bytes, key: bytes) -> bytes:
-    """One complete client frame (FIN set, masked with ``key``), built once and re-sent."""
+def masked_frame(opcode: int, payload: bytes, key: bytes, compressed: bool = False) -> bytes:
+    """One complete client frame (FIN set, masked with ``key``), built once and re-sent.
+
+    ``compressed``: ``payload`` is a permessage-deflate message (RSV1 set).
+    """
     length = len(payload)
+    first = 0x80 | opcode | (0x40 if compressed else 0)
     if length < 126:
-        head = struct.pack(">BB", 0x80 | opcode, 0x80 | length)
+        head = struct.pack(">BB", first, 0x80 | length)
     elif length < 65536:
-        head = struct.pack(">BBH", 0x80 | opcode, 0x80 | 126, length)
+        head = struct.pack(">BBH", first, 0x80 | 126, length)
     else:
-        head = struct.pack(">BBQ", 0x80 | opcode, 0x80 | 127, length)
+        head = struct.pack(">BBQ", first, 0x80 | 127, length)
     mask = (key * (length // 4 + 1))[:length]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(length, "big")
     return head + key + masked
+
+
+def deflated(payload: bytes) -> bytes:
+    """``payload`` as one permessage-deflate message from a fresh compressor (RFC 7692 7.2.1).
+
+    With no reference to earlier messages it may be re-sent as is, whatever the context
+    takeover: the server's inflater decodes it the same each time.
+    """
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert data.endswith(b"\x00\x00\xff\xff")
+    return data[:-4]
+
+
+CLIENT_PCM = speech_like_pcm(1.0, 16000, seed=2)
 
 
 class RawClient(asyncio.Protocol):
@@ -344,17 +394,28 @@ class RawClient(asyncio.Protocol):
     The audio frame is built (and masked) once; a received server frame costs a header parse
     and, for interviewer audio, one ``unpack_from`` of its stamp. Server frames are read as
     they come (``data_received``), all frames of one read stamped with one arrival time.
+
+    With ``offer_deflate`` it offers permessage-deflate as a browser does; if the server takes
+    it, the audio frame is sent compressed (as a browser sends it) and compressed server
+    messages are inflated (one inflater, the server's context kept across messages).
     """
 
-    def __init__(self, kind: str, token: str) -> None:
+    def __init__(self, kind: str, token: str, offer_deflate: bool = False, index: int = 0) -> None:
         self.kind = kind
         self.token = token
+        self.offer_deflate = offer_deflate
+        self.deflate = False
+        """Whether the server took permessage-deflate."""
+        self._inflater: Any = None
+        self._reset_inflater = False
         self.ready = asyncio.Event()
         self.latencies: list[float] = []
         self.received = 0
         self.window = (float("inf"), float("inf"))
         self.key = os.urandom(4)
-        self.audio_frame = masked_frame(0x2, bytes(CHUNK_BYTES), self.key)
+        at = (index * CHUNK_BYTES) % (len(CLIENT_PCM) - CHUNK_BYTES)
+        self.audio = CLIENT_PCM[at : at + CHUNK_BYTES]
+        self.audio_frame = masked_frame(0x2, self.audio, self.key)
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
         self._opened = asyncio.get_running_loop().create_future()
@@ -380,6 +441,8 @@ class RawClient(asyncio.Protocol):
         ]
         if self.kind == "voicefsm-serve":
             lines.append(f"Sec-WebSocket-Protocol: voicefsm.v1, bearer.{self.token}")
+        if self.offer_deflate:
+            lines.append(f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}")
         loop = asyncio.get_running_loop()
         await loop.create_connection(lambda: self, host, port)
         assert self.transport is not None
@@ -416,11 +479,22 @@ class RawClient(asyncio.Protocol):
                 self.transport.close()
                 return
             self._upgraded = True
+            accepted = [
+                line.split(":", 1)[1].lower()
+                for line in head.split("\r\n")
+                if line.lower().startswith("sec-websocket-extensions:")
+            ]
+            if any("permessage-deflate" in value for value in accepted):
+                self.deflate = True
+                self._inflater = zlib.decompressobj(-15)
+                self._reset_inflater = any("server_no_context_takeover" in v for v in accepted)
+                self.audio_frame = masked_frame(0x2, deflated(self.audio), self.key, True)
             self._opened.set_result(None)
         start, end = self.window
         at = 0
         size = len(buffer)
         while size - at >= 2:
+            compressed = buffer[at] & 0x40
             opcode = buffer[at] & 0x0F
             length = buffer[at + 1] & 0x7F
             offset = at + 2
@@ -436,19 +510,31 @@ class RawClient(asyncio.Protocol):
                 offset = at + 10
             if size - offset < length:
                 break
-            if opcode == 0x2 and length >= 8:
-                (scheduled,) = struct.unpack_from(">d", buffer, offset)
-                if start <= scheduled < end:
-                    self.latencies.append(now - scheduled)
-                    self.received += 1
-                if not self.ready.is_set():
-                    self.ready.set()
+            if compressed:  # a data message (the server sends each in one frame)
+                payload = self._inflate(bytes(buffer[offset : offset + length]))
+                if opcode == 0x2 and len(payload) >= 8:
+                    self._arrived(struct.unpack_from(">d", payload)[0], now, start, end)
+            elif opcode == 0x2 and length >= 8:
+                self._arrived(struct.unpack_from(">d", buffer, offset)[0], now, start, end)
             elif opcode == 0x9:  # ping: answer with a pong carrying its payload
                 self.send_frame(0xA, bytes(buffer[offset : offset + length]))
             elif opcode == 0x8:  # close: echo it and let the server end the TCP connection
                 self.send_frame(0x8, bytes(buffer[offset : offset + min(length, 2)]))
             at = offset + length
         del buffer[:at]
+
+    def _inflate(self, data: bytes) -> bytes:
+        payload: bytes = self._inflater.decompress(data + b"\x00\x00\xff\xff")
+        if self._reset_inflater:
+            self._inflater = zlib.decompressobj(-15)
+        return payload
+
+    def _arrived(self, scheduled: float, now: float, start: float, end: float) -> None:
+        if start <= scheduled < end:
+            self.latencies.append(now - scheduled)
+            self.received += 1
+        if not self.ready.is_set():
+            self.ready.set()
 
     def send_frame(self, opcode: int, payload: bytes) -> None:
         """Send one (small) control or text frame."""
@@ -498,9 +584,13 @@ async def feed_all(clients: Sequence[RawClient], begin: float, stop_at: float) -
 class WebsocketsClient:
     """One interview's client on the ``websockets`` library (``--clients websockets``)."""
 
-    def __init__(self, kind: str, token: str) -> None:
+    def __init__(self, kind: str, token: str, offer_deflate: bool = False, index: int = 0) -> None:
         self.kind = kind
         self.token = token
+        self.offer_deflate = offer_deflate
+        self.deflate = False
+        at = (index * CHUNK_BYTES) % (len(CLIENT_PCM) - CHUNK_BYTES)
+        self.audio = CLIENT_PCM[at : at + CHUNK_BYTES]
         self.ready = asyncio.Event()
         self.latencies: list[float] = []
         self.received = 0
@@ -518,7 +608,11 @@ class WebsocketsClient:
             subprotocols=protocols or None,  # type: ignore[arg-type]
             open_timeout=30,
             max_queue=None,
-            compression=None,
+            compression="deflate" if self.offer_deflate else None,
+        )
+        self.deflate = any(
+            "permessage-deflate" in value.lower()
+            for value in self.ws.response.headers.get_all("Sec-WebSocket-Extensions")
         )
         self._reader = asyncio.create_task(self._read())
 
@@ -538,7 +632,7 @@ class WebsocketsClient:
 
     async def feed(self, begin: float, stop_at: float) -> None:
         """This client's audio on its absolute 20 ms schedule."""
-        payload = bytes(CHUNK_BYTES)
+        payload = self.audio
         for seq in itertools.count():
             due = begin + seq * CHUNK_S
             if due >= stop_at:
@@ -582,6 +676,10 @@ class ServeResult:
     """This process (the N clients) over the window, ms per second: its share of a core x 1000."""
     fake_cpu_ms_per_s: float = float("nan")
     """The fake Live server's process over the window, ms per second."""
+    offered_deflate: bool = False
+    """Whether the clients offered permessage-deflate (``server`` then ends in +deflate)."""
+    deflate_share: float = 0.0
+    """Share of the clients whose server took permessage-deflate."""
 
 
 async def run_once(
@@ -594,6 +692,7 @@ async def run_once(
     fake_pid: int,
     client_impl: str = "raw",
     profile: bool = False,
+    offer_deflate: bool = False,
 ) -> ServeResult:
     """One server at one N: connect N clients, feed them, measure over the window."""
     from voicefsm.auth import JWTAuthenticator
@@ -601,7 +700,7 @@ async def run_once(
     capacity = sys.modules["bench_capacity"]
     auth = JWTAuthenticator(SECRET)
     factory = RawClient if client_impl == "raw" else WebsocketsClient
-    clients = [factory(kind, auth.issue(f"user-{i}")) for i in range(n)]
+    clients = [factory(kind, auth.issue(f"user-{i}"), offer_deflate, i) for i in range(n)]
     for client in clients:
         await client.connect("127.0.0.1", port, "/interview")
     window_start = time.monotonic() + 2.0 + warmup  # after every client got its first audio
@@ -642,7 +741,7 @@ async def run_once(
     jitter = [lat - min(c.latencies) for c in clients if c.latencies for lat in c.latencies]
     await asyncio.sleep(1.0)  # let the server tear the sessions down before the next run
     return ServeResult(
-        server=kind,
+        server=kind + (DEFLATE_SUFFIX if offer_deflate else ""),
         n=n,
         cpu_ms_per_s=cpu / (n * window) * 1000,
         latency_p50_ms=capacity.pct(latencies, 0.5) * 1000,
@@ -652,6 +751,8 @@ async def run_once(
         expected=round(n * window / MODEL_CHUNK_S),
         client_cpu_ms_per_s=client_cpu / window * 1000,
         fake_cpu_ms_per_s=fake_cpu / window * 1000,
+        offered_deflate=offer_deflate,
+        deflate_share=sum(c.deflate for c in clients) / n,
     )
 
 
@@ -674,15 +775,19 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
         "per interview in ms per second; latency is the fake's scheduled send time of an "
         "interviewer chunk to its arrival at the client; jitter is a chunk's latency minus its "
         "client's lowest. Clients CPU is this process (all N clients), fake CPU the fake Live "
-        "server's process, each over the window, in % of one core.",
+        "server's process, each over the window, in % of one core. Audio both ways is "
+        "speech-like PCM (tones and noise). Deflate: whether the clients offered "
+        f"permessage-deflate as browsers do (`{DEFLATE_OFFER}`; a +deflate server) and "
+        "whether the server took it.",
         "",
-        "| N | server | CPU ms/s | latency p50 / p99 ms | jitter p99 ms | model chunks received "
-        "| clients CPU | fake CPU |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| N | server | deflate | CPU ms/s | latency p50 / p99 ms | jitter p99 ms "
+        "| model chunks received | clients CPU | fake CPU |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    held: dict[str, list[int]] = {s: [] for s in SERVERS}
+    labels = list(dict.fromkeys(r.server for r in results))
+    held: dict[str, list[int]] = {label: [] for label in labels}
     for n in sizes:
-        for server in SERVERS:
+        for server in labels:
             runs = [r for r in results if r.server == server and r.n == n]
             if not runs:
                 continue
@@ -691,8 +796,18 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
                 return float(statistics.median(getattr(r, name) for r in runs))
 
             got = min(r.received / max(1, r.expected) for r in runs)
+            taken = min(r.deflate_share for r in runs)
+            deflate = (
+                "not offered"
+                if not runs[0].offered_deflate
+                else "taken"
+                if taken == 1
+                else "refused"
+                if max(r.deflate_share for r in runs) == 0
+                else f"taken by {taken:.0%}"
+            )
             lines.append(
-                f"| {n} | {server} | {med('cpu_ms_per_s'):.2f} "
+                f"| {n} | {server} | {deflate} | {med('cpu_ms_per_s'):.2f} "
                 f"| {med('latency_p50_ms'):.1f} / {med('latency_p99_ms'):.1f} "
                 f"| {med('jitter_p99_ms'):.1f} | {got:.1%} "
                 f"| {med('client_cpu_ms_per_s') / 10:.0f} % "
@@ -700,15 +815,30 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
             )
             if med("jitter_p99_ms") <= 50 and got >= 0.99:
                 held[server].append(n)
-    lines += ["", "Server CPU per interview, voicefsm / relay, paired by repeat:", ""]
-    for n in sizes:
-        mine = [r for r in results if r.server == "voicefsm-serve" and r.n == n]
-        theirs = [r for r in results if r.server == "starlette-relay" and r.n == n]
-        ratios = [a.cpu_ms_per_s / b.cpu_ms_per_s for a, b in zip(mine, theirs, strict=False)]
-        if ratios:
-            lines.append(f"* N = {n}: {statistics.median(ratios):.2f}x")
+    voicefsm, relay = SERVERS
+    pairs = [  # the servers with the same clients, then each server with and without deflate
+        (voicefsm, relay),
+        (voicefsm + DEFLATE_SUFFIX, relay + DEFLATE_SUFFIX),
+        (voicefsm + DEFLATE_SUFFIX, voicefsm),
+        (relay + DEFLATE_SUFFIX, relay),
+    ]
+    for mine_label, theirs_label in pairs:
+        rows = []
+        for n in sizes:
+            mine = [r for r in results if r.server == mine_label and r.n == n]
+            theirs = [r for r in results if r.server == theirs_label and r.n == n]
+            ratios = [a.cpu_ms_per_s / b.cpu_ms_per_s for a, b in zip(mine, theirs, strict=False)]
+            if ratios:
+                rows.append(f"* N = {n}: {statistics.median(ratios):.2f}x")
+        if rows:
+            lines += [
+                "",
+                f"Server CPU per interview, {mine_label} / {theirs_label}, paired by repeat:",
+                "",
+                *rows,
+            ]
     lines += ["", "Largest N measured at jitter p99 <= 50 ms with all audio received:", ""]
-    for server in SERVERS:
+    for server in labels:
         lines.append(f"* {server}: {max(held[server]) if held[server] else f'< {sizes[0]}'}")
     lines += ["", "<!-- serve:end -->"]
     return "\n".join(lines) + "\n"
@@ -755,6 +885,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(SERVERS),
         help="which servers to run (comma-separated; default both)",
     )
+    parser.add_argument(
+        "--offer-deflate",
+        choices=("yes", "no", "both"),
+        default="yes",
+        help=f"whether the clients offer permessage-deflate as browsers do ({DEFLATE_OFFER}); "
+        "both: every run twice, paired (default yes)",
+    )
     parser.add_argument("--markdown", type=Path)
     parser.add_argument(
         "--profile-server",
@@ -793,6 +930,7 @@ async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[Serv
         for kind in args.servers
     }
     results: list[ServeResult] = []
+    offers = {"yes": [True], "no": [False], "both": [True, False]}[args.offer_deflate]
     try:
         for kind in args.servers:
             await wait_listening(ports[kind], processes[kind])
@@ -803,7 +941,7 @@ async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[Serv
         for n in args.sizes:
             for repeat in range(args.repeats):
                 order = list(args.servers) if repeat % 2 == 0 else list(reversed(args.servers))
-                for kind in order:
+                for kind, offer in [(k, o) for k in order for o in offers]:
                     pid = processes[kind].pid
                     result = await run_once(
                         kind,
@@ -815,10 +953,12 @@ async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[Serv
                         fake_pid,
                         args.clients,
                         args.profile_server is not None,
+                        offer,
                     )
                     results.append(result)
                     print(
-                        f"N={n:4d} #{repeat + 1} {kind:16s} cpu {result.cpu_ms_per_s:6.2f} ms/s"
+                        f"N={n:4d} #{repeat + 1} {result.server:24s} deflate "
+                        f"{result.deflate_share:4.0%} cpu {result.cpu_ms_per_s:6.2f} ms/s"
                         f"  latency p99 {result.latency_p99_ms:7.1f} ms  jitter p99 "
                         f"{result.jitter_p99_ms:7.1f} ms  received {result.received}/"
                         f"{result.expected}  clients cpu {result.client_cpu_ms_per_s / 10:4.0f} %"

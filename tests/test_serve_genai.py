@@ -13,6 +13,7 @@ import pytest
 from loopback import uvicorn_serving
 from websockets.asyncio.client import connect
 
+from voicefsm.admission import OverloadGuard
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.genai_live import GenaiUpstream
 from voicefsm.model import SessionConfig
@@ -59,3 +60,46 @@ def test_upstream_kind_picks_adk_only_when_it_is_installed() -> None:
     assert upstream_kind("genai") == "genai"
     with pytest.raises(ValueError, match="unknown upstream"):
         upstream_kind("openai")
+
+
+def test_serve_admission_flags_reach_the_guard_and_zero_turns_a_rule_off() -> None:
+    from voicefsm.cli import build_parser
+
+    def guard_of(*argv: str) -> OverloadGuard | None:
+        args = build_parser().parse_args(["serve", *argv])
+        return ServeSettings(
+            max_loop_lag_ms=args.max_loop_lag_ms,
+            max_busy=args.max_busy,
+            max_starting=args.max_starting,
+        ).overload_guard()
+
+    default = guard_of()
+    assert default is not None
+    assert (default.max_lag_s, default.max_busy, default.max_starting) == (0.025, 0.7, 8)
+    tuned = guard_of("--max-busy", "0.85", "--max-starting", "3", "--max-loop-lag-ms", "40")
+    assert tuned is not None
+    assert (tuned.max_lag_s, tuned.max_busy, tuned.max_starting) == (0.04, 0.85, 3)
+    rules_off = guard_of("--max-busy", "0", "--max-starting", "0")
+    assert rules_off is not None
+    assert (rules_off.max_busy, rules_off.max_starting) == (None, None)
+    assert guard_of("--max-loop-lag-ms", "0") is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-busy", "1.5"], "--max-busy"),
+        (["--max-busy", "-0.1"], "--max-busy"),
+        (["--max-starting", "-1"], "--max-starting"),
+        (["--max-loop-lag-ms", "-5"], "--max-loop-lag-ms"),
+    ],
+)
+def test_serve_refuses_admission_flags_out_of_range_with_a_clear_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from voicefsm.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--store", "memory://", *argv])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err

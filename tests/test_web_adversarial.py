@@ -779,3 +779,40 @@ async def test_the_websocket_protocol_pauses_a_client_only_once_its_queue_is_ful
         assert await ws.recv() == b"done"
         assert not protocol.read_paused  # resumed once the application emptied the queue
     assert got == [bytes([i]) for i in range(MAX_QUEUED_MESSAGES)]
+
+
+async def test_the_served_websocket_refuses_permessage_deflate_that_browsers_offer() -> None:
+    """Browsers offer permessage-deflate on every websocket; PCM barely compresses, so
+    ``uvicorn_options`` turns it off (uvicorn would otherwise deflate every audio frame both
+    ways). The same server with uvicorn's default takes the same offer."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+
+    from tests.loopback import uvicorn_serving
+    from voicefsm.web.starlette import uvicorn_options
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_bytes(bytes(640))
+        await websocket.receive()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+    # What Chrome sends: "permessage-deflate; client_max_window_bits".
+    browser_offer = ClientPerMessageDeflateFactory(client_max_window_bits=True)
+    negotiated: dict[bool, list[str]] = {}
+    for uvicorn_default in (False, True):
+        options = uvicorn_options(log_level="warning")
+        options.pop("http")  # the h11 deadline is not under test
+        if uvicorn_default:
+            options.pop("ws_per_message_deflate")
+        async with (
+            uvicorn_serving(app, **options) as port,
+            connect(
+                f"ws://127.0.0.1:{port}/ws", extensions=[browser_offer], compression=None
+            ) as ws,
+        ):
+            assert await ws.recv() == bytes(640)
+            negotiated[uvicorn_default] = ws.response.headers.get_all("Sec-WebSocket-Extensions")
+    assert negotiated[False] == []
+    assert any("permessage-deflate" in value for value in negotiated[True])

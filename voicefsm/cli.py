@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from voicefsm.admission import DEFAULT_MAX_BUSY, DEFAULT_MAX_STARTING
+
 if TYPE_CHECKING:
     from voicefsm.model import SessionRecord, SessionUsage, TranscriptLine
     from voicefsm.pricing import TokenPrices
@@ -73,6 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
         live_ca_file=args.live_ca_file,
         upstream=args.upstream,
         max_loop_lag_ms=args.max_loop_lag_ms,
+        max_busy=args.max_busy,
+        max_starting=args.max_starting,
         service_limits=(
             ServiceLimits()
             if args.max_sessions is None
@@ -343,7 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-loop-lag-ms",
         type=float,
         default=25.0,
-        help="refuse new sessions (1013, server busy) while the event loop lags more (0: never)",
+        help="refuse new sessions (1013, server busy) while the event loop lags more "
+        "(0: no admission guard at all)",
+    )
+    serve.add_argument(
+        "--max-busy",
+        type=float,
+        default=DEFAULT_MAX_BUSY,
+        help="refuse new sessions while the event loop was busy this share (0-1) of the last "
+        f"second (default {DEFAULT_MAX_BUSY}; 0: off)",
+    )
+    serve.add_argument(
+        "--max-starting",
+        type=int,
+        default=DEFAULT_MAX_STARTING,
+        help="refuse new sessions while this many are still connecting to the model "
+        f"(default {DEFAULT_MAX_STARTING}; 0: off)",
     )
     serve.add_argument(
         "--max-sessions",

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from voicefsm.admission import OverloadGuard
+from voicefsm.admission import DEFAULT_MAX_BUSY, DEFAULT_MAX_STARTING, OverloadGuard
 from voicefsm.auth import JWTAuthenticator
 from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics
@@ -82,7 +82,38 @@ class ServeSettings:
     upstream: str = "auto"
     """``adk``, ``genai`` (direct google-genai, no ADK) or ``auto``: ADK when installed."""
     max_loop_lag_ms: float = 25.0
-    """Refuse new sessions (1013) while the event loop lags more than this; 0: never."""
+    """Refuse new sessions (1013) while the event loop lags more than this; 0: no guard at all."""
+    max_busy: float = DEFAULT_MAX_BUSY
+    """Refuse new sessions while the loop was busy this share of the last second; 0: off."""
+    max_starting: int = DEFAULT_MAX_STARTING
+    """Refuse new sessions while this many are still opening their model connection; 0: off."""
+
+    def __post_init__(self) -> None:
+        if not self.max_loop_lag_ms >= 0:
+            raise ValueError(
+                "max_loop_lag_ms (--max-loop-lag-ms) must be 0 (off) or positive, "
+                f"not {self.max_loop_lag_ms}"
+            )
+        if not 0 <= self.max_busy <= 1:
+            raise ValueError(
+                "max_busy (--max-busy) is a share of the loop's time: 0 (off) to 1, "
+                f"not {self.max_busy}"
+            )
+        if self.max_starting < 0:
+            raise ValueError(
+                "max_starting (--max-starting) must be 0 (off) or positive, "
+                f"not {self.max_starting}"
+            )
+
+    def overload_guard(self) -> OverloadGuard | None:
+        """The admission guard these settings ask for (``None`` when ``max_loop_lag_ms`` is 0)."""
+        if self.max_loop_lag_ms == 0:
+            return None
+        return OverloadGuard(
+            self.max_loop_lag_ms / 1000,
+            max_busy=self.max_busy or None,
+            max_starting=self.max_starting or None,
+        )
 
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -147,11 +178,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 metrics=metrics,
                 origins=settings.origins or None,
                 service_limits=settings.service_limits,
-                overload=(
-                    OverloadGuard(settings.max_loop_lag_ms / 1000)
-                    if settings.max_loop_lag_ms > 0
-                    else None
-                ),
+                overload=settings.overload_guard(),
             )
             await stack.enter_async_context(ServiceLifecycle(service))
             yield service

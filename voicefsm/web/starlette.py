@@ -91,7 +91,9 @@ def uvicorn_options(limits: ProtocolLimits | None = None, **overrides: Any) -> d
     The websocket server refuses frames over ``limits.max_frame_bytes`` itself (close 1009) and
     pauses a socket only once a few of its messages wait unread
     (:class:`voicefsm.web.uvicorn_server.QueueingWebSocketProtocol`, uvicorn's
-    ``websockets-sansio``), the access log is off, and (h11) a connection that sends no complete
+    ``websockets-sansio``), permessage-deflate is refused (browsers offer it; compressing PCM
+    audio costs CPU on every frame and saves almost nothing, see ``docs/serve.md``), the access
+    log is off, and (h11) a connection that sends no complete
     request within 10 s is closed (:class:`voicefsm.web.uvicorn_server.HeaderDeadlineH11Protocol`).
     """
     from voicefsm.web.uvicorn_server import HeaderDeadlineH11Protocol, QueueingWebSocketProtocol
@@ -100,6 +102,7 @@ def uvicorn_options(limits: ProtocolLimits | None = None, **overrides: Any) -> d
     options: dict[str, Any] = {
         "ws": QueueingWebSocketProtocol,
         "ws_max_size": limits.max_frame_bytes,
+        "ws_per_message_deflate": False,
         "http": HeaderDeadlineH11Protocol,
         "access_log": False,
     }
