@@ -37,7 +37,7 @@ from voicefsm.host import SessionHost
 from voicefsm.memory import MemoryChannel
 from voicefsm.metrics import Metrics
 from voicefsm.model import LogKind
-from voicefsm.ports import EndNote, LogNote, UpstreamOpenNote, UpstreamTornDownNote
+from voicefsm.ports import EndNote, LogNote, StateNote, UpstreamOpenNote, UpstreamTornDownNote
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
 
@@ -903,3 +903,50 @@ async def test_the_direct_wire_leaves_audio_to_adk_where_adk_needs_it() -> None:
     assert AdkUpstream(plain, client=client(), run_config=saving).wire == "adk"
     with pytest.raises(ValueError, match="wire"):
         AdkUpstream(plain, client=client(), wire="genai")  # type: ignore[arg-type]
+
+
+class _ReportOrderUpstream(AdkUpstream):
+    """An ADK upstream that writes each connection's ready and model-audio reports into a list."""
+
+    def __init__(self, *args: Any, happened: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.happened = happened
+
+    def open(self, *, connection_id: int, report: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        def noted(event: ev.Event) -> None:
+            if isinstance(event, ev.UpstreamReady):
+                self.happened.append(f"ready #{connection_id}")
+            elif isinstance(event, ev.ModelAudio):
+                self.happened.append(f"audio #{connection_id}")
+            report(event)
+
+        return super().open(connection_id=connection_id, report=noted, **kwargs)
+
+
+async def test_the_session_goes_live_before_adk_reads_the_frames_after_setup_complete() -> None:
+    async def burst(conn: FakeLiveConnection) -> None:
+        # setupComplete and a model turn in one go: the turn is waiting on the client's socket
+        # when the connect returns.
+        await conn.send_setup_complete()
+        for _ in range(3):
+            await conn.send_model_audio(b"\x01\x00" * 480)
+        await conn.send_turn_complete()
+        await conn.wait_closed()
+
+    happened: list[str] = []
+
+    def on_note(note: Any) -> None:
+        if isinstance(note, StateNote) and note.state is State.LIVE:
+            happened.append("live")
+
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+    async with FakeLiveServer(script=burst) as server:
+        upstream = _ReportOrderUpstream(agent, client=server.genai_client(), happened=happened)
+        async with Rig(server, upstream=upstream, on_note=on_note) as rig:
+            await rig.wait_state("live")
+            async with asyncio.timeout(10):
+                await rig.channel.wait_for(lambda channel: len(channel.audio) >= 3)
+            await rig.end()
+    # The buffered audio went out and the client was told before any later frame was reported.
+    assert happened[:2] == ["ready #1", "live"]
+    assert happened[2:] == ["audio #1"] * 3
