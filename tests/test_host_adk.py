@@ -34,9 +34,9 @@ from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
 from voicefsm.adk import _LINK, AdkUpstream, BoundedSessionService, live_model
 from voicefsm.host import SessionHost
-from voicefsm.memory import MemoryChannel
+from voicefsm.memory import MemoryChannel, MemorySink
 from voicefsm.metrics import Metrics
-from voicefsm.model import LogKind
+from voicefsm.model import LogKind, SessionRecord
 from voicefsm.ports import EndNote, LogNote, StateNote, UpstreamOpenNote, UpstreamTornDownNote
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
@@ -950,3 +950,40 @@ async def test_the_session_goes_live_before_adk_reads_the_frames_after_setup_com
     # The buffered audio went out and the client was told before any later frame was reported.
     assert happened[:2] == ["ready #1", "live"]
     assert happened[2:] == ["audio #1"] * 3
+
+
+class _SavesSink(MemorySink):
+    """A memory sink that also keeps, per save, the state and the rotation counters saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[tuple[str, int, int]] = []
+
+    async def save(self, record: SessionRecord) -> None:
+        self.saved.append((record.state.value, record.stats.goaways, record.stats.resumes))
+        await super().save(record)
+
+
+async def test_a_rotation_writes_its_record_once_the_new_connection_is_ready() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(3)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server, Rig(server) as rig:
+        sink = _SavesSink()
+        rig.host.sink = sink
+        stop = asyncio.Event()
+        streamer = asyncio.create_task(streaming(rig, stop))
+        await rig.wait_state("live", count=2)
+        stop.set()
+        await streamer
+        record = await rig.end()
+    # No store write while the new connection was connecting: the rotation's record (resuming,
+    # one GoAway, no resume yet) was superseded by the ready call's, which carries it.
+    assert ("resuming", 1, 0) not in sink.saved
+    assert ("live", 1, 1) in sink.saved
+    assert sink.records[record.session_id].stats.goaways == 1
+    assert_every_chunk_in_order_once_resent(server, rig.sent)

@@ -216,6 +216,7 @@ class SessionHost:
         self.client_send_timeout_s = client_send_timeout_s
         self._detach_reason: str | None = None
         self._audio_refused_at_end = 0
+        self._held_record: SessionRecord | None = None
         self._log = SessionLog(logger, session.session_id)
 
     # ------------------------------------------------------------------ entry points
@@ -259,7 +260,14 @@ class SessionHost:
                 event = await self._next_event()
                 if self._detach_reason is not None:
                     break
+                held = self._held_record
                 await self._apply(session.handle(event, self._clock()))
+                if (
+                    held is not None
+                    and held is self._held_record
+                    and type(event) is not ev.ClientAudio
+                ):
+                    await self._save_held_record()  # held by an earlier call, not superseded
                 if self._deferred and type(event) is ev.UpstreamReady:
                     self._defer_teardowns(TEARDOWN_AFTER_READY_S)
             if type(event) is ev.ClientAudio and session.ended:
@@ -303,7 +311,13 @@ class SessionHost:
             # Carry out the end effects even while being cancelled.
             await asyncio.shield(self._apply(effects))
 
+    async def _save_held_record(self) -> None:
+        record, self._held_record = self._held_record, None
+        if record is not None:
+            await self.sink.save(record)
+
     async def _shutdown(self) -> None:
+        await self._save_held_record()
         for connection_id in list(self._connections):
             self._close_upstream(connection_id, "the host is stopping")
         self._current = None
@@ -362,7 +376,11 @@ class SessionHost:
         # others follow in their order; the order within each channel is the engine's.
         # A call that replaces a connection (a rotation: close the old, open the new) starts the
         # new one first, before the old one's close work, so its connect is on its way as early as
-        # the call allows.
+        # the call allows. Its record is held rather than written while that connect runs: the
+        # next call that is not client audio (the new connection's UpstreamReady, or its failure)
+        # writes it, or writes its own, newer record instead. Every record is a whole snapshot,
+        # so the newer one carries everything; a restore from the record before the rotation
+        # resumes with the same handle.
         later: list[fx.Effect] | None = None
         opening: tuple[fx.OpenUpstream, UpstreamConnection] | None = None
         for effect in effects:
@@ -396,7 +414,11 @@ class SessionHost:
             elif isinstance(effect, fx.RecordTranscript):
                 await self.sink.append_transcript(self.session.session_id, effect.line)
             elif isinstance(effect, fx.PersistRecord):
-                await self.sink.save(effect.record)
+                if opening is not None and not self.session.ended:
+                    self._held_record = effect.record
+                else:
+                    self._held_record = None  # superseded: this record is newer
+                    await self.sink.save(effect.record)
             elif isinstance(effect, fx.StateChanged):
                 self._state_changed(effect)
             elif isinstance(effect, fx.Logged) and self._on_note is not None:
