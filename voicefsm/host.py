@@ -216,7 +216,7 @@ class SessionHost:
         self.client_send_timeout_s = client_send_timeout_s
         self._detach_reason: str | None = None
         self._audio_refused_at_end = 0
-        self._held_record: SessionRecord | None = None
+        self._save_owed = False
         self._log = SessionLog(logger, session.session_id)
 
     # ------------------------------------------------------------------ entry points
@@ -260,14 +260,10 @@ class SessionHost:
                 event = await self._next_event()
                 if self._detach_reason is not None:
                     break
-                held = self._held_record
+                owed = self._save_owed
                 await self._apply(session.handle(event, self._clock()))
-                if (
-                    held is not None
-                    and held is self._held_record
-                    and type(event) is not ev.ClientAudio
-                ):
-                    await self._save_held_record()  # held by an earlier call, not superseded
+                if owed and self._save_owed and type(event) is not ev.ClientAudio:
+                    await self._save_owed_record()  # owed by an earlier call, not superseded
                 if self._deferred and type(event) is ev.UpstreamReady:
                     self._defer_teardowns(TEARDOWN_AFTER_READY_S)
             if type(event) is ev.ClientAudio and session.ended:
@@ -311,13 +307,13 @@ class SessionHost:
             # Carry out the end effects even while being cancelled.
             await asyncio.shield(self._apply(effects))
 
-    async def _save_held_record(self) -> None:
-        record, self._held_record = self._held_record, None
-        if record is not None:
-            await self.sink.save(record)
+    async def _save_owed_record(self) -> None:
+        if self._save_owed:
+            self._save_owed = False
+            await self.sink.save(self.session.snapshot())
 
     async def _shutdown(self) -> None:
-        await self._save_held_record()
+        await self._save_owed_record()
         for connection_id in list(self._connections):
             self._close_upstream(connection_id, "the host is stopping")
         self._current = None
@@ -376,11 +372,11 @@ class SessionHost:
         # others follow in their order; the order within each channel is the engine's.
         # A call that replaces a connection (a rotation: close the old, open the new) starts the
         # new one first, before the old one's close work, so its connect is on its way as early as
-        # the call allows. Its record is held rather than written while that connect runs: the
-        # next call that is not client audio (the new connection's UpstreamReady, or its failure)
-        # writes it, or writes its own, newer record instead. Every record is a whole snapshot,
-        # so the newer one carries everything; a restore from the record before the rotation
-        # resumes with the same handle.
+        # the call allows. Its record is not written while that connect runs: after the next call
+        # that is not client audio (the new connection's UpstreamReady, or its failure), the
+        # session's record as it then stands is, unless that call wrote its own. Every record is
+        # a whole snapshot, so the later one carries the rotation; a restore from the record
+        # before it resumes with the same handle.
         later: list[fx.Effect] | None = None
         opening: tuple[fx.OpenUpstream, UpstreamConnection] | None = None
         for effect in effects:
@@ -415,9 +411,9 @@ class SessionHost:
                 await self.sink.append_transcript(self.session.session_id, effect.line)
             elif isinstance(effect, fx.PersistRecord):
                 if opening is not None and not self.session.ended:
-                    self._held_record = effect.record
+                    self._save_owed = True
                 else:
-                    self._held_record = None  # superseded: this record is newer
+                    self._save_owed = False  # this record is newer than the one owed
                     await self.sink.save(effect.record)
             elif isinstance(effect, fx.StateChanged):
                 self._state_changed(effect)
