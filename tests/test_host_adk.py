@@ -772,6 +772,12 @@ async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() 
     assert seen == [["one"], ["one", "two"]]  # the standby's state was refreshed
     assert record.stats.resumes == 1
     assert second_conn.resumption_handle == "h-1"
+    # The compression config was put into the standby's connect config before it was armed.
+    config = rig.session.config
+    for conn in server.connections[:2]:
+        assert conn.compression is not None
+        assert conn.compression.trigger_tokens == config.compression_trigger_tokens
+        assert conn.compression.target_tokens == config.compression_target_tokens
 
 
 async def test_a_warm_standby_copies_the_adk_state_again_only_when_it_changed() -> None:
