@@ -110,7 +110,7 @@ class HostEntry:
     """One host note, stamped with ``time.monotonic()`` when the host made it."""
 
     at: float
-    kind: str  # "state", "open", "close", "other"
+    kind: str  # "state", "open", "close"
     args: tuple[object, ...]
 
 
@@ -132,8 +132,8 @@ class NoteRecorder:
             self.entries.append(HostEntry(now, "open", (note.connection_id,)))
         elif isinstance(note, UpstreamCloseNote):
             self.entries.append(HostEntry(now, "close", (note.connection_id,)))
-        else:
-            self.entries.append(HostEntry(now, "other", ()))
+        # Other notes (log entries) are not kept: nothing here reads them, and keeping them
+        # would add the recorder's own objects to voicefsm's side of the gap.
 
     def first(self, kind: str, after: float, match: tuple[object, ...] | None = None) -> float:
         """The time of the first entry of ``kind`` at or after ``after`` (matching a prefix)."""

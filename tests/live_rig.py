@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from google.adk.agents import LlmAgent
@@ -28,15 +28,23 @@ class Rig(HostRig):
         agent: LlmAgent | None = None,
         metrics: Metrics | None = None,
         upstream: AdkUpstream | None = None,
+        on_note: Callable[[HostNote], None] | None = None,
     ) -> None:
         agent = agent or LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
         self.notes: list[HostNote] = []
+        also = on_note
+
+        def noted(note: HostNote) -> None:
+            self.notes.append(note)
+            if also is not None:
+                also(note)
+
         super().__init__(
             server,
             upstream or AdkUpstream(agent, client=server.genai_client()),
             config,
             observer=metrics.observer() if metrics is not None else None,
-            on_note=self.notes.append,
+            on_note=noted,
         )
 
 

@@ -34,10 +34,10 @@ from voicefsm import EndReason, Session, State
 from voicefsm import events as ev
 from voicefsm.adk import _LINK, AdkUpstream, BoundedSessionService, live_model
 from voicefsm.host import SessionHost
-from voicefsm.memory import MemoryChannel
+from voicefsm.memory import MemoryChannel, MemorySink
 from voicefsm.metrics import Metrics
-from voicefsm.model import LogKind
-from voicefsm.ports import EndNote, LogNote, UpstreamOpenNote, UpstreamTornDownNote
+from voicefsm.model import LogKind, SessionRecord
+from voicefsm.ports import EndNote, LogNote, StateNote, UpstreamOpenNote, UpstreamTornDownNote
 from voicefsm.testing import FakeLiveConnection, FakeLiveServer, Refuse
 
 
@@ -772,6 +772,12 @@ async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() 
     assert seen == [["one"], ["one", "two"]]  # the standby's state was refreshed
     assert record.stats.resumes == 1
     assert second_conn.resumption_handle == "h-1"
+    # The compression config was put into the standby's connect config before it was armed.
+    config = rig.session.config
+    for conn in server.connections[:2]:
+        assert conn.compression is not None
+        assert conn.compression.trigger_tokens == config.compression_trigger_tokens
+        assert conn.compression.target_tokens == config.compression_target_tokens
 
 
 async def test_a_warm_standby_copies_the_adk_state_again_only_when_it_changed() -> None:
@@ -903,3 +909,87 @@ async def test_the_direct_wire_leaves_audio_to_adk_where_adk_needs_it() -> None:
     assert AdkUpstream(plain, client=client(), run_config=saving).wire == "adk"
     with pytest.raises(ValueError, match="wire"):
         AdkUpstream(plain, client=client(), wire="genai")  # type: ignore[arg-type]
+
+
+class _ReportOrderUpstream(AdkUpstream):
+    """An ADK upstream that writes each connection's ready and model-audio reports into a list."""
+
+    def __init__(self, *args: Any, happened: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.happened = happened
+
+    def open(self, *, connection_id: int, report: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        def noted(event: ev.Event) -> None:
+            if isinstance(event, ev.UpstreamReady):
+                self.happened.append(f"ready #{connection_id}")
+            elif isinstance(event, ev.ModelAudio):
+                self.happened.append(f"audio #{connection_id}")
+            report(event)
+
+        return super().open(connection_id=connection_id, report=noted, **kwargs)
+
+
+async def test_the_session_goes_live_before_adk_reads_the_frames_after_setup_complete() -> None:
+    async def burst(conn: FakeLiveConnection) -> None:
+        # setupComplete and a model turn in one go: the turn is waiting on the client's socket
+        # when the connect returns.
+        await conn.send_setup_complete()
+        for _ in range(3):
+            await conn.send_model_audio(b"\x01\x00" * 480)
+        await conn.send_turn_complete()
+        await conn.wait_closed()
+
+    happened: list[str] = []
+
+    def on_note(note: Any) -> None:
+        if isinstance(note, StateNote) and note.state is State.LIVE:
+            happened.append("live")
+
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+    async with FakeLiveServer(script=burst) as server:
+        upstream = _ReportOrderUpstream(agent, client=server.genai_client(), happened=happened)
+        async with Rig(server, upstream=upstream, on_note=on_note) as rig:
+            await rig.wait_state("live")
+            async with asyncio.timeout(10):
+                await rig.channel.wait_for(lambda channel: len(channel.audio) >= 3)
+            await rig.end()
+    # The buffered audio went out and the client was told before any later frame was reported.
+    assert happened[:2] == ["ready #1", "live"]
+    assert happened[2:] == ["audio #1"] * 3
+
+
+class _SavesSink(MemorySink):
+    """A memory sink that also keeps, per save, the state and the rotation counters saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[tuple[str, int, int]] = []
+
+    async def save(self, record: SessionRecord) -> None:
+        self.saved.append((record.state.value, record.stats.goaways, record.stats.resumes))
+        await super().save(record)
+
+
+async def test_a_rotation_writes_its_record_once_the_new_connection_is_ready() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(3)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[first, setup_only]) as server, Rig(server) as rig:
+        sink = _SavesSink()
+        rig.host.sink = sink
+        stop = asyncio.Event()
+        streamer = asyncio.create_task(streaming(rig, stop))
+        await rig.wait_state("live", count=2)
+        stop.set()
+        await streamer
+        record = await rig.end()
+    # No store write while the new connection was connecting: the rotation's record (resuming,
+    # one GoAway, no resume yet) was superseded by the ready call's, which carries it.
+    assert ("resuming", 1, 0) not in sink.saved
+    assert ("live", 1, 1) in sink.saved
+    assert sink.records[record.session_id].stats.goaways == 1
+    assert_every_chunk_in_order_once_resent(server, rig.sent)

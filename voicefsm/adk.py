@@ -299,6 +299,9 @@ class _ReportingConnection(BaseLlmConnection):
         # ADK sends the history before it starts receiving: from now on a frame voicefsm writes
         # itself follows everything ADK sent on this connection.
         link.wire_open = True
+        # Let the consumer take the UpstreamReady first: the buffered audio goes out and the
+        # client is told before this task reads (and reports) the frames already waiting.
+        await asyncio.sleep(0)
         try:
             async for response in self._inner.receive():
                 # Everything the session needs is reported here, in wire order; ADK's own
@@ -335,15 +338,16 @@ class VoiceFsmGemini(Gemini):
         if link.connected:
             raise _AbortConnect(f"upstream #{link.connection_id}: ADK tried to reconnect")
         link.connected = True
+        connect_config = llm_request.live_connect_config
+        config = link.config
+        connect_config.context_window_compression = _compression(config)
         if link.armed is not None:
             # A standby: ADK's run_live start-up is done; connect once the session asks for it.
+            # What does not depend on the handle was prepared above, before the GoAway.
             await link.armed.wait()
-        connect_config = llm_request.live_connect_config
+            if link.config is not config:
+                connect_config.context_window_compression = _compression(link.config)
         connect_config.session_resumption = types.SessionResumptionConfig(handle=link.handle)
-        connect_config.context_window_compression = types.ContextWindowCompressionConfig(
-            trigger_tokens=link.config.compression_trigger_tokens,
-            sliding_window=types.SlidingWindow(target_tokens=link.config.compression_target_tokens),
-        )
         # genai passes these options to websockets' connect: the socket registers itself with
         # the link (for pings, a bounded close and aborting it), even before setupComplete.
         options = self._live_api_client._api_client._websocket_ssl_ctx
@@ -373,6 +377,13 @@ class VoiceFsmGemini(Gemini):
                 if watcher is not None:
                     watcher.cancel()
                     await asyncio.wait({watcher})
+
+
+def _compression(config: SessionConfig) -> types.ContextWindowCompressionConfig:
+    return types.ContextWindowCompressionConfig(
+        trigger_tokens=config.compression_trigger_tokens,
+        sliding_window=types.SlidingWindow(target_tokens=config.compression_target_tokens),
+    )
 
 
 async def _refresh_state(link: _Link) -> None:
@@ -792,12 +803,7 @@ class AdkUpstream:
         return self.run_config.model_copy(
             update={
                 "session_resumption": types.SessionResumptionConfig(handle=handle),
-                "context_window_compression": types.ContextWindowCompressionConfig(
-                    trigger_tokens=config.compression_trigger_tokens,
-                    sliding_window=types.SlidingWindow(
-                        target_tokens=config.compression_target_tokens
-                    ),
-                ),
+                "context_window_compression": _compression(config),
             }
         )
 

@@ -192,6 +192,7 @@ class SessionHost:
         self.client_send_timeout_s = client_send_timeout_s
         self._detach_reason: str | None = None
         self._audio_refused_at_end = 0
+        self._save_owed = False
         self._log = SessionLog(logger, session.session_id)
 
     # ------------------------------------------------------------------ entry points
@@ -235,7 +236,10 @@ class SessionHost:
                 event = await self._next_event()
                 if self._detach_reason is not None:
                     break
+                owed = self._save_owed
                 await self._apply(session.handle(event, self._clock()))
+                if owed and self._save_owed and type(event) is not ev.ClientAudio:
+                    await self._save_owed_record()  # owed by an earlier call, not superseded
                 if self._deferred and type(event) is ev.UpstreamReady:
                     self._defer_teardowns(TEARDOWN_AFTER_READY_S)
             if type(event) is ev.ClientAudio and session.ended:
@@ -279,7 +283,13 @@ class SessionHost:
             # Carry out the end effects even while being cancelled.
             await asyncio.shield(self._apply(effects))
 
+    async def _save_owed_record(self) -> None:
+        if self._save_owed:
+            self._save_owed = False
+            await self.sink.save(self.session.snapshot())
+
     async def _shutdown(self) -> None:
+        await self._save_owed_record()
         for connection_id in list(self._connections):
             self._close_upstream(connection_id, "the host is stopping")
         self._current = None
@@ -338,7 +348,11 @@ class SessionHost:
         # others follow in their order; the order within each channel is the engine's.
         # A call that replaces a connection (a rotation: close the old, open the new) starts the
         # new one first, before the old one's close work, so its connect is on its way as early as
-        # the call allows.
+        # the call allows. Its record is not written while that connect runs: after the next call
+        # that is not client audio (the new connection's UpstreamReady, or its failure), the
+        # session's record as it then stands is, unless that call wrote its own. Every record is
+        # a whole snapshot, so the later one carries the rotation; a restore from the record
+        # before it resumes with the same handle.
         later: list[fx.Effect] | None = None
         opening: tuple[fx.OpenUpstream, UpstreamConnection] | None = None
         for effect in effects:
@@ -372,7 +386,11 @@ class SessionHost:
             elif isinstance(effect, fx.RecordTranscript):
                 await self.sink.append_transcript(self.session.session_id, effect.line)
             elif isinstance(effect, fx.PersistRecord):
-                await self.sink.save(effect.record)
+                if opening is not None and not self.session.ended:
+                    self._save_owed = True
+                else:
+                    self._save_owed = False  # this record is newer than the one owed
+                    await self.sink.save(effect.record)
             elif isinstance(effect, fx.StateChanged):
                 self._state_changed(effect)
             elif isinstance(effect, fx.Logged) and self._on_note is not None:
