@@ -993,3 +993,40 @@ async def test_a_rotation_writes_its_record_once_the_new_connection_is_ready() -
     assert ("live", 1, 1) in sink.saved
     assert sink.records[record.session_id].stats.goaways == 1
     assert_every_chunk_in_order_once_resent(server, rig.sent)
+
+
+class _BrokenStoreSink(MemorySink):
+    """A memory sink whose store goes down once ``broken`` is set."""
+
+    broken = False
+
+    async def save(self, record: SessionRecord) -> None:
+        if self.broken:
+            raise ConnectionError("the store is down")
+        await super().save(record)
+
+
+async def test_a_store_outage_with_a_rotation_write_owed_still_closes_everything() -> None:
+    async def first(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.send_resumption_update("h-1")
+        await conn.wait_for_audio_chunks(3)
+        await conn.send_go_away("20s")
+        await conn.wait_closed()
+
+    async def never_ready(conn: FakeLiveConnection) -> None:
+        await conn.wait_closed()  # no setupComplete: the rotation's write stays owed
+
+    async with FakeLiveServer(scripts=[first, never_ready]) as server, Rig(server) as rig:
+        sink = _BrokenStoreSink()
+        rig.host.sink = sink
+        rig.send_audio(5)
+        await rig.wait_state("resuming")
+        await server.wait_for_connection(2, timeout=10)
+        sink.broken = True
+        rig.host.detach("handed over")
+        await rig.finish()
+        # The owed write failed, and the host still closed both connections on its way out.
+        assert not upstream_tasks()
+        for conn in server.connections:
+            await conn.wait_closed()

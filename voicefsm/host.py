@@ -289,7 +289,10 @@ class SessionHost:
             await self.sink.save(self.session.snapshot())
 
     async def _shutdown(self) -> None:
-        await self._save_owed_record()
+        try:
+            await self._save_owed_record()
+        except Exception as error:  # a store outage must not keep the connections open
+            self._log.warning("saving the session's record at the end failed: %r", error)
         for connection_id in list(self._connections):
             self._close_upstream(connection_id, "the host is stopping")
         self._current = None
