@@ -816,3 +816,18 @@ async def test_the_served_websocket_refuses_permessage_deflate_that_browsers_off
             negotiated[uvicorn_default] = ws.response.headers.get_all("Sec-WebSocket-Extensions")
     assert negotiated[False] == []
     assert any("permessage-deflate" in value for value in negotiated[True])
+
+
+@pytest.mark.parametrize("kind", ["starlette", "aiohttp"])
+async def test_both_adapters_refuse_the_permessage_deflate_browsers_offer(kind: str) -> None:
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+
+    browser_offer = ClientPerMessageDeflateFactory(client_max_window_bits=True)
+    async with bare_server(kind) as port:
+        ws = await connect(
+            f"ws://127.0.0.1:{port}/interview", extensions=[browser_offer], compression=None
+        )
+        assert ws.response is not None
+        assert ws.response.headers.get_all("Sec-WebSocket-Extensions") == []
+        await ws.send(json.dumps({"type": "auth", "token": "not-a-jwt"}))
+        assert await close_code(ws) == 4401

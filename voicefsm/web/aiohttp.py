@@ -53,6 +53,7 @@ class AiohttpTransport:
             protocols=(subprotocol,) if subprotocol else (),
             heartbeat=None,
             max_msg_size=self._max_frame_bytes,
+            compress=False,  # PCM barely deflates; see uvicorn_options
         )
         await ws.prepare(self._request)
         self._ws = ws
