@@ -28,7 +28,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from live_rig import starlette_service
-from loopback import chunk, free_port
+from loopback import chunk, free_port, uvicorn_serving
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 from test_web import (
@@ -732,7 +732,6 @@ async def test_the_websocket_protocol_pauses_a_client_only_once_its_queue_is_ful
     from starlette.routing import WebSocketRoute
     from websockets.asyncio.client import connect
 
-    from tests.loopback import uvicorn_serving
     from voicefsm.web.starlette import uvicorn_options
     from voicefsm.web.uvicorn_server import MAX_QUEUED_MESSAGES, QueueingWebSocketProtocol
 
@@ -789,7 +788,6 @@ async def test_the_served_websocket_refuses_permessage_deflate_that_browsers_off
     from starlette.routing import WebSocketRoute
     from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
-    from tests.loopback import uvicorn_serving
     from voicefsm.web.starlette import uvicorn_options
 
     async def endpoint(websocket: WebSocket) -> None:
