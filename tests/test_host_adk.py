@@ -970,15 +970,18 @@ class _SavesSink(MemorySink):
         await super().save(record)
 
 
-async def test_a_rotation_writes_its_record_once_the_new_connection_is_ready() -> None:
-    async def first(conn: FakeLiveConnection) -> None:
-        await conn.send_setup_complete()
-        await conn.send_resumption_update("h-1")
-        await conn.wait_for_audio_chunks(3)
-        await conn.send_go_away("20s")
-        await conn.wait_closed()
+async def goaway_after_three_chunks(conn: FakeLiveConnection) -> None:
+    """Live with a handle; a GoAway once three client chunks arrived."""
+    await conn.send_setup_complete()
+    await conn.send_resumption_update("h-1")
+    await conn.wait_for_audio_chunks(3)
+    await conn.send_go_away("20s")
+    await conn.wait_closed()
 
-    async with FakeLiveServer(scripts=[first, setup_only]) as server, Rig(server) as rig:
+
+async def test_a_rotation_writes_its_record_once_the_new_connection_is_ready() -> None:
+    scripts = [goaway_after_three_chunks, setup_only]
+    async with FakeLiveServer(scripts=scripts) as server, Rig(server) as rig:
         sink = _SavesSink()
         rig.host.sink = sink
         stop = asyncio.Event()
@@ -1007,17 +1010,11 @@ class _BrokenStoreSink(MemorySink):
 
 
 async def test_a_store_outage_with_a_rotation_write_owed_still_closes_everything() -> None:
-    async def first(conn: FakeLiveConnection) -> None:
-        await conn.send_setup_complete()
-        await conn.send_resumption_update("h-1")
-        await conn.wait_for_audio_chunks(3)
-        await conn.send_go_away("20s")
-        await conn.wait_closed()
-
     async def never_ready(conn: FakeLiveConnection) -> None:
         await conn.wait_closed()  # no setupComplete: the rotation's write stays owed
 
-    async with FakeLiveServer(scripts=[first, never_ready]) as server, Rig(server) as rig:
+    scripts = [goaway_after_three_chunks, never_ready]
+    async with FakeLiveServer(scripts=scripts) as server, Rig(server) as rig:
         sink = _BrokenStoreSink()
         rig.host.sink = sink
         rig.send_audio(5)
