@@ -718,6 +718,18 @@ async def test_a_pushing_client_channel_needs_no_reader_task() -> None:
     assert replaced.closed is not None
 
 
+class StandbyPrepared(AdkUpstream):
+    """An ADK upstream that says when it has prepared a warm standby."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.standby_prepared = asyncio.Event()
+
+    def _prepare_standby(self, session_id: str, config: Any) -> None:
+        super()._prepare_standby(session_id, config)
+        self.standby_prepared.set()
+
+
 async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() -> None:
     seen: list[list[str]] = []
 
@@ -747,20 +759,13 @@ async def test_a_warm_standby_connects_on_rotation_with_the_current_adk_state() 
         await conn.wait_for_tool_responses(1)
         await conn.wait_closed()
 
-    prepared = asyncio.Event()
-
-    class Signalling(AdkUpstream):
-        def _prepare_standby(self, session_id: str, config: Any) -> None:
-            super()._prepare_standby(session_id, config)
-            prepared.set()
-
     agent = LlmAgent(name="interviewer", model=MODEL, instruction="x", tools=[record_answer])
     async with FakeLiveServer(scripts=[first, second]) as server:
-        upstream = Signalling(agent, client=server.genai_client())
+        upstream = StandbyPrepared(agent, client=server.genai_client())
         rig = Rig(server, agent=agent, upstream=upstream)
         await rig.__aenter__()
         async with asyncio.timeout(10):
-            await prepared.wait()
+            await upstream.standby_prepared.wait()
         standby = rig.upstream._standby[rig.session.session_id]
         standby_ready.set()
         second_conn = await server.wait_for_connection(2, timeout=10)
@@ -798,13 +803,6 @@ async def test_a_warm_standby_copies_the_adk_state_again_only_when_it_changed() 
         await conn.send_go_away("20s")
         await conn.wait_closed()
 
-    prepared = asyncio.Event()
-
-    class Signalling(AdkUpstream):
-        def _prepare_standby(self, session_id: str, config: Any) -> None:
-            super()._prepare_standby(session_id, config)
-            prepared.set()
-
     async with FakeLiveServer(scripts=[first, setup_only]) as server:
         agent = LlmAgent(
             name="interviewer", model=live_model(MODEL, server.genai_client()), instruction="x"
@@ -812,10 +810,10 @@ async def test_a_warm_standby_copies_the_adk_state_again_only_when_it_changed() 
         runner = Runner(
             app_name="voicefsm", agent=agent, session_service=Counting(), auto_create_session=True
         )
-        upstream = Signalling(agent, runner=runner)
+        upstream = StandbyPrepared(agent, runner=runner)
         async with Rig(server, upstream=upstream) as rig:
             async with asyncio.timeout(10):
-                await prepared.wait()
+                await upstream.standby_prepared.wait()
             standby_ready.set()
             await rig.wait_state("live", count=2)
             record = await rig.end()
