@@ -74,6 +74,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SECRET = "bench-serve-secret-that-is-long-enough-for-hs256"
 SERVERS = ("voicefsm-serve", "starlette-relay")
+BEFORE = "voicefsm-before"
+"""``voicefsm serve`` from another checkout (``--compare-root``), for a paired before/after."""
 MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 CHUNK_BYTES = 640
 CHUNK_S = 0.02
@@ -289,17 +291,21 @@ def start_server(
     cpu: int | None,
     profile: Path | None,
     max_sessions: int = 100,
+    compare_root: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Any:
     """Start one server process; return the Popen.
 
     With a ``profile`` path the server profiles its measured windows into ``PATH.KIND``
-    (:func:`profile_windows`).
+    (:func:`profile_windows`). :data:`BEFORE` runs ``voicefsm serve`` with ``compare_root``
+    first on ``PYTHONPATH``; ``extra_args`` go to that kind's ``voicefsm serve``.
     """
-    env = {**os.environ, "VOICEFSM_JWT_SECRET": SECRET, "PYTHONPATH": str(ROOT)}
+    root = compare_root if kind == BEFORE and compare_root is not None else ROOT
+    env = {**os.environ, "VOICEFSM_JWT_SECRET": SECRET, "PYTHONPATH": str(root)}
     if profile is not None:
         env["BENCH_SERVE_PROFILE"] = f"{profile}.{kind}"
     env.pop("GOOGLE_API_KEY", None)
-    if kind == "voicefsm-serve":
+    if kind in ("voicefsm-serve", BEFORE):
         serve_args = [
             "serve",
             "--port",
@@ -316,6 +322,7 @@ def start_server(
             "0",
             "--max-sessions",
             str(max_sessions),
+            *extra_args,
         ]
         if profile is None:
             argv = [sys.executable, "-m", "voicefsm.cli", *serve_args]
@@ -818,6 +825,8 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
     voicefsm, relay = SERVERS
     pairs = [  # the servers with the same clients, then each server with and without deflate
         (voicefsm, relay),
+        (voicefsm, BEFORE),
+        (voicefsm + DEFLATE_SUFFIX, BEFORE + DEFLATE_SUFFIX),
         (voicefsm + DEFLATE_SUFFIX, relay + DEFLATE_SUFFIX),
         (voicefsm + DEFLATE_SUFFIX, voicefsm),
         (relay + DEFLATE_SUFFIX, relay),
@@ -892,6 +901,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"whether the clients offer permessage-deflate as browsers do ({DEFLATE_OFFER}); "
         "both: every run twice, paired (default yes)",
     )
+    parser.add_argument(
+        "--compare-root",
+        type=Path,
+        help=f"also run `voicefsm serve` from this checkout as {BEFORE!r}, interleaved, with "
+        "paired CPU ratios (a before/after of a change)",
+    )
+    parser.add_argument(
+        "--serve-args",
+        default="",
+        help="extra `voicefsm serve` arguments for voicefsm-serve (shell words)",
+    )
+    parser.add_argument(
+        "--before-args",
+        default="",
+        help=f"extra `voicefsm serve` arguments for {BEFORE} (shell words)",
+    )
     parser.add_argument("--markdown", type=Path)
     parser.add_argument(
         "--profile-server",
@@ -906,6 +931,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.sizes, args.repeats, args.window = "10,30", 1, 3.0
     args.sizes = [int(n) for n in str(args.sizes).split(",")]
     args.servers = [kind for kind in SERVERS if kind in str(args.servers).split(",")]
+    if args.compare_root is not None:
+        args.servers.append(BEFORE)
     if args.clients_cpu is None:
         args.clients_cpu = args.fake_cpu
     return args
@@ -926,6 +953,8 @@ async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[Serv
             args.cpu,
             args.profile_server,
             max(100, *args.sizes),
+            args.compare_root,
+            shlex.split(args.before_args if kind == BEFORE else args.serve_args),
         )
         for kind in args.servers
     }
