@@ -76,6 +76,8 @@ SECRET = "bench-serve-secret-that-is-long-enough-for-hs256"
 SERVERS = ("voicefsm-serve", "starlette-relay")
 BEFORE = "voicefsm-before"
 """``voicefsm serve`` from another checkout (``--compare-root``), for a paired before/after."""
+VOICEFSM_KINDS = ("voicefsm-serve", BEFORE)
+"""The servers that speak voicefsm's protocol (the relay takes no token)."""
 MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 CHUNK_BYTES = 640
 CHUNK_S = 0.02
@@ -305,7 +307,7 @@ def start_server(
     if profile is not None:
         env["BENCH_SERVE_PROFILE"] = f"{profile}.{kind}"
     env.pop("GOOGLE_API_KEY", None)
-    if kind in ("voicefsm-serve", BEFORE):
+    if kind in VOICEFSM_KINDS:
         serve_args = [
             "serve",
             "--port",
@@ -446,7 +448,7 @@ class RawClient(asyncio.Protocol):
             f"Sec-WebSocket-Key: {key}",
             "Sec-WebSocket-Version: 13",
         ]
-        if self.kind == "voicefsm-serve":
+        if self.kind in VOICEFSM_KINDS:
             lines.append(f"Sec-WebSocket-Protocol: voicefsm.v1, bearer.{self.token}")
         if self.offer_deflate:
             lines.append(f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}")
@@ -558,7 +560,7 @@ class RawClient(asyncio.Protocol):
 
     async def end(self, within: float) -> None:
         """Ask the server to close (``end_session`` for voicefsm, a close frame otherwise)."""
-        if self.kind == "voicefsm-serve":
+        if self.kind in VOICEFSM_KINDS:
             self.send_frame(0x1, b'{"end_session": true}')
         else:
             self.send_frame(0x8, struct.pack(">H", 1000))
@@ -609,7 +611,7 @@ class WebsocketsClient:
         """Open the websocket; start reading."""
         from websockets.asyncio.client import connect
 
-        protocols = ["voicefsm.v1", f"bearer.{self.token}"] if self.kind == "voicefsm-serve" else []
+        protocols = ["voicefsm.v1", f"bearer.{self.token}"] if self.kind in VOICEFSM_KINDS else []
         self.ws = await connect(
             f"ws://{host}:{port}{path}",
             subprotocols=protocols or None,  # type: ignore[arg-type]
@@ -654,7 +656,7 @@ class WebsocketsClient:
 
     async def end(self, within: float) -> None:
         """Ask the server to close, wait for it, stop reading."""
-        if self.kind == "voicefsm-serve":
+        if self.kind in VOICEFSM_KINDS:
             with contextlib.suppress(Exception):
                 await self.ws.send('{"end_session": true}')
             with contextlib.suppress(TimeoutError):
