@@ -225,3 +225,72 @@ async def test_a_replaced_pushing_client_delivers_nothing_more() -> None:
         await upstream.wait_for_audio_chunks(1)
         assert sequence_numbers([upstream]) == [1]
         await second.close()
+
+
+class RecordingPush:
+    """A :class:`~voicefsm.service.FramePush` that hands the test its target."""
+
+    def __init__(self) -> None:
+        self.target: Callable[[str | bytes | None], None] | None = None
+
+    def start(self, target: Callable[[str | bytes | None], None]) -> None:
+        self.target = target
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+
+class ClosingTransport:
+    """A transport that records its close and the answers sent."""
+
+    def __init__(self) -> None:
+        self.subprotocols: list[str] = []
+        self.query: dict[str, str] = {}
+        self.origin: str | None = None
+        self.push = RecordingPush()
+        self.closed: tuple[int, str] | None = None
+        self.texts: list[str] = []
+
+    async def accept(self, subprotocol: str | None) -> None:
+        pass
+
+    async def receive(self) -> str | bytes | None:
+        raise AssertionError("a pushing channel is never read")
+
+    async def send_text(self, text: str) -> None:
+        self.texts.append(text)
+
+    async def send_bytes(self, data: bytes) -> None:
+        pass
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+async def test_a_failure_in_the_push_callback_closes_1011_and_reports_the_client_gone() -> None:
+    from voicefsm.metrics import Metrics
+    from voicefsm.service import web_channel
+    from voicefsm.web.decoder import ProtocolLimits
+
+    transport = ClosingTransport()
+    channel = web_channel(transport, ProtocolLimits(), Metrics())
+    assert isinstance(channel, PushWebChannel)
+    delivered: list[object] = []
+
+    def deliver(message: object) -> None:
+        delivered.append(message)
+        if message is not None:
+            raise RuntimeError("the session's inbox broke")
+
+    channel.start_pushing(deliver)  # type: ignore[arg-type]
+    target = transport.push.target
+    assert target is not None
+    target(chunk(0))  # must not raise into the protocol's data_received
+    target(chunk(1))  # decoded no more
+    assert delivered[1:] == [None] and len(delivered) == 2
+    await until(lambda: transport.closed is not None)
+    assert transport.closed is not None and transport.closed[0] == 1011
+    assert channel.done.is_set()

@@ -253,6 +253,7 @@ class PushWebChannel(WebChannel):
         self._broken = False
         self._answers: deque[str] = deque()
         self._answering: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     def start_pushing(self, deliver: ClientDelivery) -> None:
         """Hand every client event to ``deliver`` from now on (then ``None``, once)."""
@@ -287,7 +288,7 @@ class PushWebChannel(WebChannel):
         except Exception as error:  # never into the transport's callback
             logger.warning("client link failed (%s); closing it with 1011", type(error).__name__)
             self._broken = True
-            asyncio.get_running_loop().create_task(
+            self._closing = asyncio.get_running_loop().create_task(
                 self.close(1011, "the server could not read from this connection")
             )
             deliver(None)
