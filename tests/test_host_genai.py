@@ -645,3 +645,33 @@ async def test_a_chunk_handled_after_the_deadline_was_due_is_counted_as_unsent()
     assert conn.audio_chunk_count == 3
     assert record.stats.upstream_audio_unsent == 1  # the fourth: none vanishes silently
     assert rig.sink.records[record.session_id].stats.upstream_audio_unsent == 1
+
+
+async def test_a_pushing_client_is_paused_while_the_inbox_is_full_and_loses_nothing() -> None:
+    """Chunks pushed faster than the consumer takes them (all at once, before it runs) pause
+    the channel at CLIENT_BACKLOG_HIGH inbox events; it is resumed as the consumer catches up,
+    and every chunk reaches the model, in order."""
+    from voicefsm.host import CLIENT_BACKLOG_HIGH
+
+    async with FakeLiveServer(scripts=[setup_only]) as server, GenaiRig(server) as rig:
+        await rig.wait_state("live")
+        pauses = 0
+        pause = rig.channel.pause_pushing
+
+        def counted_pause() -> None:
+            nonlocal pauses
+            pauses += 1
+            pause()
+
+        rig.channel.pause_pushing = counted_pause  # type: ignore[method-assign]
+        inbox = rig.host._inbox
+        rig.send_audio(CLIENT_BACKLOG_HIGH - 1)
+        assert not rig.channel.paused and pauses == 0
+        rig.send_audio(CLIENT_BACKLOG_HIGH * 3)  # the consumer has not run in between
+        assert rig.channel.paused and pauses == 1
+        assert len(inbox) == CLIENT_BACKLOG_HIGH
+        await server.connections[0].wait_for_audio_chunks(rig.sent)
+        assert sequence_numbers(server.connections) == list(range(rig.sent))
+        assert not rig.channel.paused
+        assert pauses >= 2  # the held chunks filled the inbox again as they were let through
+        assert (await rig.end()).end_reason is EndReason.USER_ENDED

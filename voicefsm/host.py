@@ -66,6 +66,15 @@ and reports nothing after ``close()``.
 TEARDOWN_AFTER_READY_S = 0.05
 """Once the next connection is ready, its first audio goes out before the old one's tear-down."""
 
+CLIENT_BACKLOG_HIGH = 32
+"""Events in the session's inbox at which a pushing client is paused
+(:meth:`~voicefsm.ports.PushClientChannel.pause_pushing`): the consumer is behind, and nothing
+else would stop the client from filling the inbox. 32 is 0.64 s of 20 ms chunks; a session
+keeping up holds a few."""
+
+CLIENT_BACKLOG_LOW = 8
+"""Events left in the inbox at which a paused client is resumed."""
+
 TEARDOWN_GRACE_S = 2.0
 """How long ``run()`` waits, past the upstream's own bound, for a tear-down before cancelling it."""
 
@@ -180,6 +189,7 @@ class SessionHost:
         self._inbox = _Inbox()
         self._client: ClientChannel | None = None
         self._client_reader: asyncio.Task[None] | None = None
+        self._paused_client: PushClientChannel | None = None
         self._connections: dict[int, UpstreamConnection] = {}
         self._current: UpstreamConnection | None = None
         self._carry: list[bytes] = []
@@ -269,6 +279,10 @@ class SessionHost:
         while True:
             event = inbox.take()
             if event is not None:
+                paused = self._paused_client
+                if paused is not None and len(inbox) <= CLIENT_BACKLOG_LOW:
+                    self._paused_client = None
+                    paused.resume_pushing()  # may deliver (and pause) right here
                 return event
             timer = self.session.next_timer()
             if timer is not None and timer <= self._clock():
@@ -593,6 +607,7 @@ class SessionHost:
             self._client_reader.cancel()
             self._client_reader = None
         self._client = client
+        self._paused_client = None  # a replaced client is being closed: never resumed
         if isinstance(client, PushClientChannel):
             client.start_pushing(functools.partial(self._deliver, client))
             return
@@ -600,7 +615,7 @@ class SessionHost:
             self._read_client(client), name=f"voicefsm-client-{self.session.session_id[:12]}"
         )
 
-    def _deliver(self, client: ClientChannel, message: ClientInput | None) -> None:
+    def _deliver(self, client: PushClientChannel, message: ClientInput | None) -> None:
         """A pushing client's message: into the inbox, unless another client replaced it."""
         if self._client is not client:
             return
@@ -608,7 +623,11 @@ class SessionHost:
             self._client = None
             self.post(ev.ClientGone("the client connection closed"))
         else:
-            self._inbox.put(message)
+            inbox = self._inbox
+            inbox.put(message)
+            if len(inbox) >= CLIENT_BACKLOG_HIGH and self._paused_client is None:
+                self._paused_client = client
+                client.pause_pushing()
 
     async def _read_client(self, client: ClientChannel) -> None:
         reason = "the client connection closed"

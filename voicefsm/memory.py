@@ -35,7 +35,7 @@ class MemoryChannel:
     """An in-memory client channel: tests and embedded callers push input and read output.
 
     A :class:`~voicefsm.ports.PushClientChannel`: once a host called :meth:`start_pushing`,
-    pushed input goes straight into the host's inbox.
+    pushed input goes straight into the host's inbox (queued here while the host paused it).
     """
 
     def __init__(self) -> None:
@@ -44,6 +44,8 @@ class MemoryChannel:
         self.audio: list[bytes] = []
         self.messages: list[ServerMessage] = []
         self.closed: tuple[int, str] | None = None
+        self.paused = False
+        """Whether the host asked the channel to hold input back (:meth:`pause_pushing`)."""
         self._changed = asyncio.Condition()
 
     def push(self, message: ClientInput) -> None:
@@ -56,12 +58,24 @@ class MemoryChannel:
 
     def start_pushing(self, deliver: ClientDelivery) -> None:
         """Hand input to ``deliver`` from now on, starting with what is queued."""
-        while not self._input.empty():
-            deliver(self._input.get_nowait())
         self._deliver = deliver
+        self._drain()
+
+    def pause_pushing(self) -> None:
+        """Queue pushed input instead of delivering it, until :meth:`resume_pushing`."""
+        self.paused = True
+
+    def resume_pushing(self) -> None:
+        """Deliver the queued input, then deliver again as it is pushed."""
+        self.paused = False
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._deliver is not None and not self.paused and not self._input.empty():
+            self._deliver(self._input.get_nowait())
 
     def _put(self, message: ClientInput | None) -> None:
-        if self._deliver is not None:
+        if self._deliver is not None and not self.paused and self._input.empty():
             self._deliver(message)
         else:
             self._input.put_nowait(message)

@@ -69,12 +69,24 @@ class PushClientChannel(ClientChannel, Protocol):
 
     The host then runs no reader task for it: one hop less per client chunk (the channel's own
     receive callback puts the message straight into the session's inbox). ``receive`` is not
-    called.
+    called. Nothing waits for the session to take a message, so the host holds a fast client
+    back itself: :meth:`pause_pushing` once its inbox holds
+    :data:`~voicefsm.host.CLIENT_BACKLOG_HIGH` events, :meth:`resume_pushing` once the
+    consumer caught up.
     """
 
     def start_pushing(self, deliver: ClientDelivery) -> None:
         """From now on call ``deliver`` with each message as it arrives (messages that arrived
         earlier first), and ``deliver(None)`` once when the client has gone."""
+        ...
+
+    def pause_pushing(self) -> None:
+        """Deliver nothing more until :meth:`resume_pushing` (hold messages back, in order, and
+        stop reading the client if the channel can)."""
+        ...
+
+    def resume_pushing(self) -> None:
+        """Deliver the messages held back, then go on as before."""
         ...
 
 

@@ -29,9 +29,10 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from voicefsm import events as ev
 from voicefsm.admission import OverloadGuard
@@ -41,7 +42,7 @@ from voicefsm.host import SessionHost
 from voicefsm.limits import Admission, Refusal, Reservation, ServiceLimits
 from voicefsm.metrics import Metrics, SessionObserver
 from voicefsm.model import SessionConfig, SessionRecord, State
-from voicefsm.ports import ClientInput, Upstream
+from voicefsm.ports import ClientDelivery, ClientInput, Upstream
 from voicefsm.protocol import ErrorMessage, ServerMessage, SessionCreated, SessionEnded
 from voicefsm.stores import (
     Lease,
@@ -108,9 +109,54 @@ class Transport(Protocol):
         ...
 
 
+PUSH_EXTENSION = "voicefsm.push"
+"""The ASGI websocket scope's ``extensions`` key under which a server offers a :class:`FramePush`
+(:class:`voicefsm.web.uvicorn_server.QueueingWebSocketProtocol` does)."""
+
+FrameTarget = Callable[[str | bytes | None], None]
+"""Called with each frame a pushing transport receives, and once with ``None`` when it is gone."""
+
+
+class FramePush(Protocol):
+    """A transport's switch from ``receive()`` to pushed frames (uvicorn's under
+    :func:`voicefsm.web.starlette.uvicorn_options`:
+    :class:`voicefsm.web.uvicorn_server.MessagePush`)."""
+
+    def start(self, target: FrameTarget) -> None:
+        """From now on call ``target`` with each frame (those already received first), then once
+        with ``None``; synchronously, as frames arrive. ``receive()`` is not called again."""
+        ...
+
+    def pause(self) -> None:
+        """Deliver nothing more, and stop reading the socket, until :meth:`resume`."""
+        ...
+
+    def resume(self) -> None:
+        """Deliver what was held back, then read the socket again."""
+        ...
+
+
+@runtime_checkable
+class PushingTransport(Transport, Protocol):
+    """A :class:`Transport` that may push its frames instead (``push`` is ``None`` when the
+    server under it does not offer that)."""
+
+    push: FramePush | None
+    """The switch to pushed frames, if the server offers it."""
+
+
+MAX_PENDING_ANSWERS = 8
+"""``error`` answers a pushing channel queues for a client; more are dropped (still counted)
+until the client has read some: a client that floods garbage and reads nothing costs bounded
+memory and at most one sending task."""
+
+
 class WebChannel:
     """A :class:`~voicefsm.ports.ClientChannel` over a :class:`Transport`: decodes frames,
-    answers bad ones with an ``error`` message, and ends the session after too many."""
+    answers bad ones with an ``error`` message, and ends the session after too many.
+
+    :func:`web_channel` makes a :class:`PushWebChannel` instead when the transport can push.
+    """
 
     def __init__(self, transport: Transport, limits: ProtocolLimits, metrics: Metrics) -> None:
         self.transport = transport
@@ -142,22 +188,31 @@ class WebChannel:
             if frame is None:
                 self.done.set()
                 return None
-            decoded = self.decoder.decode(frame, time.monotonic())
-            if isinstance(decoded, ProtocolViolation):
-                self._metrics.client_errors.labels(code=decoded.code).inc()
-                if decoded.tell_client:
-                    with contextlib.suppress(Exception):
-                        await self.transport.send_text(decoded.to_message().model_dump_json())
-                if self.decoder.too_many_errors:
-                    return ev.Fatal(
-                        f"the client broke the protocol {self.decoder.errors} times "
-                        f"({', '.join(sorted(self.decoder.errors_by_code))})"
-                    )
-                continue
-            if isinstance(decoded, AuthMessage):
-                continue  # already authenticated; a repeated auth message is harmless
-            return decoded
+            event, answer = self._decode(frame)
+            if answer is not None:
+                with contextlib.suppress(Exception):
+                    await self.transport.send_text(answer)
+            if event is not None:
+                return event
         return None
+
+    def _decode(self, frame: str | bytes) -> tuple[ClientInput | None, str | None]:
+        """What a frame means for the session (``None``: nothing), and the ``error`` message
+        that answers it, if any."""
+        decoded = self.decoder.decode(frame, time.monotonic())
+        if isinstance(decoded, ProtocolViolation):
+            self._metrics.client_errors.labels(code=decoded.code).inc()
+            answer = decoded.to_message().model_dump_json() if decoded.tell_client else None
+            if self.decoder.too_many_errors:
+                fatal = ev.Fatal(
+                    f"the client broke the protocol {self.decoder.errors} times "
+                    f"({', '.join(sorted(self.decoder.errors_by_code))})"
+                )
+                return fatal, answer
+            return None, answer
+        if isinstance(decoded, AuthMessage):
+            return None, None  # already authenticated; a repeated auth message is harmless
+        return decoded, None
 
     async def send_audio(self, data: bytes) -> None:
         """Send interviewer audio as a binary frame."""
@@ -176,6 +231,102 @@ class WebChannel:
             await self.transport.close(code, reason[:120])
         finally:
             self.done.set()
+
+
+class PushWebChannel(WebChannel):
+    """A :class:`WebChannel` whose transport pushes frames: a
+    :class:`~voicefsm.ports.PushClientChannel`.
+
+    Each frame is decoded in the transport's callback and the event handed to the host's
+    ``deliver`` (the session's inbox) at once, with no reader task in between. A bad frame's
+    ``error`` answer goes out from a task (at most :data:`MAX_PENDING_ANSWERS` queued), so the
+    callback never waits for the client. After too many errors the session gets one
+    :class:`~voicefsm.events.Fatal` and the channel decodes nothing more.
+    """
+
+    def __init__(
+        self, transport: Transport, push: FramePush, limits: ProtocolLimits, metrics: Metrics
+    ) -> None:
+        super().__init__(transport, limits, metrics)
+        self._push = push
+        self._deliver: ClientDelivery | None = None
+        self._broken = False
+        self._answers: deque[str] = deque()
+        self._answering: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    def start_pushing(self, deliver: ClientDelivery) -> None:
+        """Hand every client event to ``deliver`` from now on (then ``None``, once)."""
+        self._deliver = deliver
+        self._push.start(self._on_frame)
+
+    def pause_pushing(self) -> None:
+        """Hold client frames back (the socket is not read) until :meth:`resume_pushing`."""
+        self._push.pause()
+
+    def resume_pushing(self) -> None:
+        """Deliver again."""
+        self._push.resume()
+
+    def _on_frame(self, frame: str | bytes | None) -> None:
+        deliver = self._deliver
+        assert deliver is not None
+        if frame is None:
+            self.done.set()
+            deliver(None)
+            return
+        if self._closed or self._broken:
+            return
+        try:
+            event, answer = self._decode(frame)
+            if answer is not None:
+                self._answer(answer)
+            if event is not None:
+                if type(event) is ev.Fatal:
+                    self._broken = True
+                deliver(event)
+        except Exception as error:  # never into the transport's callback
+            logger.warning("client link failed (%s); closing it with 1011", type(error).__name__)
+            self._broken = True
+            self._closing = asyncio.get_running_loop().create_task(
+                self.close(1011, "the server could not read from this connection")
+            )
+            deliver(None)
+
+    def _answer(self, text: str) -> None:
+        if len(self._answers) >= MAX_PENDING_ANSWERS:
+            return
+        self._answers.append(text)
+        if self._answering is None:
+            self._answering = asyncio.get_running_loop().create_task(
+                self._send_answers(), name="voicefsm-client-answers"
+            )
+
+    async def _send_answers(self) -> None:
+        try:
+            while self._answers and not self._closed:
+                text = self._answers.popleft()
+                with contextlib.suppress(Exception):
+                    await self.transport.send_text(text)
+        finally:
+            self._answering = None
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the websocket (once); unsent answers are dropped."""
+        answering = self._answering
+        if answering is not None and answering is not asyncio.current_task():
+            answering.cancel()
+        self._answers.clear()
+        await super().close(code, reason)
+
+
+def web_channel(transport: Transport, limits: ProtocolLimits, metrics: Metrics) -> WebChannel:
+    """The client channel over ``transport``: a :class:`PushWebChannel` when the transport can
+    push its frames, else a plain :class:`WebChannel` that the host reads."""
+    push = transport.push if isinstance(transport, PushingTransport) else None
+    if push is not None:
+        return PushWebChannel(transport, push, limits, metrics)
+    return WebChannel(transport, limits, metrics)
 
 
 @dataclass
@@ -281,7 +432,7 @@ class InterviewService:
         if principal is None:
             return
         session_id = transport.query.get("session")
-        channel = WebChannel(transport, self.limits, self.metrics)
+        channel = web_channel(transport, self.limits, self.metrics)
         if session_id and not _plausible_session_id(session_id):
             await _unknown_session(channel)  # never logged or looked up: it is client input
             return

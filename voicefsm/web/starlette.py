@@ -20,7 +20,7 @@ from typing import Any
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from voicefsm.service import InterviewService
+from voicefsm.service import PUSH_EXTENSION, FramePush, InterviewService
 from voicefsm.web.decoder import ProtocolLimits
 from voicefsm.web.logs import install_token_redaction
 
@@ -28,13 +28,20 @@ logger = logging.getLogger("voicefsm.web.starlette")
 
 
 class StarletteTransport:
-    """A Starlette ``WebSocket`` as a :class:`voicefsm.service.Transport`."""
+    """A Starlette ``WebSocket`` as a :class:`voicefsm.service.PushingTransport`.
+
+    ``push`` is the server's :class:`~voicefsm.service.FramePush` when it offers one in the
+    websocket scope (``voicefsm.push``: uvicorn under :func:`uvicorn_options`), else ``None``
+    and the service reads frames with :meth:`receive`.
+    """
 
     def __init__(self, websocket: WebSocket) -> None:
         self._ws = websocket
         self.subprotocols: Sequence[str] = list(websocket.scope.get("subprotocols", []))
         self.query: Mapping[str, str] = dict(websocket.query_params)
         self.origin: str | None = websocket.headers.get("origin")
+        extensions = websocket.scope.get("extensions") or {}
+        self.push: FramePush | None = extensions.get(PUSH_EXTENSION)
 
     async def accept(self, subprotocol: str | None) -> None:
         """Complete the handshake."""
@@ -88,8 +95,9 @@ def interview_endpoint(service: InterviewService) -> Callable[[WebSocket], Await
 def uvicorn_options(limits: ProtocolLimits | None = None, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.Config`` that fit the interview websocket.
 
-    The websocket server refuses frames over ``limits.max_frame_bytes`` itself (close 1009) and
-    pauses a socket only once a few of its messages wait unread
+    The websocket server refuses frames over ``limits.max_frame_bytes`` itself (close 1009),
+    pauses a socket only once a few of its messages wait unread, and once a session runs
+    pushes each client frame straight into it
     (:class:`voicefsm.web.uvicorn_server.QueueingWebSocketProtocol`, uvicorn's
     ``websockets-sansio``), permessage-deflate is refused (browsers offer it; compressing PCM
     audio costs CPU on every frame and saves almost nothing, see ``docs/serve.md``), the access
