@@ -103,3 +103,22 @@ def test_serve_refuses_admission_flags_out_of_range_with_a_clear_error(
         main(["serve", "--store", "memory://", *argv])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+async def test_serve_freezes_the_start_up_heap_while_it_runs_and_only_then(freeze: bool) -> None:
+    import gc
+
+    from voicefsm.cli import build_parser
+
+    flag = [] if freeze else ["--no-freeze-gc"]
+    assert build_parser().parse_args(["serve", *flag]).freeze_gc is freeze
+    settings = ServeSettings(
+        fake=True, jwt_secret=SECRET, store_url="memory://", upstream="genai", freeze_gc=freeze
+    )
+    app = create_app(settings)
+    assert gc.get_freeze_count() == 0
+    async with app.router.lifespan_context(app):
+        frozen = gc.get_freeze_count()
+    assert (frozen > 10_000) is freeze and (frozen == 0) is not freeze
+    assert gc.get_freeze_count() == 0

@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_loop_lag_ms=args.max_loop_lag_ms,
         max_busy=args.max_busy,
         max_starting=args.max_starting,
+        freeze_gc=args.freeze_gc,
         service_limits=(
             ServiceLimits()
             if args.max_sessions is None
@@ -363,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_STARTING,
         help="refuse new sessions while this many are still connecting to the model "
         f"(default {DEFAULT_MAX_STARTING}; 0: off)",
+    )
+    serve.add_argument(
+        "--freeze-gc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="once started, keep the objects alive then out of garbage collection "
+        "(gc.freeze), so full collections pause interviews for less (default on)",
     )
     serve.add_argument(
         "--max-sessions",
