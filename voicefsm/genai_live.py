@@ -534,6 +534,9 @@ class GenaiConnection:
             return
         # genai writes the frame before its first await: from here on the chunk is "written".
         self._wrote(item)
+        if self._direct and isinstance(item, bytes) and ws.fragmented_send_waiter is None:
+            self._write_audio_frame(ws, item)
+            return
         sending = self._send_one(session, item)
         try:
             yielded = sending.send(None)
@@ -545,6 +548,21 @@ class GenaiConnection:
             return
         self._inflight = (sending, yielded)
         self._outbox.wakeup.set()
+
+    def _write_audio_frame(self, ws: Any, item: bytes) -> None:
+        """Write one audio frame now, through websockets' sans-I/O protocol.
+
+        What ``ws.send()`` does for an open connection whose transport is not paused, without its
+        coroutine, its async context manager and its ``drain()`` (which would not wait): the
+        frame goes to the protocol and its bytes to the transport. If the transport's buffer
+        fills, websockets pauses the connection, and later items take the queued path.
+        """
+        try:
+            ws.protocol.send_text(realtime_audio_frame(item).encode("ascii"))
+            ws.send_data()
+        except Exception as error:  # this connection's end, never the host's
+            self._unwrote(item)
+            self._send_failed(error)
 
     def _send_one(self, session: Any, item: bytes | str) -> Coroutine[Any, Any, None]:
         if isinstance(item, bytes) and self._direct:
