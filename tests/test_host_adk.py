@@ -1025,3 +1025,61 @@ async def test_a_store_outage_with_a_rotation_write_owed_still_closes_everything
         assert not upstream_tasks()
         for conn in server.connections:
             await conn.wait_closed()
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+@pytest.mark.parametrize("client_of", ["upstream", "model"])
+async def test_the_model_websocket_offers_deflate_only_when_asked(
+    deflate: bool, client_of: str
+) -> None:
+    """Off by default: no extension is offered, none negotiated; ``model_deflate=True``:
+    permessage-deflate. The choice reaches a client given to the upstream (when it is built)
+    and one only the live model has (at connect). Audio flows both ways either way."""
+    interviewer_pcm = bytes(range(256)) * 8
+
+    async def listen_then_speak(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.wait_for_audio_chunks(3)
+        await conn.send_model_audio(interviewer_pcm)
+        await conn.wait_closed(timeout=None)
+
+    options = {"model_deflate": True} if deflate else {}
+    async with FakeLiveServer(scripts=[listen_then_speak]) as server:
+        if client_of == "upstream":
+            agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+            upstream = AdkUpstream(agent, client=server.genai_client(), **options)
+        else:
+            model = live_model(MODEL, server.genai_client())
+            agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
+            upstream = AdkUpstream(agent, **options)
+        async with Rig(server, upstream=upstream) as rig:
+            await rig.wait_state("live")
+            rig.send_audio(3)
+            async with asyncio.timeout(10):
+                await rig.channel.wait_for(lambda channel: bool(channel.audio))
+            conn = server.connections[0]
+            negotiated = [extension.name for extension in conn._require_ws().protocol.extensions]
+            await rig.end()
+    offered = conn.headers.get("sec-websocket-extensions")
+    if deflate:
+        assert offered is not None and offered.startswith("permessage-deflate")
+        assert negotiated == ["permessage-deflate"]
+    else:
+        assert offered is None
+        assert negotiated == []
+    assert sequence_numbers([conn]) == [0, 1, 2]
+    assert b"".join(rig.channel.audio) == interviewer_pcm
+
+
+def test_upstreams_on_one_client_must_agree_on_model_deflate() -> None:
+    from voicefsm.genai_live import GenaiUpstream
+
+    shared = genai.Client(api_key="fake-key")
+    agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
+    AdkUpstream(agent, client=shared)
+    GenaiUpstream(MODEL, client=shared)  # the same choice on the other upstream: fine
+    with pytest.raises(ValueError, match=r"need a genai\.Client each"):
+        AdkUpstream(agent, client=shared, model_deflate=True)
+    with pytest.raises(ValueError, match=r"need a genai\.Client each"):
+        GenaiUpstream(MODEL, client=shared, model_deflate=True)
+    assert shared._api_client._websocket_ssl_ctx["compression"] is None

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 from genai_rig import GenaiRig
+from google import genai
 from google.genai import types
 from loopback import (
     MODEL,
     HostRig,
     assert_every_chunk_in_order_once_resent,
+    chunk,
     fast_config,
     sequence_numbers,
     streaming,
@@ -678,3 +680,79 @@ async def test_a_pushing_client_is_paused_while_the_inbox_is_full_and_loses_noth
         assert not rig.channel.paused
         assert pauses >= 2  # the held chunks filled the inbox again as they were let through
         assert (await rig.end()).end_reason is EndReason.USER_ENDED
+
+
+@pytest.mark.parametrize(
+    ("options", "deflate"),
+    [({}, False), ({"model_deflate": False}, False), ({"model_deflate": True}, True)],
+)
+async def test_the_model_websocket_offers_deflate_only_when_asked(
+    options: dict[str, bool], deflate: bool
+) -> None:
+    """By default genai's websocket offers no extension, so none is negotiated; with
+    ``model_deflate=True`` it offers permessage-deflate and the fake takes it. Audio flows both
+    ways either way."""
+    interviewer_pcm = bytes(range(256)) * 8
+
+    async def listen_then_speak(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        await conn.wait_for_audio_chunks(3)
+        await conn.send_model_audio(interviewer_pcm)
+        await conn.wait_closed(timeout=None)
+
+    async with FakeLiveServer(scripts=[listen_then_speak]) as server:
+        upstream = GenaiUpstream(MODEL, client=server.genai_client(), wire=GenaiRig.wire, **options)
+        ready, spoke = asyncio.Event(), asyncio.Event()
+        heard: list[bytes] = []
+
+        def report(event: ev.Event) -> None:
+            if isinstance(event, ev.UpstreamReady):
+                ready.set()
+            elif isinstance(event, ev.ModelAudio):
+                heard.append(event.data)
+                spoke.set()
+
+        connection = upstream.open(
+            connection_id=1, handle=None, session_id="s-1", config=fast_config(), report=report
+        )
+        async with asyncio.timeout(10):
+            await ready.wait()
+        for seq in range(3):
+            connection.send_audio(chunk(seq))
+        async with asyncio.timeout(10):
+            await spoke.wait()
+        negotiated = [extension.name for extension in connection._ws.protocol.extensions]
+        assert connection.close() == []
+        assert await connection.wait_closed() == 0
+    conn = server.connections[0]
+    offered = conn.headers.get("sec-websocket-extensions")
+    if deflate:
+        assert offered is not None and offered.startswith("permessage-deflate")
+        assert negotiated == ["permessage-deflate"]
+    else:
+        assert offered is None
+        assert negotiated == []
+    assert sequence_numbers([conn]) == [0, 1, 2]
+    assert heard == [interviewer_pcm]
+
+
+def test_upstreams_on_one_client_must_agree_on_model_deflate() -> None:
+    shared = genai.Client(api_key="fake-key")
+    GenaiUpstream(MODEL, client=shared)
+    GenaiUpstream(MODEL, client=shared, model_deflate=False)  # the same choice: fine
+    with pytest.raises(ValueError, match=r"need a genai\.Client each"):
+        GenaiUpstream(MODEL, client=shared, model_deflate=True)
+    assert shared._api_client._websocket_ssl_ctx["compression"] is None  # left as it was
+    on = genai.Client(api_key="fake-key")
+    GenaiUpstream(MODEL, client=on, model_deflate=True)
+    assert on._api_client._websocket_ssl_ctx["compression"] == "deflate"
+    with pytest.raises(ValueError, match="compression='deflate'"):
+        GenaiUpstream(MODEL, client=on)
+    # A client whose own options turn compression off cannot be asked to deflate either.
+    own = genai.Client(
+        api_key="fake-key",
+        http_options=types.HttpOptions(async_client_args={"compression": None}),
+    )
+    GenaiUpstream(MODEL, client=own)
+    with pytest.raises(ValueError, match="compression=None"):
+        GenaiUpstream(MODEL, client=own, model_deflate=True)

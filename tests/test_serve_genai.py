@@ -122,3 +122,23 @@ async def test_serve_freezes_the_start_up_heap_while_it_runs_and_only_then(freez
         frozen = gc.get_freeze_count()
     assert (frozen > 10_000) is freeze and (frozen == 0) is not freeze
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize(("argv", "deflate"), [([], False), (["--model-deflate"], True)])
+def test_serve_offers_deflate_to_the_model_only_with_model_deflate(
+    argv: list[str], deflate: bool
+) -> None:
+    from dataclasses import replace
+
+    from google import genai
+
+    from voicefsm.cli import _serve_settings, build_parser
+    from voicefsm.serve import _make_upstream
+
+    settings = _serve_settings(build_parser().parse_args(["serve", *argv]))
+    assert settings.model_deflate is deflate
+    client = genai.Client(api_key="fake-key")
+    upstream = _make_upstream(replace(settings, upstream="genai"), client)
+    assert isinstance(upstream, GenaiUpstream)
+    assert upstream.model_deflate is deflate
+    assert client._api_client._websocket_ssl_ctx["compression"] == ("deflate" if deflate else None)

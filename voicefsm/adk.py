@@ -49,6 +49,7 @@ from websockets.exceptions import ConnectionClosed
 
 from voicefsm import events as ev
 from voicefsm.classify import classify_adk_event
+from voicefsm.genai_live import offer_model_deflate
 from voicefsm.host import SessionLog
 from voicefsm.model import SessionConfig
 from voicefsm.ports import Report
@@ -113,6 +114,8 @@ class _Link:
         self.direct = False
         """This connection writes client audio frames itself (the direct wire, decided on
         connect)."""
+        self.model_deflate = False
+        """Whether this connection's websocket offers permessage-deflate to the model."""
         self.wire_open = False
         """ADK has sent its history and receives: a frame written now follows everything ADK
         sent."""
@@ -350,8 +353,14 @@ class VoiceFsmGemini(Gemini):
         connect_config.session_resumption = types.SessionResumptionConfig(handle=link.handle)
         # genai passes these options to websockets' connect: the socket registers itself with
         # the link (for pings, a bounded close and aborting it), even before setupComplete.
-        options = self._live_api_client._api_client._websocket_ssl_ctx
+        client = self._live_api_client
+        options = client._api_client._websocket_ssl_ctx
         options["create_connection"] = _TrackedConnection
+        try:
+            offer_model_deflate(client, link.model_deflate)
+        except ValueError as error:  # another upstream on this client chose otherwise
+            link.report_closed(None, str(error))
+            await _park()
         if self._live_api_client.vertexai:
             link.direct = False  # the frames written directly are the Gemini API's
         stack = contextlib.AsyncExitStack()
@@ -689,6 +698,14 @@ class AdkUpstream:
     goes through ADK's ``LiveRequestQueue`` too. ``"direct"`` falls back to ``"adk"`` where ADK
     itself needs the audio: a ``run_config`` with ``save_live_blob``, or an agent with a
     streaming tool (an ``input_stream`` parameter), and on Vertex AI clients.
+
+    ``model_deflate``: whether the websocket to the model offers permessage-deflate (off by
+    default, as for :class:`~voicefsm.genai_live.GenaiUpstream`: the base64 audio hardly
+    compresses, and compressing it costs CPU). The choice is written into the genai client's
+    websocket options, where the ``create_connection`` hook goes too: ``client``'s when the
+    upstream is built, and the live model's at each connect. Upstreams sharing a client must
+    agree: a ``client`` already set the other way raises ``ValueError`` here; a model's own client
+    set the other way by another upstream fails that connection with the reason.
     """
 
     def __init__(
@@ -704,6 +721,7 @@ class AdkUpstream:
         close_timeout_s: float = 1.0,
         warm_standby: bool = True,
         wire: Literal["direct", "adk"] = "direct",
+        model_deflate: bool = False,
     ) -> None:
         if close_timeout_s <= 0:
             raise ValueError(f"close_timeout_s must be > 0, got {close_timeout_s}")
@@ -761,6 +779,9 @@ class AdkUpstream:
         direct = wire == "direct" and not base.save_live_blob and not _has_streaming_tool(agent)
         self.wire: Literal["direct", "adk"] = "direct" if direct else "adk"
         """The wire in use: ``"adk"`` where ``"direct"`` was asked for but ADK needs the audio."""
+        if client is not None:
+            offer_model_deflate(client, model_deflate)  # a shared client's conflict shows now
+        self.model_deflate = model_deflate
 
     async def forget(self, session_id: str) -> None:
         """Drop the session's standby and its ADK session (only from the service made here)."""
@@ -809,6 +830,7 @@ class AdkUpstream:
 
     def _wire(self, link: _Link, session_id: str, config: SessionConfig) -> None:
         link.direct = self.wire == "direct"
+        link.model_deflate = self.model_deflate
         service = self.runner.session_service
         if isinstance(service, BoundedSessionService):
             link.session_service = service

@@ -14,6 +14,7 @@ from voicefsm.admission import DEFAULT_MAX_BUSY, DEFAULT_MAX_STARTING
 if TYPE_CHECKING:
     from voicefsm.model import SessionRecord, SessionUsage, TranscriptLine
     from voicefsm.pricing import TokenPrices
+    from voicefsm.serve import ServeSettings
 
 EXIT_BROKEN_PIPE = 141
 """Exit status when the reader of stdout went away: what a shell reports for SIGPIPE (128 + 13)."""
@@ -49,19 +50,31 @@ def _simulate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from voicefsm.limits import ServiceLimits
-    from voicefsm.model import SessionConfig
-    from voicefsm.serve import ServeSettings, run
+    from voicefsm.serve import run
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    settings = _serve_settings(args)
+    try:
+        run(settings, host=args.host, port=args.port)
+    except KeyboardInterrupt:  # Ctrl+C before the server was up: nothing to drain
+        return 130
+    return 0
+
+
+def _serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The :class:`~voicefsm.serve.ServeSettings` that ``voicefsm serve``'s arguments ask for."""
+    from voicefsm.limits import ServiceLimits
+    from voicefsm.model import SessionConfig
+    from voicefsm.serve import ServeSettings
+
     config = SessionConfig(
         time_limit_s=args.minutes * 60,
         warning_before_s=min(300, args.minutes * 60 / 9),
         client_grace_s=args.client_grace,
     )
-    settings = ServeSettings(
+    return ServeSettings(
         config=config,
         model=args.model,
         fake=True if args.fake else None,
@@ -74,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         live_base_url=args.live_base_url,
         live_ca_file=args.live_ca_file,
         upstream=args.upstream,
+        model_deflate=args.model_deflate,
         max_loop_lag_ms=args.max_loop_lag_ms,
         max_busy=args.max_busy,
         max_starting=args.max_starting,
@@ -84,11 +98,6 @@ def _serve(args: argparse.Namespace) -> int:
             else ServiceLimits(max_sessions=args.max_sessions)
         ),
     )
-    try:
-        run(settings, host=args.host, port=args.port)
-    except KeyboardInterrupt:  # Ctrl+C before the server was up: nothing to drain
-        return 130
-    return 0
 
 
 _PRICES_HELP = (
@@ -343,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "adk", "genai"],
         default="auto",
         help="model connection: ADK, direct google-genai, or auto (ADK when installed)",
+    )
+    serve.add_argument(
+        "--model-deflate",
+        action="store_true",
+        help="offer permessage-deflate on the websockets to the model (default: not offered; "
+        "the base64 audio hardly compresses and deflating it costs CPU)",
     )
     serve.add_argument(
         "--max-loop-lag-ms",

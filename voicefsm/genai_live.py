@@ -370,6 +370,30 @@ def _track_websockets(client: genai.Client) -> None:
     options["create_connection"] = _Tracked
 
 
+def offer_model_deflate(client: Any, offer: bool) -> None:
+    """Make the websockets ``client`` (a ``genai.Client``) opens offer permessage-deflate, or not.
+
+    genai passes its client's websocket options to websockets' ``connect``; this sets their
+    ``compression``: ``"deflate"`` (websockets' default) or ``None``, which offers nothing, so
+    the model's server cannot compress either (RFC 7692). The options belong to the client, so
+    every upstream on one client must make the same choice: a client whose options already say
+    otherwise (another upstream's choice, or ``compression`` in its ``async_client_args``)
+    raises ``ValueError``. A client without such options (another genai layout) is left as it
+    is.
+    """
+    options = getattr(getattr(client, "_api_client", None), "_websocket_ssl_ctx", None)
+    if not isinstance(options, dict):
+        return
+    wanted = "deflate" if offer else None
+    if "compression" in options and options["compression"] != wanted:
+        raise ValueError(
+            f"this genai.Client's websocket options already say "
+            f"compression={options['compression']!r}, so model_deflate={offer} cannot apply: "
+            "upstreams that differ in model_deflate need a genai.Client each"
+        )
+    options["compression"] = wanted
+
+
 class GenaiConnection:
     """One upstream connection: a ``live.connect`` session driven by one task.
 
@@ -827,6 +851,14 @@ class GenaiUpstream:
     genai's per-frame pydantic conversions (about a third of a raw genai session's CPU, see
     ``docs/benchmarks.md``); ``"genai"`` uses ``send_realtime_input`` and ``receive()`` for
     every frame. Vertex AI clients always use ``"genai"``.
+
+    ``model_deflate``: whether the websocket to the model offers permessage-deflate. Off by
+    default: the audio is base64 in JSON, which deflate hardly shrinks beyond undoing base64's
+    expansion, and compressing every frame both ways cost about a tenth of ``voicefsm serve``'s
+    CPU at 100 interviews (``docs/upstreams.md``). The choice is written into ``client``'s
+    websocket options, where voicefsm's ``create_connection`` hook goes too, when the upstream
+    is built (:func:`offer_model_deflate`): it holds for everything else on that client as well,
+    and upstreams sharing a client must agree (``ValueError`` otherwise).
     """
 
     def __init__(
@@ -840,6 +872,7 @@ class GenaiUpstream:
         tool_timeout_s: float = 30.0,
         close_timeout_s: float = 1.0,
         wire: str = "direct",
+        model_deflate: bool = False,
     ) -> None:
         if not model:
             raise ValueError("GenaiUpstream needs a model name")
@@ -874,6 +907,9 @@ class GenaiUpstream:
             declared = [tool.declaration for tool in self.tools.values()]
             update["tools"] = [*(base.tools or []), types.Tool(function_declarations=declared)]
         self.config = base.model_copy(update=update)
+        # Last: a client is changed only by an upstream that was built.
+        offer_model_deflate(self.client, model_deflate)
+        self.model_deflate = model_deflate
 
     def connect_config(self, handle: str | None, config: SessionConfig) -> types.LiveConnectConfig:
         """The ``LiveConnectConfig`` of one connection: the base plus handle and compression."""

@@ -82,6 +82,9 @@ class ServeSettings:
     """Connections and sessions one worker takes on (``docs/protocol.md``, Limits)."""
     upstream: str = "auto"
     """``adk``, ``genai`` (direct google-genai, no ADK) or ``auto``: ADK when installed."""
+    model_deflate: bool = False
+    """Offer permessage-deflate on the websockets to the model (the upstream's
+    ``model_deflate``); off: the base64 audio hardly compresses and deflating it costs CPU."""
     max_loop_lag_ms: float = 25.0
     """Refuse new sessions (1013) while the event loop lags more than this; 0: no guard at all."""
     max_busy: float = DEFAULT_MAX_BUSY
@@ -323,14 +326,19 @@ def _make_upstream(settings: ServeSettings, client: Any) -> Any:
         from voicefsm.genai_live import GenaiUpstream
 
         logger.info("upstream: direct google-genai (%s)", settings.model)
-        return GenaiUpstream(settings.model, client=client, instruction=INTERVIEWER_INSTRUCTION)
+        return GenaiUpstream(
+            settings.model,
+            client=client,
+            instruction=INTERVIEWER_INSTRUCTION,
+            model_deflate=settings.model_deflate,
+        )
     from google.adk.agents import LlmAgent
 
     from voicefsm.adk import AdkUpstream
 
     logger.info("upstream: ADK (%s)", settings.model)
     agent = LlmAgent(name="interviewer", model=settings.model, instruction=INTERVIEWER_INSTRUCTION)
-    return AdkUpstream(agent, client=client)
+    return AdkUpstream(agent, client=client, model_deflate=settings.model_deflate)
 
 
 @contextlib.asynccontextmanager
