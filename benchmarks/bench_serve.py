@@ -8,7 +8,8 @@ Run from the repository root::
 
 Three kinds of process: the fake Gemini Live server (``bench_capacity.py``'s interviewer on the
 wire: model audio every 40 ms on an absolute schedule, each chunk stamped with its scheduled
-send time; here one task per connection and no payload records, see :func:`model_audio_script`);
+send time; here with frames encoded once, one task sending for all connections, and the
+clients' messages counted but not parsed, see :class:`ModelAudioSchedule`);
 two servers under test, both uvicorn pinned to ``--cpu``:
 
 * ``voicefsm-serve``: ``voicefsm serve --upstream genai`` (service, session hosts, the direct
