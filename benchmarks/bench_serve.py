@@ -8,7 +8,8 @@ Run from the repository root::
 
 Three kinds of process: the fake Gemini Live server (``bench_capacity.py``'s interviewer on the
 wire: model audio every 40 ms on an absolute schedule, each chunk stamped with its scheduled
-send time; here one task per connection and no payload records, see :func:`model_audio_script`);
+send time; here with frames encoded once, one task sending for all connections, and the
+clients' messages counted but not parsed, see :class:`ModelAudioSchedule`);
 two servers under test, both uvicorn pinned to ``--cpu``:
 
 * ``voicefsm-serve``: ``voicefsm serve --upstream genai`` (service, session hosts, the direct
@@ -50,9 +51,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime
+import heapq
 import itertools
+import json
 import multiprocessing
 import os
 import shlex
@@ -224,34 +228,109 @@ def fake_main(pipe: Any, cpu: int | None, profile: str | None) -> None:
         profiler.dump_stats(profile)
 
 
-def model_audio_script() -> Any:
-    """What the fake sends on each connection: ``bench_capacity.py``'s interviewer, one task.
+STAMP_BYTES = 9
+"""A model chunk's stamp: its scheduled send time (``>d``) and one zero byte, so that the stamp
+is whole base64 quanta (12 characters) and the audio after it can be encoded once."""
 
-    After ``setupComplete``: a 40 ms model audio chunk on an absolute schedule, each stamped
-    with its scheduled send time; an output transcription after every 12th chunk; a turn
-    complete and a resumption update after every 50th. It ends when a send finds the
-    connection closed.
+
+class ModelAudioSchedule:
+    """What the fake sends on every connection: ``bench_capacity.py``'s interviewer, one task.
+
+    After ``setupComplete``: a 40 ms model audio chunk on the connection's absolute schedule,
+    each stamped with its scheduled send time; an output transcription after every 12th chunk;
+    a turn complete and a resumption update after every 50th. A connection's chunks stop when
+    it closes.
+
+    The frames are the ones :meth:`~voicefsm.testing.FakeLiveConnection.send_model_audio`
+    would send, encoded once: per chunk only the stamp's 12 base64 characters are new. One task
+    sends for every connection (each wake-up sends whatever has come due), instead of a task
+    and a sleep per connection. It awaits each send in turn, so a connection whose write
+    buffer is full (its server has stopped reading for longer than the socket buffers hold,
+    seconds of audio) holds the others up until it drains.
     """
-    body = MODEL_CHUNK_BYTES - 8
-    pcm = speech_like_pcm(2.0, 24000, seed=1)  # chunks differ, so no chunk deflates to a copy
-    slices = [pcm[i : i + body] for i in range(0, len(pcm) - body + 1, body)]
 
-    async def script(conn: Any) -> None:
+    def __init__(self) -> None:
+        body = MODEL_CHUNK_BYTES - STAMP_BYTES
+        assert body % 3 == 0  # the audio's base64 starts on a quantum boundary
+        pcm = speech_like_pcm(2.0, 24000, seed=1)  # chunks differ: none deflates to a copy
+        marker = "@DATA@"
+        message = {
+            "serverContent": {
+                "modelTurn": {
+                    "role": "model",
+                    "parts": [{"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": marker}}],
+                }
+            }
+        }
+        head, tail = json.dumps(message, separators=(",", ":")).encode().split(marker.encode())
+        self._audio = [
+            (head, base64.b64encode(pcm[i : i + body]) + tail)
+            for i in range(0, len(pcm) - body + 1, body)
+        ]
+        self._transcription = self._encoded(
+            {"serverContent": {"outputTranscription": {"text": "word ", "finished": False}}}
+        )
+        self._turn_complete = self._encoded({"serverContent": {"turnComplete": True}})
+        self._due: list[tuple[float, int, int, Any]] = []  # (due, order, k, connection): a heap
+        self._order = itertools.count()
+        self._wake: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _encoded(message: dict[str, Any]) -> bytes:
+        return json.dumps(message, separators=(",", ":")).encode()
+
+    def audio_frame(self, due: float, k: int) -> bytes:
+        """Chunk ``k``'s ``serverContent`` frame, stamped ``due``."""
+        head, rest = self._audio[k % len(self._audio)]
+        return head + base64.b64encode(struct.pack(">dx", due)) + rest
+
+    async def script(self, conn: Any) -> None:
+        """The connection's script: answer the setup, then leave the sending to the task."""
         await conn.send_setup_complete()
-        start = time.monotonic()
-        for k in itertools.count():
-            due = start + k * MODEL_CHUNK_S
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await conn.send_model_audio(struct.pack(">d", due) + slices[k % len(slices)])
-            if k % 12 == 11:
-                await conn.send_output_transcription("word ", finished=False)
-            if k % 50 == 49:
-                await conn.send_turn_complete()
-                await conn.send_resumption_update()
+        heapq.heappush(self._due, (time.monotonic(), next(self._order), 0, conn))
+        if self._task is None:
+            self._task = asyncio.create_task(self._send_due())
+        elif self._wake is not None:
+            _wake_up(self._wake)  # its first chunk is due now
+        await conn.wait_closed(timeout=None)
 
-    return script
+    async def _send_due(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        loop = asyncio.get_running_loop()
+        due_heap = self._due
+        while True:
+            now = time.monotonic()
+            while due_heap and due_heap[0][0] <= now:
+                due, _, k, conn = heapq.heappop(due_heap)
+                if not conn.is_open:
+                    continue
+                try:
+                    await conn.send_encoded(self.audio_frame(due, k))
+                    if k % 12 == 11:
+                        await conn.send_encoded(self._transcription)
+                    if k % 50 == 49:
+                        await conn.send_encoded(self._turn_complete)
+                        await conn.send_resumption_update()
+                except ConnectionClosed:
+                    continue
+                heapq.heappush(due_heap, (due + MODEL_CHUNK_S, next(self._order), k + 1, conn))
+            self._wake = wake = loop.create_future()
+            timer = None
+            if due_heap:
+                delay = due_heap[0][0] - time.monotonic()
+                timer = loop.call_later(delay, _wake_up, wake)
+            try:
+                await wake
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+
+def _wake_up(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _serve_fake(pipe: Any) -> None:
@@ -260,12 +339,13 @@ async def _serve_fake(pipe: Any) -> None:
     from voicefsm.testing import FakeLiveServer
 
     logging.disable(logging.WARNING)
-    # Nothing here reads what the clients sent: keep counts only (memory stays flat).
+    # Nothing here reads what the clients sent: count it, no records (memory stays flat).
     server = FakeLiveServer(
-        script=model_audio_script(),
+        script=ModelAudioSchedule().script,
         enforce_resumption_handles=False,
         raise_script_errors=False,
         record_payloads=False,
+        parse_client_messages=False,
     )
     async with server:
         pipe.send({"base_url": server.base_url, "ca_pem": server.ca_pem.decode()})

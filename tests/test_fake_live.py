@@ -813,6 +813,47 @@ async def test_accepts_snake_and_camel_case_client_frames() -> None:
     assert leftovers == set()
 
 
+async def test_send_encoded_puts_the_same_frame_on_the_wire_as_send() -> None:
+    message = {"serverContent": {"outputTranscription": {"text": "héllo", "finished": False}}}
+
+    async def script(conn: Any) -> None:
+        await conn.send_setup_complete()
+        await conn.send(message)
+        await conn.send_encoded(json.dumps(message, separators=(",", ":")).encode())
+
+    async with FakeLiveServer(script) as server:
+        ws = await raw_connect(server)
+        await ws.send(json.dumps({"setup": {"model": "models/x"}}))
+        assert "setupComplete" in json.loads(await ws.recv())
+        sent = await ws.recv()
+        encoded = await ws.recv()
+        await ws.close()
+    assert isinstance(encoded, str)  # a text frame, as send() sends
+    assert encoded == sent
+    assert server.connections[0].messages_sent[1:] == [message, message]
+
+
+async def test_unparsed_client_messages_are_only_counted() -> None:
+    audio = {"realtime_input": {"audio": {"mime_type": "audio/pcm;rate=16000", "data": b64(b"a")}}}
+    async with FakeLiveServer(parse_client_messages=False) as server:
+        ws = await raw_connect(server)
+        await ws.send(json.dumps({"setup": {"model": "models/x", "sessionResumption": {}}}))
+        assert "setupComplete" in json.loads(await ws.recv())
+        for frame in (json.dumps(audio), "not json", json.dumps({"client_content": {}})):
+            await ws.send(frame)
+        conn = server.connections[0]
+        await conn.wait_for(lambda c: c.client_message_count == 3, description="3 messages")
+        assert conn.is_open  # invalid JSON is not even looked at
+        await ws.close()
+        await conn.wait_closed()
+    assert conn.session_resumption_enabled  # the setup frame is parsed as always
+    assert conn.audio_chunk_count == 0
+    assert conn.timeline == []
+    assert conn.frames_received == [{"setup": {"model": "models/x", "sessionResumption": {}}}]
+    assert conn.protocol_errors == []
+    assert conn.close_received == conn.close_sent
+
+
 async def test_gates_and_events_control_timing_without_sleeps() -> None:
     go_on = asyncio.Event()
     script = [

@@ -402,6 +402,11 @@ class FakeLiveConnection:
         return names
 
     @property
+    def client_message_count(self) -> int:
+        """Client messages received after the setup frame (counted even when not parsed)."""
+        return self._message_index
+
+    @property
     def received_audio(self) -> bytes:
         """All recorded input audio chunks joined."""
         return b"".join(self.audio_chunks)
@@ -426,6 +431,25 @@ class FakeLiveConnection:
         if self.server.record_payloads:
             self.messages_sent.append(dict(message))
         if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("connection #%d sent %s", self.number, _describe(message))
+
+    async def send_encoded(self, payload: bytes) -> None:
+        """Send one server message already encoded as UTF-8 JSON text, as a text frame.
+
+        The frame on the wire is what :meth:`send` sends for the decoded message; a load
+        generator builds its frames once and skips the per-message encoding. Recorded in
+        :attr:`messages_sent` (decoded) like :meth:`send` when payloads are recorded.
+
+        Raises:
+            FakeLiveError: the connection was refused or has not started.
+            websockets.exceptions.ConnectionClosed: the connection is closed.
+        """
+        ws = self._require_ws()
+        await ws.send(payload, text=True)
+        if self.server.record_payloads or logger.isEnabledFor(logging.DEBUG):
+            message = json.loads(payload)
+            if self.server.record_payloads:
+                self.messages_sent.append(message)
             logger.debug("connection #%d sent %s", self.number, _describe(message))
 
     async def send_setup_complete(self, session_id: str | None = None) -> str:
@@ -893,6 +917,9 @@ class FakeLiveConnection:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _receive_loop(self, ws: ServerConnection) -> None:
+        if not self.server.parse_client_messages:
+            await self._count_messages(ws)
+            return
         while True:
             try:
                 raw = await ws.recv()
@@ -904,6 +931,17 @@ class FakeLiveConnection:
                 continue
             self._record_frame(frame)
             self._on_client_message(frame)
+            self._changed()
+
+    async def _count_messages(self, ws: ServerConnection) -> None:
+        # Read every message off the socket (frames parsed, inflated, pings answered as
+        # always) but leave its JSON alone: only the count changes.
+        while True:
+            try:
+                await ws.recv(decode=False)
+            except ConnectionClosed:
+                return
+            self._message_index += 1
             self._changed()
 
     def _parse_frame(self, raw: str | bytes) -> dict[str, Any] | None:
@@ -1105,6 +1143,7 @@ class FakeLiveServer:
         host: str = "127.0.0.1",
         port: int = 0,
         record_payloads: bool = True,
+        parse_client_messages: bool = True,
         raise_script_errors: bool = True,
         close_timeout: float = 2.0,
         max_message_size: int = 16 * 1024 * 1024,
@@ -1120,6 +1159,11 @@ class FakeLiveServer:
             record_payloads: keep decoded audio and raw frames; when False only counts and the
                 non-audio records are kept, audio is left out of the timeline too (for long
                 demo sessions: memory stays flat).
+            parse_client_messages: parse and record what the client sends after the setup
+                frame; when False each message is read and only counted
+                (:attr:`FakeLiveConnection.client_message_count`), and the ``wait_for_*``
+                helpers on client input never see anything (for load generators that need
+                nothing from the client's messages).
             raise_script_errors: re-raise the first script error as :class:`ScriptError` when
                 the ``async with`` block exits without an exception of its own.
             close_timeout: seconds to wait for a client's closing handshake.
@@ -1131,6 +1175,8 @@ class FakeLiveServer:
         """Reject unknown resumption handles with 1008 (assignable)."""
         self.record_payloads: bool = record_payloads
         """Keep audio bytes and raw frames (see ``__init__``)."""
+        self.parse_client_messages: bool = parse_client_messages
+        """Parse and record client messages after the setup (see ``__init__``)."""
         self.raise_script_errors: bool = raise_script_errors
         """Re-raise script errors on exit (see ``__init__``)."""
         self.rejected_paths: list[str] = []
