@@ -173,6 +173,20 @@ class HostRig:
         return await self.finish()
 
 
+def assert_deflate_offered(
+    conn: FakeLiveConnection, negotiated: Sequence[str], deflate: bool
+) -> None:
+    """The client offered permessage-deflate, and the websocket took it, exactly if ``deflate``
+    (``negotiated``: the extension names the client's websocket ended up with)."""
+    offered = conn.headers.get("sec-websocket-extensions")
+    if deflate:
+        assert offered is not None and offered.startswith("permessage-deflate")
+        assert list(negotiated) == ["permessage-deflate"]
+    else:
+        assert offered is None
+        assert list(negotiated) == []
+
+
 def assert_every_chunk_in_order_once_resent(server: FakeLiveServer, sent: int) -> int:
     """Every chunk arrived; the second connection starts at or before where the first stopped.
 

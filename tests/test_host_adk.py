@@ -22,6 +22,7 @@ from google.adk.tools import ToolContext
 from live_rig import Rig
 from loopback import (
     MODEL,
+    assert_deflate_offered,
     assert_every_chunk_in_order_once_resent,
     chunk,
     fast_config,
@@ -1060,13 +1061,7 @@ async def test_the_model_websocket_offers_deflate_only_when_asked(
             conn = server.connections[0]
             negotiated = [extension.name for extension in conn._require_ws().protocol.extensions]
             await rig.end()
-    offered = conn.headers.get("sec-websocket-extensions")
-    if deflate:
-        assert offered is not None and offered.startswith("permessage-deflate")
-        assert negotiated == ["permessage-deflate"]
-    else:
-        assert offered is None
-        assert negotiated == []
+    assert_deflate_offered(conn, negotiated, deflate)
     assert sequence_numbers([conn]) == [0, 1, 2]
     assert b"".join(rig.channel.audio) == interviewer_pcm
 

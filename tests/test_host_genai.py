@@ -20,6 +20,7 @@ from google.genai import types
 from loopback import (
     MODEL,
     HostRig,
+    assert_deflate_offered,
     assert_every_chunk_in_order_once_resent,
     chunk,
     fast_config,
@@ -725,13 +726,7 @@ async def test_the_model_websocket_offers_deflate_only_when_asked(
         assert connection.close() == []
         assert await connection.wait_closed() == 0
     conn = server.connections[0]
-    offered = conn.headers.get("sec-websocket-extensions")
-    if deflate:
-        assert offered is not None and offered.startswith("permessage-deflate")
-        assert negotiated == ["permessage-deflate"]
-    else:
-        assert offered is None
-        assert negotiated == []
+    assert_deflate_offered(conn, negotiated, deflate)
     assert sequence_numbers([conn]) == [0, 1, 2]
     assert heard == [interviewer_pcm]
 
