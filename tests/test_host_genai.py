@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -659,10 +659,12 @@ async def test_a_chunk_handled_after_the_deadline_was_due_is_counted_as_unsent()
 class OneConnection:
     """One upstream connection opened straight from a :class:`GenaiUpstream`, its reports kept."""
 
-    def __init__(self, server: FakeLiveServer, connection_id: int = 1) -> None:
+    def __init__(
+        self, server: FakeLiveServer, connection_id: int = 1, tools: Sequence[Any] = ()
+    ) -> None:
         self.events: list[ev.Event] = []
         self._changed = asyncio.Event()
-        self.connection = GenaiRig(server).upstream.open(
+        self.connection = GenaiRig(server, tools=tools).upstream.open(
             connection_id=connection_id,
             handle=None,
             session_id="s-1",
@@ -700,8 +702,8 @@ async def live_after(conn: FakeLiveConnection, after: str) -> None:
         await conn.wait_for_audio_chunks(1)
 
 
-async def opened(server: FakeLiveServer, after: str) -> OneConnection:
-    one = OneConnection(server)
+async def opened(server: FakeLiveServer, after: str, tools: Sequence[Any] = ()) -> OneConnection:
+    one = OneConnection(server, tools=tools)
     if after == "live":
         await one.wait_for(ev.UpstreamReady)
         one.connection.send_audio(b"\x00" * 640)
@@ -894,6 +896,12 @@ async def test_a_message_the_wire_cannot_read_ends_the_connection_with_one_close
 async def test_nothing_is_reported_after_close_while_the_socket_still_delivers() -> None:
     after_close = asyncio.Event()
     sent = asyncio.Event()
+    answers: list[str] = []
+
+    async def record_answer(text: str) -> dict[str, str]:
+        """Record the candidate's answer."""
+        answers.append(text)
+        return {"status": "recorded"}
 
     async def script(conn: FakeLiveConnection) -> None:
         await live_after(conn, "live")
@@ -906,7 +914,7 @@ async def test_nothing_is_reported_after_close_while_the_socket_still_delivers()
         await conn.wait_closed()
 
     async with FakeLiveServer(scripts=[script]) as server:
-        one = await opened(server, "live")
+        one = await opened(server, "live", tools=[record_answer])
         assert one.connection.close() == []
         after_close.set()
         async with asyncio.timeout(10):
@@ -919,3 +927,4 @@ async def test_nothing_is_reported_after_close_while_the_socket_still_delivers()
         await conn.wait_closed()
     assert one.events == [ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1")]
     assert conn.tool_responses == []
+    assert answers == []  # no tool started after close()
