@@ -8,7 +8,8 @@ No ADK in the path. Each upstream connection is one task that
   with no timeout);
 * reports :class:`~voicefsm.events.UpstreamReady` once the setup is complete, then every server
   message as voicefsm events (:class:`GenaiClassifier`) — GoAway and resumption updates
-  included — in wire order, from that one task;
+  included — in wire order: on the direct wire as websockets parses each frame (inside its
+  ``data_received``, no task wake-up per message), else from that one task;
 * reports exactly one :class:`~voicefsm.events.UpstreamClosed` however the connection ends (a
   close code on receive, a failed send, a refused or timed-out connect) and then stops: it never
   reconnects by itself, the session decides;
@@ -774,6 +775,8 @@ class GenaiConnection:
             ws._voicefsm_take_frame = None
             lost.remove_done_callback(socket_lost)
             self._pushing = None
+            if pushing.done() and not pushing.cancelled():
+                pushing.exception()  # retrieved, even when a cancel came first
         if fell_back:
             await self._receive_wire(ws)
         else:
@@ -797,7 +800,7 @@ class GenaiConnection:
             data = frame.data
             if frame.opcode is Opcode.TEXT:
                 try:
-                    raw: str | bytes = data.decode()
+                    raw: str | bytes = str(data, "utf-8")
                 except UnicodeDecodeError:
                     self._fall_back(frame)
                     return
@@ -918,7 +921,8 @@ class GenaiUpstream:
     turns and tool responses; with ``"direct"`` (the default, Gemini API clients) audio frames
     and server messages go straight over genai's websocket as the Live API's JSON, skipping
     genai's per-frame pydantic conversions (about a third of a raw genai session's CPU, see
-    ``docs/benchmarks.md``); ``"genai"`` uses ``send_realtime_input`` and ``receive()`` for
+    ``docs/benchmarks.md``), each server message classified as websockets parses it;
+    ``"genai"`` uses ``send_realtime_input`` and ``receive()`` for
     every frame. Vertex AI clients always use ``"genai"``.
     """
 
