@@ -345,7 +345,11 @@ def start_server(
         os.sched_setaffinity(0, {cpu} if cpu is not None else range(os.cpu_count() or 1))
 
     log = open(f"/tmp/bench-serve-{kind}.log", "w")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+    # From its own root: ``python -m`` / ``-c`` put the working directory first on sys.path, so
+    # run from another checkout the server would import that checkout's voicefsm instead.
+    return subprocess.Popen(
+        argv, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin
+    )
 
 
 async def wait_listening(port: int, process: Any, within: float = 60) -> None:
