@@ -659,12 +659,10 @@ async def test_a_chunk_handled_after_the_deadline_was_due_is_counted_as_unsent()
 class OneConnection:
     """One upstream connection opened straight from a :class:`GenaiUpstream`, its reports kept."""
 
-    def __init__(
-        self, server: FakeLiveServer, connection_id: int = 1, tools: Sequence[Any] = ()
-    ) -> None:
+    def __init__(self, upstream: GenaiUpstream, connection_id: int = 1) -> None:
         self.events: list[ev.Event] = []
         self._changed = asyncio.Event()
-        self.connection = GenaiRig(server, tools=tools).upstream.open(
+        self.connection = upstream.open(
             connection_id=connection_id,
             handle=None,
             session_id="s-1",
@@ -703,7 +701,7 @@ async def live_after(conn: FakeLiveConnection, after: str) -> None:
 
 
 async def opened(server: FakeLiveServer, after: str, tools: Sequence[Any] = ()) -> OneConnection:
-    one = OneConnection(server, tools=tools)
+    one = OneConnection(GenaiRig(server, tools=tools).upstream)
     if after == "live":
         await one.wait_for(ev.UpstreamReady)
         one.connection.send_audio(b"\x00" * 640)
@@ -872,7 +870,7 @@ async def test_a_message_the_wire_cannot_read_ends_the_connection_with_one_close
             events = await one.closed()
             conn = server.connections[0]
             await conn.wait_closed()
-            following = OneConnection(server, connection_id=2)
+            following = OneConnection(GenaiRig(server).upstream, connection_id=2)
             await following.wait_for(ev.UpstreamReady)
             following.connection.close()
             await following.connection.wait_closed()
@@ -928,3 +926,24 @@ async def test_nothing_is_reported_after_close_while_the_socket_still_delivers()
     assert one.events == [ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1")]
     assert conn.tool_responses == []
     assert answers == []  # no tool started after close()
+
+
+async def test_reading_resumes_when_the_messages_after_setup_filled_websockets_queue() -> None:
+    """With websockets' queue one message deep, the messages that follow setupComplete
+    before the direct wire takes over pause reading; taking them over resumes it."""
+
+    async def script(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        for n in range(1, 21):
+            await conn.send_output_transcription(f"{n} ")
+        await conn.close(1000)
+
+    async with FakeLiveServer(scripts=[script]) as server:
+        upstream = GenaiRig(server).upstream
+        upstream.client._api_client._websocket_ssl_ctx["max_queue"] = 1  # websockets' option
+        events = await OneConnection(upstream).closed()
+    assert events == [
+        ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1"),
+        *[ev.OutputTranscript(f"{n} ", False) for n in range(1, 21)],
+        ev.UpstreamClosed(1000, "", connection_id=1),
+    ]
