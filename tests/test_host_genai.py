@@ -7,11 +7,14 @@ and no ADK anywhere: CI also runs this file with google-genai 3.x in a venv with
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import itertools
+import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 from genai_rig import GenaiRig
@@ -28,6 +31,7 @@ from loopback import (
     streaming,
     upstream_tasks,
 )
+from websockets.frames import Frame, Opcode
 
 from voicefsm import EndReason
 from voicefsm import events as ev
@@ -751,3 +755,301 @@ def test_upstreams_on_one_client_must_agree_on_model_deflate() -> None:
     GenaiUpstream(MODEL, client=own)
     with pytest.raises(ValueError, match="compression=None"):
         GenaiUpstream(MODEL, client=own, model_deflate=True)
+
+
+# ---------------------------------------------------------------------- one connection's reports
+# On the direct wire the server's messages are classified as websockets parses them (pushed
+# from its data_received); these tests hold both wires to the same reports.
+
+
+class OneConnection:
+    """One upstream connection opened straight from a :class:`GenaiUpstream`, its reports kept."""
+
+    def __init__(self, upstream: GenaiUpstream, connection_id: int = 1) -> None:
+        self.events: list[ev.Event] = []
+        self._changed = asyncio.Event()
+        self.connection = upstream.open(
+            connection_id=connection_id,
+            handle=None,
+            session_id="s-1",
+            config=fast_config(),
+            report=self._report,
+        )
+
+    def _report(self, event: ev.Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    async def wait_for(self, kind: type[ev.Event]) -> None:
+        async with asyncio.timeout(10):
+            while not any(isinstance(event, kind) for event in self.events):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def closed(self) -> list[ev.Event]:
+        """Every report once the upstream reported its close, the connection then stopped."""
+        await self.wait_for(ev.UpstreamClosed)
+        self.connection.close()
+        await self.connection.wait_closed()
+        return self.events
+
+
+def audio(n: int) -> bytes:
+    return n.to_bytes(2, "little") * 480
+
+
+async def live_after(conn: FakeLiveConnection, after: str) -> None:
+    """Set up; with ``after="live"`` also wait for the client's first chunk, which it sends
+    once it reported ``UpstreamReady``, so what follows arrives on a running connection."""
+    await conn.send_setup_complete()
+    if after == "live":
+        await conn.wait_for_audio_chunks(1)
+
+
+async def opened(server: FakeLiveServer, after: str, tools: Sequence[Any] = ()) -> OneConnection:
+    one = OneConnection(GenaiRig(server, tools=tools).upstream)
+    if after == "live":
+        await one.wait_for(ev.UpstreamReady)
+        one.connection.send_audio(b"\x00" * 640)
+    return one
+
+
+@pytest.mark.parametrize("after", ["setup", "live"])
+async def test_messages_keep_wire_order_right_after_setup_and_on_a_running_connection(
+    after: str,
+) -> None:
+    """UpstreamReady first; audio, transcripts, resumption updates and GoAway in wire order;
+    the close last. ``setup``: genai's connect() reads setupComplete, and the messages sent in
+    the same breath reach the socket before the direct wire takes over from it."""
+    mime = "audio/pcm;rate=24000"
+
+    async def script(conn: FakeLiveConnection) -> None:
+        await live_after(conn, after)
+        for n in range(1, 31):
+            await conn.send_model_audio(audio(n), mime)
+            if n == 5:
+                await conn.send_output_transcription("Hel")
+            if n == 10:
+                await conn.send_go_away("9s")
+            if n == 20:
+                await conn.send_resumption_update("h-20")
+        await conn.send_output_transcription("lo", finished=True)
+        await conn.send_turn_complete()
+        await conn.close(1011, "internal error")
+
+    async with FakeLiveServer(scripts=[script]) as server:
+        one = await opened(server, after)
+        events = await one.closed()
+    expected: list[ev.Event] = [ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1")]
+    for n in range(1, 31):
+        expected.append(ev.ModelAudio(audio(n), mime))
+        if n == 5:
+            expected.append(ev.OutputTranscript("Hel", False))
+        if n == 10:
+            expected.append(ev.GoAway(time_left="9s", connection_id=1))
+        if n == 20:
+            expected.append(ev.ResumptionUpdate("h-20", True))
+    expected += [
+        ev.OutputTranscript("lo", False),
+        ev.OutputTranscript("Hello", True),
+        ev.TurnComplete(),
+        ev.UpstreamClosed(1011, "internal error", connection_id=1),
+    ]
+    assert events == expected
+
+
+@pytest.mark.parametrize("after", ["setup", "live"])
+async def test_a_fragmented_message_is_assembled_and_later_messages_follow_in_order(
+    after: str,
+) -> None:
+    mime = "audio/pcm;rate=24000"
+    fragments = ['{"serverContent":{"outputTranscription":', '{"text":"split ', 'in three"}}}']
+
+    async def script(conn: FakeLiveConnection) -> None:
+        await live_after(conn, after)
+        await conn.send_model_audio(audio(1), mime)
+        await conn._require_ws().send(iter(fragments))  # one text message in three frames
+        await conn.send_model_audio(audio(2), mime)
+        await conn.send_go_away("5s")
+        await conn._require_ws().send(iter(fragments))
+        await conn.send_model_audio(audio(3), mime)
+        await conn.close(1000)
+
+    async with FakeLiveServer(scripts=[script]) as server:
+        one = await opened(server, after)
+        events = await one.closed()
+    assert events == [
+        ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1"),
+        ev.ModelAudio(audio(1), mime),
+        ev.OutputTranscript("split in three", False),
+        ev.ModelAudio(audio(2), mime),
+        ev.GoAway(time_left="5s", connection_id=1),
+        ev.OutputTranscript("split in three", False),
+        ev.ModelAudio(audio(3), mime),
+        ev.UpstreamClosed(1000, "", connection_id=1),
+    ]
+
+
+@pytest.mark.parametrize("after", ["setup", "live"])
+async def test_binary_and_non_object_frames_on_the_direct_wire(wire: str, after: str) -> None:
+    if wire != "direct":
+        pytest.skip("genai's receive() reads frames its own way")
+    mime = "audio/pcm;rate=24000"
+    part = {"inlineData": {"mimeType": mime, "data": base64.b64encode(audio(7)).decode()}}
+
+    async def script(conn: FakeLiveConnection) -> None:
+        await live_after(conn, after)
+        ws = conn._require_ws()
+        await ws.send(json.dumps({"serverContent": {"modelTurn": {"parts": [part]}}}).encode())
+        await ws.send("not JSON")
+        await ws.send("[1, 2]")
+        await ws.send("")
+        await ws.send(b"\xff\xfe")
+        await conn.send_turn_complete()
+        await conn.close(1000)
+
+    async with FakeLiveServer(scripts=[script]) as server:
+        one = await opened(server, after)
+        events = await one.closed()
+    assert events == [
+        ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1"),
+        ev.ModelAudio(audio(7), mime),  # from a binary frame
+        ev.Unknown("a server frame that is not JSON"),
+        ev.Unknown("a server frame that is not a JSON object"),
+        ev.Unknown("server message with no recognised field"),
+        ev.Unknown("a server frame that is not JSON"),  # binary, not UTF-8
+        ev.TurnComplete(),
+        ev.UpstreamClosed(1000, "", connection_id=1),
+    ]
+
+
+@pytest.mark.parametrize("after", ["setup", "live"])
+async def test_a_text_frame_that_is_not_utf8_fails_the_connection_as_websockets_does(
+    wire: str, after: str
+) -> None:
+    async def script(conn: FakeLiveConnection) -> None:
+        await live_after(conn, after)
+        await conn.send_output_transcription("before")
+        ws = conn._require_ws()
+        ws.protocol.send_frame(Frame(Opcode.TEXT, b"\xff\xfe"))
+        ws.send_data()
+        await conn.send_output_transcription("after")
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[script]) as server:
+        one = await opened(server, after)
+        events = await one.closed()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    assert events[:2] == [
+        ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1"),
+        ev.OutputTranscript("before", False),
+    ]
+    closes = [event for event in events if isinstance(event, ev.UpstreamClosed)]
+    assert closes == [events[-1]] and len(events) == 3
+    if wire == "direct":  # websockets closes with 1007 and reports the drop that follows
+        assert conn.close_received is not None and conn.close_received.code == 1007
+
+
+@pytest.mark.parametrize("after", ["setup", "live"])
+async def test_a_message_the_wire_cannot_read_ends_the_connection_with_one_close(
+    after: str,
+) -> None:
+    """A frame that makes classifying it fail (here a transcription that is not an object)
+    ends this connection: one UpstreamClosed, nothing after it, a clean closing handshake,
+    nothing raised into the event loop, and the next connection runs as usual."""
+    loop = asyncio.get_running_loop()
+    loop_errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: loop_errors.append(context))
+
+    async def script(conn: FakeLiveConnection) -> None:
+        await live_after(conn, after)
+        await conn.send_output_transcription("fine")
+        await conn.send({"serverContent": {"inputTranscription": "not an object"}})
+        await conn.send_output_transcription("never reported")
+        await conn.send_tool_call("record_answer", {"text": "never run"})
+        await conn.wait_closed()
+
+    try:
+        async with FakeLiveServer(scripts=[script, setup_only]) as server:
+            one = await opened(server, after)
+            events = await one.closed()
+            conn = server.connections[0]
+            await conn.wait_closed()
+            following = OneConnection(GenaiRig(server).upstream, connection_id=2)
+            await following.wait_for(ev.UpstreamReady)
+            following.connection.close()
+            await following.connection.wait_closed()
+    finally:
+        loop.set_exception_handler(None)
+    assert events[:2] == [
+        ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1"),
+        ev.OutputTranscript("fine", False),
+    ]
+    assert len(events) == 3
+    closed = events[2]
+    assert isinstance(closed, ev.UpstreamClosed)
+    assert closed.code is None and closed.connection_id == 1
+    assert conn.closed_by == "client"
+    assert conn.close_received is not None and conn.close_received.code == 1000
+    assert conn.tool_responses == []
+    assert following.events == [ev.UpstreamReady(connection_id=2, upstream_session_id="sess-2")]
+    assert loop_errors == []
+
+
+async def test_nothing_is_reported_after_close_while_the_socket_still_delivers() -> None:
+    after_close = asyncio.Event()
+    sent = asyncio.Event()
+    answers: list[str] = []
+
+    async def record_answer(text: str) -> dict[str, str]:
+        """Record the candidate's answer."""
+        answers.append(text)
+        return {"status": "recorded"}
+
+    async def script(conn: FakeLiveConnection) -> None:
+        await live_after(conn, "live")
+        await after_close.wait()
+        for n in range(1, 6):
+            await conn.send_model_audio(audio(n))
+        await conn.send_tool_call("record_answer", {"text": "late"})
+        await conn.send_go_away("1s")
+        sent.set()
+        await conn.wait_closed()
+
+    async with FakeLiveServer(scripts=[script]) as server:
+        one = await opened(server, "live", tools=[record_answer])
+        assert one.connection.close() == []
+        after_close.set()
+        async with asyncio.timeout(10):
+            await sent.wait()
+            # The pong comes after every frame sent before it: those have all been received.
+            await (await one.connection._ws.ping())
+        assert not one.connection._tool_tasks
+        await one.connection.wait_closed()
+        conn = server.connections[0]
+        await conn.wait_closed()
+    assert one.events == [ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1")]
+    assert conn.tool_responses == []
+    assert answers == []  # no tool started after close()
+
+
+async def test_reading_resumes_when_the_messages_after_setup_filled_websockets_queue() -> None:
+    """With websockets' queue one message deep, the messages that follow setupComplete
+    before the direct wire takes over pause reading; taking them over resumes it."""
+
+    async def script(conn: FakeLiveConnection) -> None:
+        await conn.send_setup_complete()
+        for n in range(1, 21):
+            await conn.send_output_transcription(f"{n} ")
+        await conn.close(1000)
+
+    async with FakeLiveServer(scripts=[script]) as server:
+        upstream = GenaiRig(server).upstream
+        upstream.client._api_client._websocket_ssl_ctx["max_queue"] = 1  # websockets' option
+        events = await OneConnection(upstream).closed()
+    assert events == [
+        ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1"),
+        *[ev.OutputTranscript(f"{n} ", False) for n in range(1, 21)],
+        ev.UpstreamClosed(1000, "", connection_id=1),
+    ]

@@ -8,7 +8,8 @@ No ADK in the path. Each upstream connection is one task that
   with no timeout);
 * reports :class:`~voicefsm.events.UpstreamReady` once the setup is complete, then every server
   message as voicefsm events (:class:`GenaiClassifier`) — GoAway and resumption updates
-  included — in wire order, from that one task;
+  included — in wire order: on the direct wire as websockets parses each frame (inside its
+  ``data_received``, no task wake-up per message), else from that one task;
 * reports exactly one :class:`~voicefsm.events.UpstreamClosed` however the connection ends (a
   close code on receive, a failed send, a refused or timed-out connect) and then stops: it never
   reconnects by itself, the session decides;
@@ -40,6 +41,7 @@ from google import genai
 from google.genai import errors, types
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
 
 from voicefsm import events as ev
 from voicefsm.classify import FIELD_RULES
@@ -342,6 +344,15 @@ older ones are only counted."""
 
 _CURRENT: contextvars.ContextVar[GenaiConnection] = contextvars.ContextVar("voicefsm_genai")
 
+_DATA_OPCODES: Final = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
+
+
+def _assembler_frames(ws: Any) -> deque[Frame] | None:
+    """The frames websockets' asyncio assembler holds for ``recv()`` (websockets 15-17), if
+    that is where this websockets keeps them."""
+    queue = getattr(getattr(getattr(ws, "recv_messages", None), "frames", None), "queue", None)
+    return queue if isinstance(queue, deque) else None
+
 
 def _track_websockets(client: genai.Client) -> None:
     """Make the websockets this client opens register with the connection opening them.
@@ -360,12 +371,21 @@ def _track_websockets(client: genai.Client) -> None:
 
     class _Tracked(base):  # type: ignore[valid-type,misc]
         _voicefsm_genai = True
+        _voicefsm_take_frame: Callable[[Frame], None] | None = None
+        """While set, data frames go here as they are parsed instead of to ``recv()``."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             connection = _CURRENT.get(None)
             if connection is not None:
                 connection._attach(self)
+
+        def process_event(self, event: Any) -> None:
+            take = self._voicefsm_take_frame
+            if take is not None and isinstance(event, Frame) and event.opcode in _DATA_OPCODES:
+                take(event)
+            else:
+                super().process_event(event)
 
     options["create_connection"] = _Tracked
 
@@ -430,6 +450,8 @@ class GenaiConnection:
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
         self._sender_busy = False
         self._direct = False
+        self._classify_wire = GenaiClassifier(connection_id).classify_wire
+        self._pushing: asyncio.Future[bool] | None = None
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
         self._unconfirmed: deque[bytes] = deque(maxlen=UNCONFIRMED_MAX_CHUNKS)
         self._written = 0
@@ -699,7 +721,7 @@ class GenaiConnection:
                 if self._ws is not None:
                     helpers.append(asyncio.create_task(self._check_liveness(self._ws)))
                 if self._direct:
-                    await self._receive_wire(session, self._ws)
+                    await self._receive_direct(self._ws)
                 else:
                     await self._receive_loop(session)
             finally:
@@ -759,39 +781,131 @@ class GenaiConnection:
         except _CONNECTION_ERRORS as error:
             self._report_closed(*close_code(error))
 
-    async def _receive_wire(self, session: Any, ws: Any) -> None:
+    async def _receive_direct(self, ws: Any) -> None:
+        """Server messages straight from the websocket's JSON: pushed while websockets allows.
+
+        Once pushing, websockets hands each data frame to :meth:`_take_frame` as it parses it,
+        inside its ``data_received``, so a model message costs no wake-up of this task. The
+        frames that arrived with or after ``setupComplete``, before this switch, wait in
+        websockets' assembler for ``recv()``; they go first, in order. This task then waits for
+        the socket's end (or a fall-back to ``recv()``, or an error in :meth:`_take_frame`).
+        """
+        backlog = _assembler_frames(ws)
+        lost = getattr(ws, "connection_lost_waiter", None)
+        if (
+            backlog is None
+            or not isinstance(lost, asyncio.Future)
+            or not getattr(type(ws), "_voicefsm_genai", False)
+        ):
+            await self._receive_wire(ws)  # another websockets layout: no push
+            return
+        pushing: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pushing = pushing
+
+        def socket_lost(_: object) -> None:
+            if not pushing.done():
+                pushing.set_result(False)
+
+        lost.add_done_callback(socket_lost)
+        ws._voicefsm_take_frame = self._take_frame
+        try:
+            while backlog and ws._voicefsm_take_frame is not None:
+                self._take_frame(backlog.popleft())
+            ws.recv_messages.maybe_resume()  # the assembler may have paused reading
+            fell_back = await pushing
+        finally:
+            ws._voicefsm_take_frame = None
+            lost.remove_done_callback(socket_lost)
+            self._pushing = None
+            if pushing.done() and not pushing.cancelled():
+                pushing.exception()  # retrieved, even when a cancel came first
+        if fell_back:
+            await self._receive_wire(ws)
+        else:
+            self._report_closed(*close_code(ws.protocol.close_exc))
+
+    def _take_frame(self, frame: Frame) -> None:
+        """One data frame, inside websockets' ``data_received``: its events reported now.
+
+        Never raises into websockets: an error ends pushing and makes the connection task
+        raise it, which closes the connection and reports it, as a receive error always did.
+        A fragmented message, or a text frame that is not UTF-8, goes back to websockets'
+        assembler with everything after it, and the connection task reads on with ``recv()``,
+        which assembles it, or fails the connection with 1007, exactly as websockets does.
+        """
+        if self._closing:
+            return
+        try:
+            if not frame.fin or frame.opcode is Opcode.CONT:
+                self._fall_back(frame)
+                return
+            data = frame.data
+            if frame.opcode is Opcode.TEXT:
+                try:
+                    raw: str | bytes = str(data, "utf-8")
+                except UnicodeDecodeError:
+                    self._fall_back(frame)
+                    return
+            else:
+                raw = bytes(data)
+            self._take_message(raw)
+        except Exception as error:
+            self._push_failed(error)
+
+    def _fall_back(self, frame: Frame) -> None:
+        ws = self._ws
+        ws._voicefsm_take_frame = None
+        backlog = _assembler_frames(ws)
+        assert backlog is not None  # checked before pushing started
+        backlog.appendleft(frame)  # before any frames of the backlog still queued
+        ws.recv_messages.maybe_pause()
+        pushing = self._pushing
+        if pushing is not None and not pushing.done():
+            pushing.set_result(True)
+
+    def _push_failed(self, error: Exception) -> None:
+        self._ws._voicefsm_take_frame = None  # later frames wait unread, as after any error
+        pushing = self._pushing
+        if pushing is not None and not pushing.done():
+            if isinstance(error, StopIteration):  # a future cannot hold one
+                error = RuntimeError(f"StopIteration: {error}")
+            pushing.set_exception(error)
+
+    async def _receive_wire(self, ws: Any) -> None:
         """The receive loop on the websocket itself: JSON to events, no pydantic models."""
-        classify = GenaiClassifier(self.connection_id).classify_wire
         try:
             while True:
-                raw = await ws.recv()
-                try:
-                    message = json.loads(raw) if raw else {}
-                except ValueError:
-                    self._emit(ev.Unknown("a server frame that is not JSON"))
-                    continue
-                if not isinstance(message, dict):
-                    self._emit(ev.Unknown("a server frame that is not a JSON object"))
-                    continue
-                for event in classify(message):
-                    self._emit(event)
-                tool_call = _field(message, "toolCall", "tool_call")
-                if tool_call is not None and not self._closing:
-                    calls = _field(tool_call, "functionCalls", "function_calls") or ()
-                    self._start_tools(
-                        session,
-                        types.LiveServerToolCall(
-                            function_calls=[types.FunctionCall.model_validate(c) for c in calls]
-                        ),
-                    )
-                cancelled = _field(message, "toolCallCancellation", "tool_call_cancellation")
-                if cancelled is not None:
-                    for call_id in cancelled.get("ids") or ():
-                        task = self._tool_tasks.pop(call_id, None)
-                        if task is not None:
-                            task.cancel()
+                self._take_message(await ws.recv())
         except ConnectionClosed as error:
             self._report_closed(*close_code(error))
+
+    def _take_message(self, raw: str | bytes) -> None:
+        """One server message from the wire: its events reported, its tool calls started."""
+        try:
+            message = json.loads(raw) if raw else {}
+        except ValueError:
+            self._emit(ev.Unknown("a server frame that is not JSON"))
+            return
+        if not isinstance(message, dict):
+            self._emit(ev.Unknown("a server frame that is not a JSON object"))
+            return
+        for event in self._classify_wire(message):
+            self._emit(event)
+        tool_call = _field(message, "toolCall", "tool_call")
+        if tool_call is not None and not self._closing:
+            calls = _field(tool_call, "functionCalls", "function_calls") or ()
+            self._start_tools(
+                self._session,
+                types.LiveServerToolCall(
+                    function_calls=[types.FunctionCall.model_validate(c) for c in calls]
+                ),
+            )
+        cancelled = _field(message, "toolCallCancellation", "tool_call_cancellation")
+        if cancelled is not None:
+            for call_id in cancelled.get("ids") or ():
+                task = self._tool_tasks.pop(call_id, None)
+                if task is not None:
+                    task.cancel()
 
     # ------------------------------------------------------------------ tools
 
@@ -849,7 +963,8 @@ class GenaiUpstream:
     turns and tool responses; with ``"direct"`` (the default, Gemini API clients) audio frames
     and server messages go straight over genai's websocket as the Live API's JSON, skipping
     genai's per-frame pydantic conversions (about a third of a raw genai session's CPU, see
-    ``docs/benchmarks.md``); ``"genai"`` uses ``send_realtime_input`` and ``receive()`` for
+    ``docs/benchmarks.md``), each server message classified as websockets parses it;
+    ``"genai"`` uses ``send_realtime_input`` and ``receive()`` for
     every frame. Vertex AI clients always use ``"genai"``.
 
     ``model_deflate``: whether the websocket to the model offers permessage-deflate. Off by
