@@ -48,7 +48,13 @@ from voicefsm.classify import FIELD_RULES
 from voicefsm.host import SessionLog
 from voicefsm.model import SessionConfig
 from voicefsm.ports import Report
-from voicefsm.sending import INPUT_AUDIO_MIME, Resume, realtime_audio_frame, takes_a_frame_now
+from voicefsm.sending import (
+    INPUT_AUDIO_MIME,
+    Resume,
+    between_messages,
+    realtime_audio_frame,
+    takes_a_frame_now,
+)
 
 logger = logging.getLogger("voicefsm.genai")
 
@@ -580,7 +586,7 @@ class GenaiConnection:
             return
         # genai writes the frame before its first await: from here on the chunk is "written".
         self._wrote(item)
-        if self._direct and isinstance(item, bytes) and ws.fragmented_send_waiter is None:
+        if self._direct and isinstance(item, bytes) and between_messages(ws):
             self._write_audio_frame(ws, item)
             return
         sending = self._send_one(session, item)

@@ -42,6 +42,19 @@ def takes_a_frame_now(ws: Any) -> bool:
         return False
 
 
+def between_messages(ws: Any) -> bool:
+    """Whether ``ws`` is not in the middle of sending a fragmented message.
+
+    websockets 15 marks one with ``fragmented_send_waiter``, 16 and later with
+    ``send_in_progress``; a connection with neither is treated as busy, so the caller takes
+    ``send()``, which waits for the message to finish.
+    """
+    for name in ("send_in_progress", "fragmented_send_waiter"):
+        if hasattr(ws, name):
+            return getattr(ws, name) is None
+    return False
+
+
 class Resume:
     """Awaiting it finishes ``coroutine``, stepped by hand until it yielded ``suspended_on``.
 
@@ -73,4 +86,10 @@ class Resume:
                     return
 
 
-__all__ = ["INPUT_AUDIO_MIME", "Resume", "realtime_audio_frame", "takes_a_frame_now"]
+__all__ = [
+    "INPUT_AUDIO_MIME",
+    "Resume",
+    "between_messages",
+    "realtime_audio_frame",
+    "takes_a_frame_now",
+]
