@@ -173,6 +173,19 @@ class HostRig:
         return await self.finish()
 
 
+INTERVIEWER_PCM = bytes(range(256)) * 8
+"""What :func:`listen_then_speak` answers with."""
+
+
+async def listen_then_speak(conn: FakeLiveConnection) -> None:
+    """A fake script: set up, wait for three client chunks, answer with :data:`INTERVIEWER_PCM`,
+    then wait for the client to close."""
+    await conn.send_setup_complete()
+    await conn.wait_for_audio_chunks(3)
+    await conn.send_model_audio(INTERVIEWER_PCM)
+    await conn.wait_closed(timeout=None)
+
+
 def assert_deflate_offered(
     conn: FakeLiveConnection, negotiated: Sequence[str], deflate: bool
 ) -> None:

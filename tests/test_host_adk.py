@@ -21,11 +21,13 @@ from google.adk.runners import Runner
 from google.adk.tools import ToolContext
 from live_rig import Rig
 from loopback import (
+    INTERVIEWER_PCM,
     MODEL,
     assert_deflate_offered,
     assert_every_chunk_in_order_once_resent,
     chunk,
     fast_config,
+    listen_then_speak,
     sequence_numbers,
     streaming,
     upstream_tasks,
@@ -1036,14 +1038,6 @@ async def test_the_model_websocket_offers_deflate_only_when_asked(
     """Off by default: no extension is offered, none negotiated; ``model_deflate=True``:
     permessage-deflate. The choice reaches a client given to the upstream (when it is built)
     and one only the live model has (at connect). Audio flows both ways either way."""
-    interviewer_pcm = bytes(range(256)) * 8
-
-    async def listen_then_speak(conn: FakeLiveConnection) -> None:
-        await conn.send_setup_complete()
-        await conn.wait_for_audio_chunks(3)
-        await conn.send_model_audio(interviewer_pcm)
-        await conn.wait_closed(timeout=None)
-
     options = {"model_deflate": True} if deflate else {}
     async with FakeLiveServer(scripts=[listen_then_speak]) as server:
         if client_of == "upstream":
@@ -1063,7 +1057,7 @@ async def test_the_model_websocket_offers_deflate_only_when_asked(
             await rig.end()
     assert_deflate_offered(conn, negotiated, deflate)
     assert sequence_numbers([conn]) == [0, 1, 2]
-    assert b"".join(rig.channel.audio) == interviewer_pcm
+    assert b"".join(rig.channel.audio) == INTERVIEWER_PCM
 
 
 def test_upstreams_on_one_client_must_agree_on_model_deflate() -> None:

@@ -21,12 +21,14 @@ from genai_rig import GenaiRig
 from google import genai
 from google.genai import types
 from loopback import (
+    INTERVIEWER_PCM,
     MODEL,
     HostRig,
     assert_deflate_offered,
     assert_every_chunk_in_order_once_resent,
     chunk,
     fast_config,
+    listen_then_speak,
     sequence_numbers,
     streaming,
     upstream_tasks,
@@ -697,14 +699,6 @@ async def test_the_model_websocket_offers_deflate_only_when_asked(
     """By default genai's websocket offers no extension, so none is negotiated; with
     ``model_deflate=True`` it offers permessage-deflate and the fake takes it. Audio flows both
     ways either way."""
-    interviewer_pcm = bytes(range(256)) * 8
-
-    async def listen_then_speak(conn: FakeLiveConnection) -> None:
-        await conn.send_setup_complete()
-        await conn.wait_for_audio_chunks(3)
-        await conn.send_model_audio(interviewer_pcm)
-        await conn.wait_closed(timeout=None)
-
     async with FakeLiveServer(scripts=[listen_then_speak]) as server:
         upstream = GenaiUpstream(MODEL, client=server.genai_client(), wire=GenaiRig.wire, **options)
         ready, spoke = asyncio.Event(), asyncio.Event()
@@ -732,7 +726,7 @@ async def test_the_model_websocket_offers_deflate_only_when_asked(
     conn = server.connections[0]
     assert_deflate_offered(conn, negotiated, deflate)
     assert sequence_numbers([conn]) == [0, 1, 2]
-    assert heard == [interviewer_pcm]
+    assert heard == [INTERVIEWER_PCM]
 
 
 def test_upstreams_on_one_client_must_agree_on_model_deflate() -> None:
