@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -808,6 +808,15 @@ async def opened(server: FakeLiveServer, after: str, tools: Sequence[Any] = ()) 
     return one
 
 
+async def reports(
+    script: Callable[[FakeLiveConnection], Awaitable[None]], after: str
+) -> list[ev.Event]:
+    """Everything one connection to a fake playing ``script`` reported, up to its close."""
+    async with FakeLiveServer(scripts=[script]) as server:
+        one = await opened(server, after)
+        return await one.closed()
+
+
 @pytest.mark.parametrize("after", ["setup", "live"])
 async def test_messages_keep_wire_order_right_after_setup_and_on_a_running_connection(
     after: str,
@@ -831,9 +840,7 @@ async def test_messages_keep_wire_order_right_after_setup_and_on_a_running_conne
         await conn.send_turn_complete()
         await conn.close(1011, "internal error")
 
-    async with FakeLiveServer(scripts=[script]) as server:
-        one = await opened(server, after)
-        events = await one.closed()
+    events = await reports(script, after)
     expected: list[ev.Event] = [ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1")]
     for n in range(1, 31):
         expected.append(ev.ModelAudio(audio(n), mime))
@@ -869,9 +876,7 @@ async def test_a_fragmented_message_is_assembled_and_later_messages_follow_in_or
         await conn.send_model_audio(audio(3), mime)
         await conn.close(1000)
 
-    async with FakeLiveServer(scripts=[script]) as server:
-        one = await opened(server, after)
-        events = await one.closed()
+    events = await reports(script, after)
     assert events == [
         ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1"),
         ev.ModelAudio(audio(1), mime),
@@ -902,9 +907,7 @@ async def test_binary_and_non_object_frames_on_the_direct_wire(wire: str, after:
         await conn.send_turn_complete()
         await conn.close(1000)
 
-    async with FakeLiveServer(scripts=[script]) as server:
-        one = await opened(server, after)
-        events = await one.closed()
+    events = await reports(script, after)
     assert events == [
         ev.UpstreamReady(connection_id=1, upstream_session_id="sess-1"),
         ev.ModelAudio(audio(7), mime),  # from a binary frame
