@@ -581,6 +581,20 @@ def check_worker_id(worker_id: str) -> None:
         raise ValueError("worker_id must not be empty: use something unique per process")
 
 
+def version_after_save(
+    session_id: str, expected_version: int | None, version: int, data: str, current: str | None
+) -> int:
+    """The version a save of ``data`` leaves, where ``current`` is stored at ``version``.
+
+    :class:`VersionConflict` unless ``expected_version`` is ``None`` or ``version``. Then
+    ``version`` itself when ``data`` is what is stored (the save writes nothing), else
+    ``version + 1``.
+    """
+    if expected_version is not None and expected_version != version:
+        raise VersionConflict(session_id, expected_version, version)
+    return version if data == current else version + 1
+
+
 def check_expected_version(expected_version: int | None) -> None:
     """Refuse a negative expected version."""
     if expected_version is not None and expected_version < 0:
