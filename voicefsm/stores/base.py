@@ -28,7 +28,6 @@ seconds like the rest of voicefsm.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -36,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar, runtime_checkable
 
 from voicefsm.model import EndReason, SessionRecord, SessionUsage, State, TranscriptLine
+from voicefsm.tasks import cancel_and_wait
 
 logger = logging.getLogger("voicefsm.stores")
 
@@ -460,10 +460,7 @@ class LeaseKeeper:
 
     async def __aexit__(self, *exc: object) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         lease = self.lease
