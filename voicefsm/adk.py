@@ -51,6 +51,8 @@ from voicefsm import events as ev
 from voicefsm.classify import classify_adk_event
 from voicefsm.genai_live import offer_model_deflate
 from voicefsm.host import SessionLog
+from voicefsm.liveness import UNCONFIRMED_MAX_CHUNKS as UNCONFIRMED_MAX_CHUNKS
+from voicefsm.liveness import AudioLedger, check_liveness, wait_or_abort
 from voicefsm.model import SessionConfig
 from voicefsm.ports import Report
 from voicefsm.sending import INPUT_AUDIO_MIME, Resume, realtime_audio_frame, takes_a_frame_now
@@ -58,17 +60,13 @@ from voicefsm.sending import INPUT_AUDIO_MIME, Resume, realtime_audio_frame, tak
 logger = logging.getLogger("voicefsm.adk")
 
 
-UNCONFIRMED_MAX_CHUNKS = 1500
-"""Most written-but-unconfirmed chunks a connection keeps for re-sending (30 s of 20 ms chunks);
-older ones are only counted."""
-
-
 class _Link:
     """What one connection's hooks share: who to report to, which handle, the audio ledger.
 
     The ledger: ``unsent`` holds chunks queued for ADK but not yet written to the websocket;
-    ``unconfirmed`` the chunks written since the peer last proved it had read everything (a pong
-    to a ping sent after them, or a completed closing handshake).
+    ``ledger`` (an :class:`~voicefsm.liveness.AudioLedger`) the chunks written since the peer
+    last proved it had read everything (a pong to a ping sent after them, or a completed closing
+    handshake).
 
     On the direct wire (see :class:`AdkUpstream`), a chunk is written to the websocket in the
     host's turn when nothing voicefsm queued for ADK is still ahead of it (``queued``), the
@@ -94,8 +92,6 @@ class _Link:
         self.connected = False
         self.closed_reported = False
         self.closing = False
-        self.dead = False
-        """The liveness check failed: what was written since the last pong may be lost."""
         self.websocket: ClientConnection | None = None
         self.armed: asyncio.Event | None = None
         """Set for a standby connection: its ``run_live`` waits here, just before connecting."""
@@ -106,11 +102,7 @@ class _Link:
         self.on_ready: Callable[[], None] | None = None
         self.session_service: BoundedSessionService | None = None
         self.unsent: deque[bytes] = deque()
-        self.unconfirmed: deque[bytes] = deque(maxlen=UNCONFIRMED_MAX_CHUNKS)
-        self.written = 0
-        """Audio chunks written to the websocket so far."""
-        self.confirmed = 0
-        """Of those, how many the peer is known to have read."""
+        self.ledger = AudioLedger()
         self.direct = False
         """This connection writes client audio frames itself (the direct wire, decided on
         connect)."""
@@ -140,8 +132,7 @@ class _Link:
     def wrote(self, data: bytes) -> None:
         """``data`` (the oldest unsent chunk) is being written to the websocket now."""
         self.unsent.popleft()
-        self.unconfirmed.append(data)
-        self.written += 1
+        self.ledger.wrote(data)
 
     def write_now(self, data: bytes) -> bool:
         """Write ``data`` to the websocket in the caller's turn, if nothing queued is ahead.
@@ -159,8 +150,7 @@ class _Link:
             or not takes_a_frame_now(websocket)
         ):
             return False
-        self.unconfirmed.append(data)
-        self.written += 1
+        self.ledger.wrote(data)
         sending = websocket.send(realtime_audio_frame(data))
         try:
             waiting_on = sending.send(None)
@@ -184,24 +174,8 @@ class _Link:
 
     def unwrote(self, data: bytes) -> None:
         """Writing ``data`` failed before it reached the socket: it is unsent again."""
-        if self.unconfirmed and self.unconfirmed[-1] is data:
-            self.unconfirmed.pop()
-        self.written -= 1
+        self.ledger.unwrote(data)
         self.unsent.appendleft(data)
-
-    def confirm(self, upto: int) -> None:
-        """The peer has read the first ``upto`` chunks written."""
-        if upto <= self.confirmed:
-            return
-        self.confirmed = upto
-        excess = len(self.unconfirmed) - (self.written - upto)
-        for _ in range(max(0, excess)):
-            self.unconfirmed.popleft()
-
-    @property
-    def unconfirmed_count(self) -> int:
-        """Chunks written and not confirmed (also those too old to be kept for re-sending)."""
-        return self.written - self.confirmed
 
     def abort(self) -> None:
         """Drop the TCP connection at once (no closing handshake)."""
@@ -417,36 +391,14 @@ async def _refresh_state(link: _Link) -> None:
 
 
 def _start_liveness_check(link: _Link) -> asyncio.Task[None] | None:
-    interval = link.config.upstream_ping_interval_s
     websocket = link.websocket
     if websocket is None:
         return None
     name = f"voicefsm-upstream-{link.log.session_id[:12]}-{link.connection_id}-ping"
-    return asyncio.create_task(_check_liveness(link, websocket, interval), name=name)
-
-
-async def _check_liveness(link: _Link, websocket: ClientConnection, interval: float) -> None:
-    """Ping every ``interval``; no pong within the deadline makes the connection a resumable close.
-
-    A pong also confirms every chunk written before its ping: websockets answers a ping only
-    after reading everything that came before it.
-    """
-    deadline = link.config.upstream_pong_timeout_s
-    while not link.closing:
-        await asyncio.sleep(interval)
-        written = link.written
-        try:
-            async with asyncio.timeout(deadline):
-                # Sending the ping can block too: a peer that stops reading fills the buffers.
-                pong = await websocket.ping()
-                await pong
-        except TimeoutError:
-            link.dead = True
-            link.report_closed(1006, f"no pong within {deadline:g} s: the connection went silent")
-            return
-        except ConnectionClosed:
-            return  # the receive side reports the close
-        link.confirm(written)
+    checking = check_liveness(
+        websocket, link.config, link.ledger, lambda: link.closing, link.report_closed
+    )
+    return asyncio.create_task(checking, name=name)
 
 
 def live_model(model: str, client: Any = None) -> VoiceFsmGemini:
@@ -534,9 +486,8 @@ class AdkConnection:
         link.closing = True
         handed_back = list(link.unsent)
         link.unsent.clear()
-        if link.dead:
-            handed_back[:0] = link.unconfirmed
-            link.confirm(link.written)  # handed back: no longer this connection's to count
+        if link.ledger.dead:
+            handed_back[:0] = link.ledger.hand_back()
             link.abort()
         return handed_back
 
@@ -547,7 +498,7 @@ class AdkConnection:
         task = self._task
         self._queue.close()
         websocket = link.websocket
-        if websocket is not None and not link.dead and not task.done():
+        if websocket is not None and not link.ledger.dead and not task.done():
             # The closing handshake first, then the cancel: cancelling run_live in the middle of
             # genai's close would abort it, and a completed handshake confirms the audio.
             try:
@@ -558,22 +509,10 @@ class AdkConnection:
         task.cancel()
         for finishing in list(link.finishing):
             finishing.cancel()  # its frame is written; only the wait for the drain is left
-        done, _ = await asyncio.wait({task}, timeout=link.close_timeout_s + 0.5)
-        if not done:
-            link.log.warning(
-                "upstream #%d did not close in %.1f s; aborting its socket",
-                link.connection_id,
-                link.close_timeout_s + 0.5,
-            )
-            link.abort()
-            done, _ = await asyncio.wait({task}, timeout=1.0)
-            if not done:
-                link.log.error("upstream #%d still running after an abort", link.connection_id)
-        websocket = link.websocket
-        if websocket is not None and websocket.protocol.close_rcvd is not None:
-            # The peer answered (or sent) a close frame: it read everything before it.
-            link.confirm(link.written)
-        return link.unconfirmed_count
+        await wait_or_abort(
+            task, link.close_timeout_s + 0.5, link.abort, link.log, link.connection_id
+        )
+        return link.ledger.settle(link.websocket)
 
     async def _run(
         self, runner: Runner, user_id: str, session_id: str, run_config: RunConfig

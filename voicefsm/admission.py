@@ -35,11 +35,12 @@ whatever else delays timers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections import deque
 from collections.abc import Callable
+
+from voicefsm.tasks import cancel_and_wait
 
 DEFAULT_MAX_LAG_S = 0.025
 """Default threshold: half the 50 ms within which warnings and ends must reach the client."""
@@ -157,10 +158,7 @@ class LoopLagMonitor:
     async def stop(self) -> None:
         """Stop sampling."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _sample(self) -> None:
         loop = asyncio.get_running_loop()

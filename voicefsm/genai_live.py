@@ -46,6 +46,8 @@ from websockets.frames import Frame, Opcode
 from voicefsm import events as ev
 from voicefsm.classify import FIELD_RULES
 from voicefsm.host import SessionLog
+from voicefsm.liveness import UNCONFIRMED_MAX_CHUNKS as UNCONFIRMED_MAX_CHUNKS
+from voicefsm.liveness import AudioLedger, check_liveness, wait_or_abort
 from voicefsm.model import SessionConfig
 from voicefsm.ports import Report
 from voicefsm.sending import (
@@ -344,10 +346,6 @@ class _Outbox:
         return [item for item in self.items if isinstance(item, bytes)]
 
 
-UNCONFIRMED_MAX_CHUNKS = 1500
-"""Most written-but-unconfirmed chunks a connection keeps for re-sending (30 s of 20 ms chunks);
-older ones are only counted."""
-
 _CURRENT: contextvars.ContextVar[GenaiConnection] = contextvars.ContextVar("voicefsm_genai")
 
 _DATA_OPCODES: Final = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
@@ -429,7 +427,7 @@ class GenaiConnection:
 
     The audio ledger: chunks queued but not yet written are *unsent*; chunks written since the
     peer last proved it had read everything (a pong to a later ping, or its close frame) are
-    *unconfirmed*.
+    *unconfirmed* (kept in an :class:`~voicefsm.liveness.AudioLedger`).
     """
 
     def __init__(
@@ -450,7 +448,6 @@ class GenaiConnection:
         self._outbox = _Outbox()
         self._closing = False
         self._closed_reported = False
-        self._dead = False
         self._ws: Any = None
         self._session: Any = None
         self._tool_tasks: dict[str, asyncio.Task[None]] = {}
@@ -459,9 +456,7 @@ class GenaiConnection:
         self._classify_wire = GenaiClassifier(connection_id).classify_wire
         self._pushing: asyncio.Future[bool] | None = None
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
-        self._unconfirmed: deque[bytes] = deque(maxlen=UNCONFIRMED_MAX_CHUNKS)
-        self._written = 0
-        self._confirmed = 0
+        self._ledger = AudioLedger()
         _track_websockets(upstream.client)
         self._task = asyncio.create_task(
             self._run(upstream.connect_config(handle, config), config.connect_timeout_s),
@@ -493,9 +488,8 @@ class GenaiConnection:
         handed_back = self._outbox.unsent_audio()
         self._outbox.items.clear()
         self._outbox.wakeup.set()
-        if self._dead:
-            handed_back[:0] = self._unconfirmed
-            self._confirm(self._written)  # handed back: no longer this connection's to count
+        if self._ledger.dead:
+            handed_back[:0] = self._ledger.hand_back()
             self._abort()
         for task in self._tool_tasks.values():
             task.cancel()
@@ -511,27 +505,14 @@ class GenaiConnection:
         timeout = self._upstream.close_timeout_s
         if not task.done():
             task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=timeout + 0.5)
-            if not done:
-                self._log.warning(
-                    "upstream #%d did not close in %.1f s; aborting its socket",
-                    self.connection_id,
-                    timeout + 0.5,
-                )
-                self._abort()
-                done, _ = await asyncio.wait({task}, timeout=1.0)
-                if not done:
-                    self._log.error("upstream #%d still running after an abort", self.connection_id)
+            await wait_or_abort(task, timeout + 0.5, self._abort, self._log, self.connection_id)
         if self._inflight is not None:  # suspended in a send the sender never finished
             self._inflight[0].close()
             self._inflight = None
         tools = list(self._tool_tasks.values())
         if tools:
             await asyncio.wait(tools, timeout=timeout)
-        ws = self._ws
-        if ws is not None and getattr(ws.protocol, "close_rcvd", None) is not None:
-            self._confirm(self._written)  # the peer's close frame: it read everything before
-        return self._written - self._confirmed
+        return self._ledger.settle(self._ws)
 
     @property
     def done(self) -> bool:
@@ -542,25 +523,14 @@ class GenaiConnection:
 
     def _wrote(self, item: bytes | str) -> None:
         if isinstance(item, bytes):
-            self._unconfirmed.append(item)
-            self._written += 1
+            self._ledger.wrote(item)
 
     def _unwrote(self, item: bytes | str) -> None:
         """Writing ``item`` failed before it reached the socket: it is unsent again."""
         if isinstance(item, bytes):
-            if self._unconfirmed and self._unconfirmed[-1] is item:
-                self._unconfirmed.pop()
-            self._written -= 1
+            self._ledger.unwrote(item)
         if not self._closing:
             self._outbox.items.appendleft(item)
-
-    def _confirm(self, upto: int) -> None:
-        if upto <= self._confirmed:
-            return
-        self._confirmed = upto
-        excess = len(self._unconfirmed) - (self._written - upto)
-        for _ in range(max(0, excess)):
-            self._unconfirmed.popleft()
 
     # ------------------------------------------------------------------ sending
 
@@ -725,7 +695,14 @@ class GenaiConnection:
                 )
                 helpers.append(asyncio.create_task(self._send_loop(session)))
                 if self._ws is not None:
-                    helpers.append(asyncio.create_task(self._check_liveness(self._ws)))
+                    checking = check_liveness(
+                        self._ws,
+                        self._config,
+                        self._ledger,
+                        lambda: self._closing,
+                        self._report_closed,
+                    )
+                    helpers.append(asyncio.create_task(checking))
                 if self._direct:
                     await self._receive_direct(self._ws)
                 else:
@@ -742,32 +719,6 @@ class GenaiConnection:
         except Exception as error:  # anything else is this connection's end, never the host's
             self._log.warning("upstream #%d failed: %s", self.connection_id, type(error).__name__)
             self._report_closed(*close_code(error))
-
-    async def _check_liveness(self, ws: Any) -> None:
-        """Ping every interval; no pong in time makes the connection a resumable 1006 close.
-
-        A pong confirms every chunk written before its ping: websockets answers a ping only
-        after reading everything that came before it.
-        """
-        interval = self._config.upstream_ping_interval_s
-        deadline = self._config.upstream_pong_timeout_s
-        while not self._closing:
-            await asyncio.sleep(interval)
-            written = self._written
-            try:
-                async with asyncio.timeout(deadline):
-                    # Sending the ping can block too: a peer that stops reading fills the buffers.
-                    pong = await ws.ping()
-                    await pong
-            except TimeoutError:
-                self._dead = True
-                self._report_closed(
-                    1006, f"no pong within {deadline:g} s: the connection went silent"
-                )
-                return
-            except ConnectionClosed:
-                return  # the receive side reports the close
-            self._confirm(written)
 
     async def _receive_loop(self, session: Any) -> None:
         classify = GenaiClassifier(self.connection_id).classify

@@ -41,6 +41,7 @@ from voicefsm.stores.base import (
     StoreError,
     VersionConflict,
 )
+from voicefsm.tasks import cancel_and_wait
 
 logger = logging.getLogger("voicefsm.orphans")
 
@@ -145,10 +146,7 @@ class OrphanSweeper:
     async def stop(self) -> None:
         """Stop sweeping (a pass under way is cancelled; its lease, if any, just expires)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -28,7 +28,6 @@ seconds like the rest of voicefsm.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -36,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar, runtime_checkable
 
 from voicefsm.model import EndReason, SessionRecord, SessionUsage, State, TranscriptLine
+from voicefsm.tasks import cancel_and_wait
 
 logger = logging.getLogger("voicefsm.stores")
 
@@ -460,10 +460,7 @@ class LeaseKeeper:
 
     async def __aexit__(self, *exc: object) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         lease = self.lease
@@ -579,6 +576,20 @@ def check_worker_id(worker_id: str) -> None:
     """Refuse an empty worker id (it would look like a released lease)."""
     if not worker_id:
         raise ValueError("worker_id must not be empty: use something unique per process")
+
+
+def version_after_save(
+    session_id: str, expected_version: int | None, version: int, data: str, current: str | None
+) -> int:
+    """The version a save of ``data`` leaves, where ``current`` is stored at ``version``.
+
+    :class:`VersionConflict` unless ``expected_version`` is ``None`` or ``version``. Then
+    ``version`` itself when ``data`` is what is stored (the save writes nothing), else
+    ``version + 1``.
+    """
+    if expected_version is not None and expected_version != version:
+        raise VersionConflict(session_id, expected_version, version)
+    return version if data == current else version + 1
 
 
 def check_expected_version(expected_version: int | None) -> None:

@@ -18,7 +18,6 @@ from voicefsm.stores.base import (
     StateFilter,
     StoreBase,
     StoredSession,
-    VersionConflict,
     check_expected_version,
     check_ttl,
     check_worker_id,
@@ -26,6 +25,7 @@ from voicefsm.stores.base import (
     grant,
     released,
     renewed,
+    version_after_save,
 )
 
 
@@ -65,12 +65,10 @@ class MemoryStore(StoreBase):
         data = record.model_dump_json()
         check_write(session_id, fencing_token, self._lease_row(session_id), self._clock())
         version, current = self._records.get(session_id, (0, None))
-        if expected_version is not None and expected_version != version:
-            raise VersionConflict(session_id, expected_version, version)
-        if data == current:
-            return version
-        self._records[session_id] = (version + 1, data)
-        return version + 1
+        new_version = version_after_save(session_id, expected_version, version, data, current)
+        if new_version != version:
+            self._records[session_id] = (new_version, data)
+        return new_version
 
     async def append_transcript(
         self, session_id: str, line: TranscriptLine, *, fencing_token: int | None = None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from voicefsm.model import SessionRecord, TranscriptLine
 from voicefsm.ports import SessionSink
 from voicefsm.stores.base import BacklogFull, StoreUnavailable
+from voicefsm.tasks import cancel_and_wait
 
 logger = logging.getLogger("voicefsm.stores.retrying")
 
@@ -135,10 +136,7 @@ class RetryingSink:
             async with asyncio.timeout(grace_s):
                 await self.flush()
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self._queue:
             logger.error(
                 "%s: closing with %d writes never written (the store stayed unreachable)",

@@ -37,6 +37,7 @@ from voicefsm.stores.base import (
     grant,
     released,
     renewed,
+    version_after_save,
 )
 
 _T = TypeVar("_T")
@@ -215,10 +216,11 @@ class SQLiteStore(StoreBase):
                     "SELECT version, record FROM sessions WHERE session_id = ?", (session_id,)
                 ).fetchone()
                 version, current = (row[0], row[1]) if row is not None else (0, None)
-                if expected_version is not None and expected_version != version:
-                    raise VersionConflict(session_id, expected_version, version)
-                if data == current:
-                    return int(version)
+                new_version = version_after_save(
+                    session_id, expected_version, version, data, current
+                )
+                if new_version == version:
+                    return new_version
                 if row is None:
                     conn.execute(
                         "INSERT INTO sessions (session_id, version, record, started_at, "
@@ -233,7 +235,7 @@ class SQLiteStore(StoreBase):
                 )
                 if cursor.rowcount != 1:  # cannot happen inside BEGIN IMMEDIATE; kept as a guard
                     raise VersionConflict(session_id, version, -1)
-                return int(version) + 1
+                return new_version
 
             return self._transaction(conn, body)
 
