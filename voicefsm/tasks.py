@@ -4,17 +4,21 @@ the lease keeper, the retrying sink's writer)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """Cancel ``task`` (nothing if ``None``) and wait until it has finished.
 
-    The cancellation is not raised here; an exception the task ended with before it is.
+    The task's own cancellation is not raised here; an exception it ended with before it is. A
+    cancellation of the caller while it waits is raised, as it should be: the caller stops too.
     """
     if task is None:
         return
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        caller = asyncio.current_task()
+        if caller is not None and caller.cancelling():
+            raise
