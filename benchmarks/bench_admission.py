@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import contextlib
 import datetime
 import itertools
 import json
@@ -70,7 +69,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
-import shlex
 import ssl
 import statistics
 import sys
@@ -79,6 +77,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _harness import ask, command_line, lag_monitor, pct, pin, publish, rotated, spawned
 
 HERE = Path(__file__).resolve().parent
 SECRET = "bench-admission-secret-that-is-long-enough-for-hs256"
@@ -342,7 +342,6 @@ async def run_once(
     from voicefsm.model import LogKind
     from voicefsm.service import InterviewService
 
-    cap = _capacity()
     authenticator = JWTAuthenticator(SECRET)
     config = SessionConfig(
         time_limit_s=args.time_limit,
@@ -364,11 +363,11 @@ async def run_once(
     )
     token = authenticator.issue("candidate", ttl_s=3600)
     load_before = os.getloadavg()[0]
-    cap._ask(pipe, "collect")  # forget arrivals of earlier runs
+    ask(pipe, "collect")  # forget arrivals of earlier runs
     sent: dict[int, int] = {}
     lags: list[float] = []
     stop_monitor = asyncio.Event()
-    monitor = asyncio.create_task(cap._lag_monitor(lags, stop_monitor))
+    monitor = asyncio.create_task(lag_monitor(lags, stop_monitor))
     peak = 0
 
     cpu_samples: list[tuple[float, float, float]] = []
@@ -398,7 +397,7 @@ async def run_once(
     stop_monitor.set()
     await asyncio.wait({monitor, peak_watcher})
     await asyncio.sleep(1.0)  # what has not reached the fake by now counts as lost
-    fake = cap._ask(pipe, "collect")
+    fake = ask(pipe, "collect")
     received: dict[int, int] = fake["received"]
     # Chunks scheduled over END_MARGIN_S before their session's deadline, which the fake got.
     arrived_before: dict[int, list[float]] = {}
@@ -498,7 +497,7 @@ async def run_once(
         unread=unread,
         silent=silent,
         lost_before_end=lost_before,
-        lag_p99_ms=cap.pct(lags, 0.99) * 1000,
+        lag_p99_ms=pct(lags, 0.99) * 1000,
         peak_sessions=peak,
         seconds=seconds,
         load=(load_before, os.getloadavg()[0]),
@@ -512,12 +511,11 @@ async def run_once(
 
 def lateness_row(values: Sequence[float]) -> str:
     """p50 / p99 / max in ms and the share over 50 ms."""
-    cap = _capacity()
     if not values:
         return "— | — | — | —"
     late = sum(1 for v in values if v > LATE_S) / len(values)
     return (
-        f"{cap.pct(values, 0.5) * 1000:.1f} | {cap.pct(values, 0.99) * 1000:.1f} "
+        f"{pct(values, 0.5) * 1000:.1f} | {pct(values, 0.99) * 1000:.1f} "
         f"| {max(values) * 1000:.1f} | {late:.1%}"
     )
 
@@ -525,19 +523,18 @@ def lateness_row(values: Sequence[float]) -> str:
 def _ms(values: Sequence[float], q: float) -> str:
     if not values:
         return "—"
-    return f"{(max(values) if q >= 1 else _capacity().pct(values, q)) * 1000:.0f}"
+    return f"{(max(values) if q >= 1 else pct(values, q)) * 1000:.0f}"
 
 
 def describe(result: RunResult) -> str:
     """One line per run, for the console."""
-    cap = _capacity()
 
     def short(values: Sequence[float]) -> str:
         if not values:
             return "—"
         late = sum(1 for v in values if v > LATE_S) / len(values)
         return (
-            f"p50 {cap.pct(values, 0.5) * 1000:.0f} p99 {cap.pct(values, 0.99) * 1000:.0f} "
+            f"p50 {pct(values, 0.5) * 1000:.0f} p99 {pct(values, 0.99) * 1000:.0f} "
             f"max {max(values) * 1000:.0f} ms >50ms {late:.0%}"
         )
 
@@ -643,19 +640,6 @@ def build_report(results: list[RunResult], args: argparse.Namespace, command: st
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the admission section of ``path`` (between its markers), or append it."""
-    text = path.read_text() if path.exists() else ""
-    begin, end = "<!-- admission:begin -->", "<!-- admission:end -->"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -710,8 +694,7 @@ async def amain(
     await run_once(upstream, pipe, "off", warm, ids)
     results: list[RunResult] = []
     for repeat in range(args.repeats):
-        shift = repeat % len(args.variants)
-        for variant in args.variants[shift:] + args.variants[:shift]:
+        for variant in rotated(args.variants, repeat):
             result = await run_once(upstream, pipe, variant, args, ids)
             results.append(result)
             print(f"#{repeat + 1} {describe(result)}", flush=True)
@@ -721,29 +704,11 @@ async def amain(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print (and optionally write) the report."""
     args = parse_args(argv)
-    cap = _capacity()
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    fake = context.Process(target=cap.fake_process, args=(child, args.fake_cpu), daemon=True)
-    fake.start()
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {args.cpu})
-    try:
+    with spawned(_capacity().fake_process, args.fake_cpu) as (parent, _):
+        pin(args.cpu)
         results = asyncio.run(amain(args, parent))
-    finally:
-        with contextlib.suppress(Exception):
-            parent.send("stop")
-        fake.join(timeout=10)
-        if fake.is_alive():
-            fake.kill()
-    command = "python benchmarks/bench_admission.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
-    report = build_report(results, args, command.strip())
-    print()
-    print(report)
-    if args.markdown is not None:
-        write_section(args.markdown, report)
+    command = command_line("bench_admission.py", argv)
+    publish(build_report(results, args, command), args.markdown, "admission")
     return 0
 
 

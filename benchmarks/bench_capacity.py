@@ -54,23 +54,35 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
-import shlex
 import ssl
-import statistics
 import struct
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import _harness
+from _harness import (
+    add_size_arguments,
+    ask,
+    command_line,
+    lag_monitor,
+    median_of,
+    parse_sizes,
+    pct,
+    pin,
+    publish,
+    rotated,
+    rss_bytes,
+    spawned,
+)
+
 MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 CHUNK_BYTES = 640
 CHUNK_S = 0.02
 MODEL_CHUNK_BYTES = 1920  # 40 ms of 24 kHz 16-bit mono
 MODEL_CHUNK_S = 0.04
-LAG_TICK_S = 0.01
 STAMP = struct.Struct(">dII")  # scheduled send time, interview id, sequence number
 SYSTEMS = ("voicefsm-adk", "voicefsm-adk-queue", "voicefsm-genai", "bare-adk", "raw-genai")
 DEFAULT_SYSTEMS = ("voicefsm-adk", "voicefsm-genai", "bare-adk", "raw-genai")
@@ -162,8 +174,7 @@ def _fake_script(collector: _Collector) -> Callable[[Any], Any]:
 
 def fake_process(pipe: multiprocessing.connection.Connection, cpu: int | None) -> None:
     """Entry point of the fake server's process: serve until told to stop."""
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
+    pin(cpu)
     asyncio.run(_serve_fake(pipe))
 
 
@@ -454,30 +465,6 @@ class RunResult:
     model_chunks: int
 
 
-def rss_bytes() -> int:
-    """This process's resident set size."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, nearest rank; NaN when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-async def _lag_monitor(samples: list[float], stop: asyncio.Event) -> None:
-    due = time.monotonic() + LAG_TICK_S
-    while not stop.is_set():
-        delay = due - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        samples.append(time.monotonic() - due)
-        due += LAG_TICK_S
-
-
 async def _feed(
     interview: Interview, ident: int, start: float, stop_at: float, sent: dict[int, int]
 ) -> None:
@@ -493,12 +480,6 @@ async def _feed(
         sent[ident] += 1
 
 
-def _ask(pipe: multiprocessing.connection.Connection, command: str) -> dict[str, Any]:
-    pipe.send(command)
-    reply: dict[str, Any] = pipe.recv()
-    return reply
-
-
 async def run_once(
     factory: Factory,
     pipe: multiprocessing.connection.Connection,
@@ -510,7 +491,7 @@ async def run_once(
 ) -> RunResult:
     """N interviews of ``system``: start, warm up, measure one window, drain, stop."""
     gc.collect()
-    _ask(pipe, "collect")  # forget arrivals of earlier runs
+    ask(pipe, "collect")  # forget arrivals of earlier runs
     rss_before = rss_bytes()
     interviews = [factory.make(system) for _ in range(n)]
     idents = [next(ids) for _ in range(n)]
@@ -529,9 +510,9 @@ async def run_once(
     ]
     lags: list[float] = []
     stop_monitor = asyncio.Event()
-    monitor = asyncio.create_task(_lag_monitor(lags, stop_monitor))
+    monitor = asyncio.create_task(lag_monitor(lags, stop_monitor))
     await asyncio.sleep(max(0.0, window_start - time.monotonic()))
-    fake_before = _ask(pipe, "collect")
+    fake_before = ask(pipe, "collect")
     lags.clear()
     cpu_before = time.process_time()
     if PROFILER is not None and n > 2:  # only the measured windows, not the warm-up round
@@ -545,7 +526,7 @@ async def run_once(
     stop_monitor.set()
     await asyncio.wait(feeders)
     await asyncio.sleep(1.0)  # what has not arrived by now counts as lost
-    fake_after = _ask(pipe, "collect")
+    fake_after = ask(pipe, "collect")
     model_chunks = sum(interview.model_chunks for interview in interviews)
     await asyncio.gather(*(interview.stop() for interview in interviews))
     await asyncio.wait({monitor})
@@ -588,7 +569,7 @@ class Summary:
     runs: list[RunResult] = field(default_factory=list)
 
     def median(self, name: str) -> float:
-        return statistics.median(getattr(run, name) for run in self.runs)
+        return median_of(self.runs, name)
 
     @property
     def sustained(self) -> bool:
@@ -608,8 +589,7 @@ def paired_ratio(results: list[RunResult], system: str, baseline: str, n: int) -
     """Median over repeats of CPU(system) / CPU(baseline), each pair from the same repeat."""
     mine = [r for r in results if r.system == system and r.n == n]
     theirs = [r for r in results if r.system == baseline and r.n == n]
-    ratios = [a.cpu_ms_per_s / b.cpu_ms_per_s for a, b in zip(mine, theirs, strict=False)]
-    return statistics.median(ratios) if ratios else float("nan")
+    return _harness.paired_ratio(mine, theirs, "cpu_ms_per_s")
 
 
 def build_report(results: list[RunResult], args: argparse.Namespace, command: str) -> str:
@@ -689,26 +669,10 @@ def libraries() -> str:
     return ", ".join(f"{name} {importlib.metadata.version(name)}" for name in names)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the capacity section of ``path`` (between its markers), or append it."""
-    text = path.read_text() if path.exists() else ""
-    begin, end = "<!-- capacity:begin -->", "<!-- capacity:end -->"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="25,50,100", help="comma-separated N values")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the window")
-    parser.add_argument("--window", type=float, default=5.0, help="measured seconds")
+    add_size_arguments(parser, warmup_s=2.0)
     parser.add_argument(
         "--systems",
         default=",".join(DEFAULT_SYSTEMS),
@@ -722,7 +686,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.warmup, args.window = "10,30", 1, 1.0, 3.0
-    args.sizes = [int(n) for n in str(args.sizes).split(",")]
+    args.sizes = parse_sizes(args.sizes)
     args.systems = [s for s in str(args.systems).split(",") if s]
     for system in args.systems:
         if system not in SYSTEMS:
@@ -746,9 +710,7 @@ async def amain(
     results: list[RunResult] = []
     for n in args.sizes:
         for repeat in range(args.repeats):
-            shift = repeat % len(args.systems)
-            order = args.systems[shift:] + args.systems[:shift]
-            for system in order:
+            for system in rotated(args.systems, repeat):
                 result = await run_once(factory, pipe, system, n, args.warmup, args.window, ids)
                 results.append(result)
                 print(
@@ -764,13 +726,8 @@ async def amain(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print (and optionally write) the report."""
     args = parse_args(argv)
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    fake = context.Process(target=fake_process, args=(child, args.fake_cpu), daemon=True)
-    fake.start()
-    if args.cpu is not None:
-        os.sched_setaffinity(0, {args.cpu})
-    try:
+    with spawned(fake_process, args.fake_cpu) as (parent, _):
+        pin(args.cpu)
         if args.profile is not None:
             import cProfile
 
@@ -779,20 +736,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = asyncio.run(amain(args, parent))
         if PROFILER is not None:
             PROFILER.dump_stats(args.profile)
-    finally:
-        with contextlib.suppress(Exception):
-            parent.send("stop")
-        fake.join(timeout=10)
-        if fake.is_alive():
-            fake.kill()
-    command = "python benchmarks/bench_capacity.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
-    report = build_report(results, args, command.strip())
-    print()
-    print(report)
-    if args.markdown is not None:
-        write_section(args.markdown, report)
+    command = command_line("bench_capacity.py", argv)
+    publish(build_report(results, args, command), args.markdown, "capacity")
     return 0
 
 

@@ -63,6 +63,7 @@ from typing import Any
 import pydantic
 import pydantic_core
 import transitions
+from _harness import write_heading_section
 
 import voicefsm
 from voicefsm import Session, SessionConfig, State
@@ -942,32 +943,6 @@ SECTION_HEADING = "## Engine micro-benchmarks (`bench_engine.py`)"
 FILE_TITLE = "# Benchmarks"
 
 
-def write_section(path: Path, section: str) -> bool:
-    """Put ``section`` into ``path``: replace this script's earlier section, or append it.
-
-    A section runs from its ``##`` heading to the next ``#`` or ``##`` heading, so sections that
-    other scripts (``bench_rotation.py``) write to the same file are kept. Returns whether an
-    earlier section was replaced.
-    """
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    lines = existing.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION_HEADING), None)
-    if start is None:
-        if not existing.strip():
-            existing = f"{FILE_TITLE}\n\n"
-        elif not existing.endswith("\n\n"):
-            existing += "\n" if existing.endswith("\n") else "\n\n"
-        path.write_text(existing + section, encoding="utf-8")
-        return False
-    end = next(
-        (i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))),
-        len(lines),
-    )
-    tail = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""), "utf-8")
-    return True
-
-
 def markdown(report: Report) -> str:
     info = machine_info()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -1219,7 +1194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         path = Path(args.markdown)
         path.parent.mkdir(parents=True, exist_ok=True)
-        replaced = write_section(path, markdown(report))
+        replaced = write_heading_section(path, markdown(report), FILE_TITLE)
         print(f"{'updated' if replaced else 'wrote'} the engine section of {path}")
     return 0
 

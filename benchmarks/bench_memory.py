@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import datetime
 import gc
-import multiprocessing
 import os
 import platform
 import ssl
@@ -49,6 +48,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from _harness import rotated, rss_bytes, spawned, write_heading_section
 from google.adk.agents import LlmAgent
 from google.adk.runners import Runner
 from google.adk.sessions import InMemorySessionService
@@ -121,15 +121,6 @@ class Run:
         return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
 
 
-def rss_bytes() -> int:
-    """The process RSS from /proc (0 where it is not available)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 def serve_fake(pipe: Connection, lines: int, rotate_every: int, pace: float) -> None:
     """The fake Live server, in its own process: plays the interview, then waits for "stop"."""
 
@@ -186,11 +177,7 @@ async def interview(
 ) -> Run:
     """One session through ``lines`` transcript lines; measure at each checkpoint."""
     run = Run(label)
-    context = multiprocessing.get_context("spawn")
-    parent_end, child_end = context.Pipe()
-    fake = context.Process(target=serve_fake, args=(child_end, lines, rotate_every, pace))
-    fake.start()
-    try:
+    with spawned(serve_fake, lines, rotate_every, pace, join_timeout_s=30) as (parent_end, _):
         port, ca_pem = await asyncio.get_running_loop().run_in_executor(None, parent_end.recv)
         client = genai_client(port, ca_pem)
         agent = LlmAgent(name="interviewer", model=MODEL, instruction="Interview.")
@@ -246,11 +233,6 @@ async def interview(
         channel.push(ev.ClientEnd())
         await asyncio.wait_for(task, 30)
         run.seconds = time.monotonic() - started
-    finally:
-        parent_end.send("stop")
-        fake.join(30)
-        if fake.is_alive():
-            fake.kill()
     return run
 
 
@@ -350,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Run] = []
     variants = [("voicefsm", True), ("ADK sessions unbounded", False)]
     for repeat in range(args.repeats):
-        for label, bounded in variants if repeat % 2 == 0 else variants[::-1]:
+        for label, bounded in rotated(variants, repeat):
             measured = interview(
                 label, args.lines, args.rotate_every, args.every, args.pace, bounded
             )
@@ -366,10 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text, md = report(runs, args, " ".join(shown))
     print(text)
     if args.markdown is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_rotation import write_section
-
-        replaced = write_section(args.markdown, md)
+        replaced = write_heading_section(args.markdown, md)
         print(f"\n{'replaced the section in' if replaced else 'appended to'} {args.markdown}")
     return 0
 

@@ -73,6 +73,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _harness import write_heading_section
 from google.adk.agents import LiveRequestQueue, LlmAgent, RunConfig
 from google.adk.models.base_llm_connection import BaseLlmConnection
 from google.adk.models.google_llm import Gemini
@@ -383,7 +384,6 @@ async def run_rotations(rotations: int, interval: float, warmup: int) -> Rotatio
     total = warmup + rotations
     started = time.monotonic()
     lateness: list[tuple[float, float]] = []  # (when, how late) per chunk
-    goaways: list[tuple[int, float]] = []
     async with FakeLiveServer(script=rotating_script) as server:
         model = TimedGemini(model=MODEL, client=server.genai_client())
         agent = LlmAgent(name="interviewer", model=model, instruction="Interview.")
@@ -416,22 +416,12 @@ async def run_rotations(rotations: int, interval: float, warmup: int) -> Rotatio
         def is_live(number: int, _channel: MemoryChannel) -> bool:
             return channel.live_count >= number
 
+        async def wait_live(number: int) -> None:
+            await channel.wait_for(functools.partial(is_live, number))
+
         streamer = asyncio.create_task(stream())
         try:
-            for number in range(1, total + 2):
-                conn = await server.wait_for_connection(number, timeout=10)
-                async with asyncio.timeout(10):
-                    await channel.wait_for(functools.partial(is_live, number))
-                await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
-                if number > total:
-                    break
-                # The model turn and the handle were sent; the session has them before
-                # the GoAway (one connection, wire order).
-                await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
-                await asyncio.sleep(interval)
-                goaway_at = time.monotonic()
-                await conn.send_go_away(GOAWAY_TIME_LEFT)
-                goaways.append((number + 1, goaway_at))
+            goaways = await drive_rotations(server, total, interval, wait_live)
         finally:
             stop.set()
             await streamer
@@ -602,19 +592,22 @@ async def drive_rotations(
     server: FakeLiveServer,
     total: int,
     interval: float,
-    is_live: Callable[[int], bool],
-    changed: Callable[[], Awaitable[None]],
+    wait_live: Callable[[int], Awaitable[None]],
 ) -> list[tuple[int, float]]:
-    """Send a GoAway on each of ``total`` connections once it is live and has audio."""
+    """Send a GoAway on each of ``total`` connections once it is live and has audio.
+
+    ``wait_live(number)`` returns once connection ``number`` is live for the side under test.
+    """
     goaways: list[tuple[int, float]] = []
     for number in range(1, total + 2):
         conn = await server.wait_for_connection(number, timeout=10)
         async with asyncio.timeout(10):
-            while not is_live(number):
-                await changed()
+            await wait_live(number)
         await conn.wait_for_audio_chunks(MIN_CHUNKS_PER_CONNECTION, timeout=10)
         if number > total:
             break
+        # The model turn and the handle were sent; the session has them before the GoAway
+        # (one connection, wire order).
         await conn.wait_for(lambda c: bool(c.issued_handles), timeout=10)
         await asyncio.sleep(interval)
         goaway_at = time.monotonic()
@@ -673,13 +666,13 @@ async def run_bare_adk(rotations: int, interval: float, warmup: int) -> SideRun:
                 server.connections[number - 1].session_id
             )
 
-        async def changed() -> None:
-            await asyncio.sleep(0.002)
+        async def wait_set_up(number: int) -> None:
+            # ADK reconnects by itself and tells nobody: poll the fake's record of the setup.
+            while not setup_done(number):  # noqa: ASYNC110
+                await asyncio.sleep(0.002)
 
         try:
-            goaways = await drive_rotations(
-                server, warmup + rotations, interval, setup_done, changed
-            )
+            goaways = await drive_rotations(server, warmup + rotations, interval, wait_set_up)
         finally:
             stop.set()
             await streamer
@@ -1103,35 +1096,6 @@ def side_by_side(comparison: Comparison, window: int) -> tuple[list[str], list[s
     return text, md
 
 
-def write_section(path: Path, section: str) -> bool:
-    """Append ``section`` to ``path``, or replace the section a previous run wrote there.
-
-    The section runs from its heading to the next heading of the same or a higher level.
-    Returns whether an earlier section was replaced.
-    """
-    heading = section.splitlines()[0]
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    lines = existing.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == heading), None)
-    if start is not None:
-        end = next(
-            (
-                i
-                for i in range(start + 1, len(lines))
-                if lines[i].startswith("# ") or lines[i].startswith("## ")
-            ),
-            len(lines),
-        )
-        tail = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-        path.write_text(text, encoding="utf-8")
-        return True
-    if existing and not existing.endswith("\n\n"):
-        existing += "\n" if existing.endswith("\n") else "\n\n"
-    path.write_text(existing + section, encoding="utf-8")
-    return False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.verbose:
@@ -1160,7 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = f"{heading}\n\n" + "\n".join(side_md) + "\n" + rest
     print(text)
     if args.markdown is not None:
-        replaced = write_section(args.markdown, markdown)
+        replaced = write_heading_section(args.markdown, markdown)
         print(
             f"\n{'replaced the section in' if replaced else 'appended the results to'} "
             f"{args.markdown}"

@@ -57,12 +57,11 @@ import datetime
 import heapq
 import itertools
 import json
-import multiprocessing
+import math
 import os
 import shlex
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -73,6 +72,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from _harness import (
+    add_size_arguments,
+    command_line,
+    median_of,
+    paired_ratio,
+    parse_sizes,
+    pct,
+    pin,
+    publish,
+    run_profiled,
+    spawned,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -109,15 +121,6 @@ def speech_like_pcm(seconds: float, rate: int, seed: int) -> bytes:
         tone = 3000 * math.sin(2 * math.pi * 180 * t) + 1500 * math.sin(2 * math.pi * 720 * t)
         samples.append(int(tone * (0.6 + 0.4 * math.sin(2 * math.pi * 3 * t)) + rng.gauss(0, 400)))
     return samples.tobytes()
-
-
-def _capacity() -> Any:
-    # On sys.path (not loaded from a file) so that the fake's spawned process can import it.
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    import bench_capacity
-
-    return bench_capacity
 
 
 # --------------------------------------------------------------------------- the bare relay
@@ -214,18 +217,8 @@ def serve_main(argv: list[str]) -> None:
 
 def fake_main(pipe: Any, cpu: int | None, profile: str | None) -> None:
     """The fake Live server's process, optionally under cProfile."""
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
-    if profile is None:
-        asyncio.run(_serve_fake(pipe))
-        return
-    import cProfile
-
-    profiler = cProfile.Profile()
-    try:
-        profiler.runcall(asyncio.run, _serve_fake(pipe))
-    finally:
-        profiler.dump_stats(profile)
+    pin(cpu)
+    run_profiled(_serve_fake(pipe), profile)
 
 
 STAMP_BYTES = 9
@@ -790,7 +783,6 @@ async def run_once(
     """One server at one N: connect N clients, feed them, measure over the window."""
     from voicefsm.auth import JWTAuthenticator
 
-    capacity = sys.modules["bench_capacity"]
     auth = JWTAuthenticator(SECRET)
     factory = RawClient if client_impl == "raw" else WebsocketsClient
     clients = [factory(kind, auth.issue(f"user-{i}"), offer_deflate, i) for i in range(n)]
@@ -837,9 +829,9 @@ async def run_once(
         server=kind + (DEFLATE_SUFFIX if offer_deflate else ""),
         n=n,
         cpu_ms_per_s=cpu / (n * window) * 1000,
-        latency_p50_ms=capacity.pct(latencies, 0.5) * 1000,
-        latency_p99_ms=capacity.pct(latencies, 0.99) * 1000,
-        jitter_p99_ms=capacity.pct(jitter, 0.99) * 1000,
+        latency_p50_ms=pct(latencies, 0.5) * 1000,
+        latency_p99_ms=pct(latencies, 0.99) * 1000,
+        jitter_p99_ms=pct(jitter, 0.99) * 1000,
         received=sum(c.received for c in clients),
         expected=round(n * window / MODEL_CHUNK_S),
         client_cpu_ms_per_s=client_cpu / window * 1000,
@@ -886,7 +878,7 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
                 continue
 
             def med(name: str, runs: list[ServeResult] = runs) -> float:
-                return float(statistics.median(getattr(r, name) for r in runs))
+                return median_of(runs, name)
 
             got = min(r.received / max(1, r.expected) for r in runs)
             taken = min(r.deflate_share for r in runs)
@@ -922,9 +914,9 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
         for n in sizes:
             mine = [r for r in results if r.server == mine_label and r.n == n]
             theirs = [r for r in results if r.server == theirs_label and r.n == n]
-            ratios = [a.cpu_ms_per_s / b.cpu_ms_per_s for a, b in zip(mine, theirs, strict=False)]
-            if ratios:
-                rows.append(f"* N = {n}: {statistics.median(ratios):.2f}x")
+            ratio = paired_ratio(mine, theirs, "cpu_ms_per_s")
+            if not math.isnan(ratio):
+                rows.append(f"* N = {n}: {ratio:.2f}x")
         if rows:
             lines += [
                 "",
@@ -939,26 +931,10 @@ def build_report(results: list[ServeResult], args: argparse.Namespace, command: 
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the serve section of ``path`` (between its markers), or append it."""
-    text = path.read_text() if path.exists() else ""
-    begin, end = "<!-- serve:begin -->", "<!-- serve:end -->"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="25,50,100")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--window", type=float, default=5.0)
+    add_size_arguments(parser, warmup_s=1.0)
     parser.add_argument("--cpu", type=int, default=None, help="pin both servers to this CPU")
     parser.add_argument("--fake-cpu", type=int, default=None)
     parser.add_argument(
@@ -1015,7 +991,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.window = "10,30", 1, 3.0
-    args.sizes = [int(n) for n in str(args.sizes).split(",")]
+    args.sizes = parse_sizes(args.sizes)
     args.servers = [kind for kind in SERVERS if kind in str(args.servers).split(",")]
     if args.compare_root is not None:
         args.servers.append(BEFORE)
@@ -1095,40 +1071,13 @@ async def amain(args: argparse.Namespace, pipe: Any, fake_pid: int) -> list[Serv
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print (and optionally write) the report."""
     args = parse_args(argv)
-    _capacity()
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
     fake_profile = None if args.profile_fake is None else str(args.profile_fake)
-    fake = context.Process(target=fake_main, args=(child, args.fake_cpu, fake_profile), daemon=True)
-    fake.start()
-    assert fake.pid is not None
-    if args.clients_cpu is not None:  # after the fake started: it sets its own affinity
-        os.sched_setaffinity(0, {args.clients_cpu})
-    try:
-        if args.profile_clients is not None:
-            import cProfile
-
-            profiler = cProfile.Profile()
-            try:
-                results = profiler.runcall(asyncio.run, amain(args, parent, fake.pid))
-            finally:
-                profiler.dump_stats(args.profile_clients)
-        else:
-            results = asyncio.run(amain(args, parent, fake.pid))
-    finally:
-        with contextlib.suppress(Exception):
-            parent.send("stop")
-        fake.join(timeout=10)
-        if fake.is_alive():
-            fake.kill()
-    command = "python benchmarks/bench_serve.py " + shlex.join(
-        sys.argv[1:] if argv is None else list(argv)
-    )
-    report = build_report(results, args, command.strip())
-    print()
-    print(report)
-    if args.markdown is not None:
-        write_section(args.markdown, report)
+    with spawned(fake_main, args.fake_cpu, fake_profile) as (parent, fake):
+        assert fake.pid is not None
+        pin(args.clients_cpu)  # after the fake started: it sets its own affinity
+        results = run_profiled(amain(args, parent, fake.pid), args.profile_clients)
+    command = command_line("bench_serve.py", argv)
+    publish(build_report(results, args, command), args.markdown, "serve")
     return 0
 
 
