@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -53,3 +54,24 @@ async def test_the_callers_cancellation_while_waiting_is_raised() -> None:
         await caller
     assert caller.cancelled()
     assert task.cancelled()
+
+
+async def test_a_caller_that_swallowed_an_earlier_cancellation_is_not_cancelled_again() -> None:
+    """aiohttp's ``run_app`` runs ``on_shutdown`` in a task cancelled once before, on SIGTERM."""
+    finished = asyncio.Event()
+
+    async def shutdown_after_a_swallowed_cancel() -> None:
+        # Swallowed without uncancel(): cancelling() stays 1, as in aiohttp's main task.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        task = asyncio.create_task(_forever())
+        await asyncio.sleep(0)
+        await cancel_and_wait(task)
+        assert task.cancelled()
+        finished.set()
+
+    caller = asyncio.create_task(shutdown_after_a_swallowed_cancel())
+    await asyncio.sleep(0)
+    caller.cancel()
+    await asyncio.wait({caller})
+    assert finished.is_set(), caller

@@ -15,10 +15,13 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """
     if task is None:
         return
+    caller = asyncio.current_task()
+    # Compared, not tested for zero: a server may run its shutdown in a task that caught an
+    # earlier cancellation without uncancel() (aiohttp's run_app on SIGTERM does).
+    cancelling_before = caller.cancelling() if caller is not None else 0
     task.cancel()
     try:
         await task
     except asyncio.CancelledError:
-        caller = asyncio.current_task()
-        if caller is not None and caller.cancelling():
+        if caller is not None and caller.cancelling() > cancelling_before:
             raise
