@@ -987,9 +987,13 @@ async def test_a_rotation_writes_its_record_once_the_new_connection_is_ready() -
         rig.host.sink = sink
         stop = asyncio.Event()
         streamer = asyncio.create_task(streaming(rig, stop))
+        second = await server.wait_for_connection(2, timeout=10)
         await rig.wait_state("live", count=2)
+        # A warm rotation can finish within one 5 ms streaming step: stream on into it.
+        await second.wait_for_audio_chunks(3)
         stop.set()
         await streamer
+        await second.wait_for(lambda c: sequence_numbers([c])[-1:] == [rig.sent - 1], timeout=10)
         record = await rig.end()
     # No store write while the new connection was connecting: the rotation's record (resuming,
     # one GoAway, no resume yet) was superseded by the ready call's, which carries it.
