@@ -69,6 +69,8 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     from voicefsm.model import SessionConfig
     from voicefsm.serve import ServeSettings
 
+    if not args.minutes > 0:
+        raise ValueError(f"--minutes must be a positive number, not {args.minutes:g}")
     config = SessionConfig(
         time_limit_s=args.minutes * 60,
         warning_before_s=min(300, args.minutes * 60 / 9),
