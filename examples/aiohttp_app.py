@@ -1,5 +1,6 @@
 """Embed voicefsm in an aiohttp app: the interview service with its start-up and shutdown hooks,
-the browser page, metrics and tokens. Run it with aiohttp's runner (the tests run exactly this):
+the browser page, metrics and tokens. Run it with aiohttp's runner (the tests run exactly this;
+it needs ``voicefsm[adk,aiohttp]``):
 
     export VOICEFSM_JWT_SECRET=...  GOOGLE_API_KEY=...
     PORT=8080 python examples/aiohttp_app.py        # then open http://127.0.0.1:8080/
