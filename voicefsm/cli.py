@@ -317,35 +317,59 @@ def build_parser() -> argparse.ArgumentParser:
         "else a scripted fake interviewer)",
         description="Serve interviews over websockets, with a browser page at /.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--model", default="gemini-2.5-flash-native-audio-preview-09-2025")
-    serve.add_argument("--minutes", type=float, default=45, help="interview length")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--model",
+        default="gemini-2.5-flash-native-audio-preview-09-2025",
+        help="Gemini Live model, with GOOGLE_API_KEY (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--minutes",
+        type=float,
+        default=45,
+        help="interview length in minutes; the warning comes min(5 min, length / 9) before "
+        "the end (default: %(default)g)",
+    )
     serve.add_argument(
         "--fake", action="store_true", help="use the fake interviewer even with a key"
     )
     serve.add_argument(
-        "--fake-time-scale", type=float, default=1.0, help="speed up the fake interviewer"
+        "--fake-time-scale",
+        type=float,
+        default=1.0,
+        help="speed up the fake interviewer's pauses and pacing, not the interview clock "
+        "(default: %(default)g)",
     )
     serve.add_argument(
         "--origin", action="append", default=[], help="allowed Origin (repeatable; default: any)"
     )
     serve.add_argument(
-        "--store", default=_default_store(), help="session store URL (sqlite://FILE, redis://...)"
+        "--store",
+        default=_default_store(),
+        help="session store URL: memory://, sqlite://FILE, redis://... (default: "
+        "$VOICEFSM_STORE, else sqlite://voicefsm-sessions.db)",
     )
     serve.add_argument("--worker-id", help="this worker's name in leases (default host:port)")
-    serve.add_argument("--lease-ttl", type=float, default=15.0, help="session lease seconds")
+    serve.add_argument(
+        "--lease-ttl", type=float, default=15.0, help="session lease seconds (default: %(default)g)"
+    )
     serve.add_argument(
         "--client-grace",
         type=float,
         default=60.0,
-        help="seconds a dropped client may take to come back to its session",
+        help="seconds a dropped client may take to come back to its session (default: %(default)g)",
     )
     serve.add_argument(
         "--orphan-sweep",
         type=float,
         default=30.0,
-        help="seconds between passes that end sessions nobody drives any more (0: never)",
+        help="seconds between passes that end sessions nobody drives any more "
+        "(default: %(default)g; 0: never)",
     )
     serve.add_argument("--live-base-url", help="Live API endpoint to use instead of Google's")
     serve.add_argument("--live-ca-file", help="CA certificate (PEM) for --live-base-url")
@@ -366,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="refuse new sessions (1013, server busy) while the event loop lags more "
-        "(0: no admission guard at all)",
+        "(default: %(default)g; 0: no admission guard at all)",
     )
     serve.add_argument(
         "--max-busy",
