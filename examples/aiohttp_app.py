@@ -80,5 +80,6 @@ def init_app() -> web.Application:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("google_adk").setLevel(logging.WARNING)  # it logs resumption handles
     port = int(os.environ.get("PORT", "8080"))
     web.run_app(init_app(), host="127.0.0.1", port=port, access_log=None)  # tokens in URLs

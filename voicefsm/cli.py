@@ -55,6 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # ADK logs each session's resumption handle at INFO (with the API key, a way back into the
+    # conversation), and the connections and ends that voicefsm.host and voicefsm.adk log.
+    logging.getLogger("google_adk").setLevel(logging.WARNING)
     settings = _serve_settings(args)
     try:
         run(settings, host=args.host, port=args.port)
