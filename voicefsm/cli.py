@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from voicefsm.model import SessionRecord, SessionUsage, TranscriptLine
     from voicefsm.pricing import TokenPrices
     from voicefsm.serve import ServeSettings
+    from voicefsm.stores import SessionStore
 
 EXIT_BROKEN_PIPE = 141
 """Exit status when the reader of stdout went away: what a shell reports for SIGPIPE (128 + 13)."""
@@ -115,13 +116,26 @@ def _default_store() -> str:
     return os.environ.get("VOICEFSM_STORE", "sqlite://voicefsm-sessions.db")
 
 
+def _open_existing_store(url: str) -> SessionStore:
+    """The store at ``url`` for reading; a SQLite file that is not there is a usage error
+    (opening it would create an empty database and report no sessions)."""
+    from voicefsm.stores import SQLiteStore, open_store
+
+    store = open_store(url)
+    if isinstance(store, SQLiteStore) and not store.path.exists():
+        raise ValueError(
+            f"no session database at {store.path.resolve()} ({url}): voicefsm serve writes "
+            "sqlite://voicefsm-sessions.db in the directory it runs in; run this there, or "
+            "pass --store sqlite:///absolute/path.db"
+        )
+    return store
+
+
 async def _load_session(
     url: str, session_id: str
 ) -> tuple[SessionRecord, list[TranscriptLine]] | None:
     """A stored session's record and transcript (``None``, said on stderr, when there is none)."""
-    from voicefsm.stores import open_store
-
-    store = open_store(url)
+    store = _open_existing_store(url)
     try:
         stored = await store.load(session_id)
         if stored is None:
@@ -224,7 +238,6 @@ def _sessions(args: argparse.Namespace) -> int:
     import asyncio
 
     from voicefsm.model import State
-    from voicefsm.stores import open_store
 
     states = None
     if args.state:
@@ -240,7 +253,7 @@ def _sessions(args: argparse.Namespace) -> int:
     prices = load_prices(args.prices)
 
     async def listed() -> list[list[str]]:
-        store = open_store(args.store)
+        store = _open_existing_store(args.store)
         try:
             summaries = await store.list_sessions(
                 state=states, owner=args.owner, limit=args.limit, newest_first=True
