@@ -26,6 +26,7 @@ from voicefsm.auth import JWTAuthenticator
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.service import InterviewService
 from voicefsm.stores import open_store
+from voicefsm.web.aiohttp import runner_options
 from voicefsm.web.lifespan import setup_aiohttp
 from voicefsm.web.page import index_file, page_config, static_dir
 
@@ -82,4 +83,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     logging.getLogger("google_adk").setLevel(logging.WARNING)  # it logs resumption handles
     port = int(os.environ.get("PORT", "8080"))
-    web.run_app(init_app(), host="127.0.0.1", port=port, access_log=None)  # tokens in URLs
+    # No access log (tokens in URLs); idle connections closed after 10 s, not aiohttp's hour.
+    web.run_app(init_app(), host="127.0.0.1", port=port, access_log=None, **runner_options())
