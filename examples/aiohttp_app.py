@@ -1,5 +1,6 @@
 """Embed voicefsm in an aiohttp app: the interview service with its start-up and shutdown hooks,
-the browser page, metrics and tokens. Run it with aiohttp's runner (the tests run exactly this):
+the browser page, metrics and tokens. Run it with aiohttp's runner (the tests run exactly this;
+it needs ``voicefsm[adk,aiohttp]``):
 
     export VOICEFSM_JWT_SECRET=...  GOOGLE_API_KEY=...
     PORT=8080 python examples/aiohttp_app.py        # then open http://127.0.0.1:8080/
@@ -25,6 +26,7 @@ from voicefsm.auth import JWTAuthenticator
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.service import InterviewService
 from voicefsm.stores import open_store
+from voicefsm.web.aiohttp import runner_options
 from voicefsm.web.lifespan import setup_aiohttp
 from voicefsm.web.page import index_file, page_config, static_dir
 
@@ -79,5 +81,7 @@ def init_app() -> web.Application:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("google_adk").setLevel(logging.WARNING)  # it logs resumption handles
     port = int(os.environ.get("PORT", "8080"))
-    web.run_app(init_app(), host="127.0.0.1", port=port, access_log=None)  # tokens in URLs
+    # No access log (tokens in URLs); idle connections closed after 10 s, not aiohttp's hour.
+    web.run_app(init_app(), host="127.0.0.1", port=port, access_log=None, **runner_options())

@@ -1,8 +1,14 @@
 """Embed voicefsm in a FastAPI app: the interview service with its lifespan, the browser page,
-metrics and tokens. Run it with uvicorn (the tests run exactly this file):
+metrics and tokens. Run it with uvicorn (the tests run exactly this file; it needs
+``voicefsm[adk]``):
 
     export VOICEFSM_JWT_SECRET=...  GOOGLE_API_KEY=...
-    uvicorn examples.fastapi_app:app --port 8000        # then open http://127.0.0.1:8000/
+    uvicorn examples.fastapi_app:app --port 8000 --ws-max-size 262144 --ws-per-message-deflate false
+
+``--ws-max-size`` keeps uvicorn's frame limit at the protocol's 256 KiB (its default, 16 MiB,
+lets a client without a token make it buffer that much; the service warns), and PCM audio is
+not worth deflating (``voicefsm.web.starlette.uvicorn_options`` has both, for ``uvicorn.Config``).
+Then open http://127.0.0.1:8000/.
 
 Also read: ``VOICEFSM_STORE`` (default ``sqlite://voicefsm-sessions.db``; ``redis://...`` for
 several machines) and ``VOICEFSM_WORKER_ID`` (stable per process slot). google-genai's own

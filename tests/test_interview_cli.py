@@ -6,6 +6,7 @@ person starts it), with the real ADK runner and genai client talking to the loop
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import select
@@ -47,14 +48,36 @@ def _write_stereo_wav(path: Path, seconds: float = 2.0, rate: int = 44_100) -> N
         out.writeframes(samples.tobytes())
 
 
-def test_a_fake_interview_runs_to_its_time_limit(tmp_path: Path) -> None:
-    """Six seconds of a "45-minute" policy: GoAways rotate it, the warning comes, time runs out."""
+HAS_ADK = importlib.util.find_spec("google.adk") is not None
+
+
+@pytest.mark.parametrize(
+    ("upstream", "through"),
+    [
+        pytest.param(
+            "adk",
+            "ADK",
+            marks=pytest.mark.skipif(not HAS_ADK, reason="google-adk is not installed"),
+        ),
+        ("genai", "direct google-genai"),
+    ],
+)
+def test_a_fake_interview_runs_to_its_time_limit(
+    tmp_path: Path, upstream: str, through: str
+) -> None:
+    """Six seconds of a "45-minute" policy: GoAways rotate it, the warning comes, time runs out.
+
+    On either upstream (CI also runs this file where google-adk is not installed, so the
+    default ``auto`` upstream is ``genai`` there: the other tests cover that).
+    """
     wav = tmp_path / "answer.wav"
     _write_stereo_wav(wav)
     done = subprocess.run(
         # GoAways at about 2 s and 4.5 s, the rotations 0.5 s later: none close to the end.
         _command(
             "--fake",
+            "--upstream",
+            upstream,
             "--minutes",
             "0.1",
             "--time-scale",
@@ -74,6 +97,7 @@ def test_a_fake_interview_runs_to_its_time_limit(tmp_path: Path) -> None:
     )
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
+    assert f"GoAway every 2 s), through {through}" in out
     assert "44100 Hz, 2 channels, 2.0 s (mixed to mono, resampled to 16000 Hz)" in out
     assert "the WAV file ended after" in out
     assert "-> RESUMING" in out  # a GoAway rotated the connection
@@ -158,3 +182,17 @@ def test_a_wav_that_is_not_16_bit_is_refused(
     err = capsys.readouterr().err
     assert "8-bit samples; only 16-bit PCM is supported" in err
     assert "ffmpeg" in err
+
+
+def test_the_adk_upstream_without_google_adk_is_a_usage_problem(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--upstream adk`` where google-adk is missing says how to install it, and exits 2."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> object:
+        return None if name == "google.adk" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert main(["interview", "--fake", "--upstream", "adk"]) == 2
+    assert "pip install 'voicefsm[adk]'" in capsys.readouterr().err

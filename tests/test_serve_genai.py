@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from loopback import uvicorn_serving
@@ -60,6 +61,42 @@ def test_upstream_kind_picks_adk_only_when_it_is_installed() -> None:
     assert upstream_kind("genai") == "genai"
     with pytest.raises(ValueError, match="unknown upstream"):
         upstream_kind("openai")
+
+
+def test_the_adk_upstream_without_google_adk_is_refused_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> object:
+        return None if name == "google.adk" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert upstream_kind("auto") == "genai"
+    with pytest.raises(ValueError, match=r"pip install 'voicefsm\[adk\]'"):
+        ServeSettings(upstream="adk")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--store", "postgres://db/voicefsm"], "unknown store URL 'postgres://db/voicefsm'"),
+        (["--store", "sqlite://"], "names no database file"),
+        (["--live-ca-file", "/nonexistent/ca.pem"], "--live-ca-file): no such file"),
+        (["--fake-time-scale", "0"], "--fake-time-scale) must be positive"),
+        (["--lease-ttl", "0"], "--lease-ttl) must be positive"),
+        (["--minutes", "0"], "--minutes must be a positive number"),
+    ],
+)
+def test_serve_refuses_a_bad_option_before_it_starts(argv: list[str], message: str) -> None:
+    """A ``ValueError`` while the settings are built (the command line makes it a usage error,
+    exit 2, as for ``--max-busy 2``), not a traceback once the app starts."""
+    from voicefsm.cli import _serve_settings, build_parser
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _serve_settings(build_parser().parse_args(["serve", *argv]))
 
 
 def test_serve_admission_flags_reach_the_guard_and_zero_turns_a_rule_off() -> None:

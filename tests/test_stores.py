@@ -1008,3 +1008,19 @@ def test_voicefsm_sessions_lists_a_store_newest_first_with_filters(
     with pytest.raises(SystemExit):
         main(["sessions", "--store", url, "--state", "finished"])
     assert "--state takes one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["sessions"], ["transcript", "s1"], ["timeline", "s1"]])
+def test_reading_a_sqlite_file_that_is_not_there_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A mistyped path (or another directory than serve's) says so, and creates no empty file
+    to report "no sessions" from."""
+    from voicefsm.cli import main
+
+    missing = tmp_path / "elsewhere.db"
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--store", f"sqlite://{missing}"])
+    assert stopped.value.code == 2
+    assert f"no session database at {missing}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -185,6 +186,24 @@ async def test_audio_both_encodings_reaches_the_upstream_and_end_closes_1000(sta
     assert record.end_reason == "user_ended"
     assert session_id not in stack.service.sessions
     await upstream.wait_closed()
+
+
+async def test_the_pages_subprotocols_are_taken_without_a_warning(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The page offers ``voicefsm.v1`` and ``bearer.<token>``: no server warns that they do not
+    overlap its own (aiohttp did, once per connection, from the handler's upgrade check)."""
+    caplog.set_level(logging.WARNING)
+    ws, _ = await start_session(stack)
+    assert ws.subprotocol == "voicefsm.v1"
+    await ws.send(json.dumps({"end_session": True}))
+    assert await close_code(ws) == 1000
+    server_warnings = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and not r.name.startswith("voicefsm")
+    ]  # (the service's own warning about the memory store is meant)
+    assert server_warnings == []
 
 
 @pytest.mark.parametrize("via", ["query", "message"])

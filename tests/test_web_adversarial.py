@@ -327,6 +327,40 @@ async def test_serve_logs_no_token_at_its_default_settings(
     assert token.rsplit(".", 1)[1] not in log
 
 
+async def test_the_serve_command_logs_no_resumption_handle(tmp_path: Path) -> None:
+    """``voicefsm serve`` on ADK: the fake issues a handle, and no log line shows it (ADK's
+    own INFO line, "Update session resumption handle: new_handle=...", is kept out)."""
+    port = free_port()
+    secret = "serve-log-test-secret-long-enough-for-hs256"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VOICEFSM_JWT_SECRET": secret}
+    env["PYTHONPATH"] = str(HERE.parent)
+    env.pop("GOOGLE_API_KEY", None)
+    command = [sys.executable, "-m", "voicefsm.cli", "serve", "--port", str(port)]
+    command += ["--upstream", "adk", "--store", "memory://", "--fake-time-scale", "20"]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            *command, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        await wait_listening(port)
+        token = JWTAuthenticator(secret).issue("alice")
+        url = f"ws://127.0.0.1:{port}/interview"
+        async with connect(url, subprotocols=["voicefsm.v1", f"bearer.{token}"]) as ws:  # type: ignore[list-item]
+            await next_json(ws, "turn_status", within=30)  # the first question
+            for seq in range(250):  # an answer: the fake then issues its first handle
+                await ws.send(chunk(seq))
+            await next_json(ws, "turn_status", within=30)  # the next question came after it
+            await ws.send(json.dumps({"end_session": True}))
+            await next_json(ws, "session_ended", within=30)
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+    log = log_path.read_text()
+    assert "voicefsm.host" in log and "upstream: ADK" in log  # INFO lines were written
+    assert "handle-1" not in log and "new_handle" not in log
+
+
 async def test_deep_nesting_as_the_first_message_is_refused_4401(stack: Stack) -> None:
     ws = await stack.connect(None)
     await ws.send("[" * 5000)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from voicefsm.model import SessionRecord, SessionUsage, TranscriptLine
     from voicefsm.pricing import TokenPrices
     from voicefsm.serve import ServeSettings
+    from voicefsm.stores import SessionStore
 
 EXIT_BROKEN_PIPE = 141
 """Exit status when the reader of stdout went away: what a shell reports for SIGPIPE (128 + 13)."""
@@ -55,6 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # ADK logs each session's resumption handle at INFO (with the API key, a way back into the
+    # conversation), and the connections and ends that voicefsm.host and voicefsm.adk log.
+    logging.getLogger("google_adk").setLevel(logging.WARNING)
     settings = _serve_settings(args)
     try:
         run(settings, host=args.host, port=args.port)
@@ -69,6 +73,8 @@ def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     from voicefsm.model import SessionConfig
     from voicefsm.serve import ServeSettings
 
+    if not args.minutes > 0:
+        raise ValueError(f"--minutes must be a positive number, not {args.minutes:g}")
     config = SessionConfig(
         time_limit_s=args.minutes * 60,
         warning_before_s=min(300, args.minutes * 60 / 9),
@@ -110,13 +116,26 @@ def _default_store() -> str:
     return os.environ.get("VOICEFSM_STORE", "sqlite://voicefsm-sessions.db")
 
 
+def _open_existing_store(url: str) -> SessionStore:
+    """The store at ``url`` for reading; a SQLite file that is not there is a usage error
+    (opening it would create an empty database and report no sessions)."""
+    from voicefsm.stores import SQLiteStore, open_store
+
+    store = open_store(url)
+    if isinstance(store, SQLiteStore) and not store.path.exists():
+        raise ValueError(
+            f"no session database at {store.path.resolve()} ({url}): voicefsm serve writes "
+            "sqlite://voicefsm-sessions.db in the directory it runs in; run this there, or "
+            "pass --store sqlite:///absolute/path.db"
+        )
+    return store
+
+
 async def _load_session(
     url: str, session_id: str
 ) -> tuple[SessionRecord, list[TranscriptLine]] | None:
     """A stored session's record and transcript (``None``, said on stderr, when there is none)."""
-    from voicefsm.stores import open_store
-
-    store = open_store(url)
+    store = _open_existing_store(url)
     try:
         stored = await store.load(session_id)
         if stored is None:
@@ -219,7 +238,6 @@ def _sessions(args: argparse.Namespace) -> int:
     import asyncio
 
     from voicefsm.model import State
-    from voicefsm.stores import open_store
 
     states = None
     if args.state:
@@ -235,7 +253,7 @@ def _sessions(args: argparse.Namespace) -> int:
     prices = load_prices(args.prices)
 
     async def listed() -> list[list[str]]:
-        store = open_store(args.store)
+        store = _open_existing_store(args.store)
         try:
             summaries = await store.list_sessions(
                 state=states, owner=args.owner, limit=args.limit, newest_first=True
@@ -315,35 +333,59 @@ def build_parser() -> argparse.ArgumentParser:
         "else a scripted fake interviewer)",
         description="Serve interviews over websockets, with a browser page at /.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--model", default="gemini-2.5-flash-native-audio-preview-09-2025")
-    serve.add_argument("--minutes", type=float, default=45, help="interview length")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--model",
+        default="gemini-2.5-flash-native-audio-preview-09-2025",
+        help="Gemini Live model, with GOOGLE_API_KEY (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--minutes",
+        type=float,
+        default=45,
+        help="interview length in minutes; the warning comes min(5 min, length / 9) before "
+        "the end (default: %(default)g)",
+    )
     serve.add_argument(
         "--fake", action="store_true", help="use the fake interviewer even with a key"
     )
     serve.add_argument(
-        "--fake-time-scale", type=float, default=1.0, help="speed up the fake interviewer"
+        "--fake-time-scale",
+        type=float,
+        default=1.0,
+        help="speed up the fake interviewer's pauses and pacing, not the interview clock "
+        "(default: %(default)g)",
     )
     serve.add_argument(
         "--origin", action="append", default=[], help="allowed Origin (repeatable; default: any)"
     )
     serve.add_argument(
-        "--store", default=_default_store(), help="session store URL (sqlite://FILE, redis://...)"
+        "--store",
+        default=_default_store(),
+        help="session store URL: memory://, sqlite://FILE, redis://... (default: "
+        "$VOICEFSM_STORE, else sqlite://voicefsm-sessions.db)",
     )
     serve.add_argument("--worker-id", help="this worker's name in leases (default host:port)")
-    serve.add_argument("--lease-ttl", type=float, default=15.0, help="session lease seconds")
+    serve.add_argument(
+        "--lease-ttl", type=float, default=15.0, help="session lease seconds (default: %(default)g)"
+    )
     serve.add_argument(
         "--client-grace",
         type=float,
         default=60.0,
-        help="seconds a dropped client may take to come back to its session",
+        help="seconds a dropped client may take to come back to its session (default: %(default)g)",
     )
     serve.add_argument(
         "--orphan-sweep",
         type=float,
         default=30.0,
-        help="seconds between passes that end sessions nobody drives any more (0: never)",
+        help="seconds between passes that end sessions nobody drives any more "
+        "(default: %(default)g; 0: never)",
     )
     serve.add_argument("--live-base-url", help="Live API endpoint to use instead of Google's")
     serve.add_argument("--live-ca-file", help="CA certificate (PEM) for --live-base-url")
@@ -364,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="refuse new sessions (1013, server busy) while the event loop lags more "
-        "(0: no admission guard at all)",
+        "(default: %(default)g; 0: no admission guard at all)",
     )
     serve.add_argument(
         "--max-busy",

@@ -5,9 +5,11 @@
     GOOGLE_API_KEY=... voicefsm interview --mic --play        # Gemini Live
     GOOGLE_API_KEY=... voicefsm interview --wav answer.wav --minutes 5
 
-One :class:`voicefsm.host.SessionHost` runs the session. Upstream: ADK's ``Runner`` with an
-``LlmAgent`` interviewer (:class:`voicefsm.adk.AdkUpstream`), talking either to the Gemini Live
-API (``GOOGLE_API_KEY``) or, with ``--fake``, to :class:`voicefsm.testing.FakeLiveServer`
+One :class:`voicefsm.host.SessionHost` runs the session. Upstream (``--upstream``, chosen as
+``voicefsm serve`` chooses): ADK's ``Runner`` with an ``LlmAgent`` interviewer
+(:class:`voicefsm.adk.AdkUpstream`) when ``google-adk`` is installed, else the direct
+google-genai upstream (:class:`voicefsm.genai_live.GenaiUpstream`), talking either to the Gemini
+Live API (``GOOGLE_API_KEY``) or, with ``--fake``, to :class:`voicefsm.testing.FakeLiveServer`
 running its scripted :class:`~voicefsm.testing.Interviewer` in this process over TLS on
 127.0.0.1. The fake sends a GoAway every ``--go-away-every`` seconds, so the rotations are visible.
 
@@ -52,6 +54,7 @@ from voicefsm import protocol  # light: pydantic and transitions, no ADK or gena
 from voicefsm.ports import (
     HostNote,
     StateNote,
+    Upstream,
     UpstreamCloseNote,
     UpstreamOpenNote,
     UpstreamTornDownNote,
@@ -491,7 +494,8 @@ def fake_script(args: argparse.Namespace, interviewer: Interviewer, timeline: Ti
 
 DESCRIPTION = (
     "Run a spoken behavioral interview from the terminal on voicefsm: against the Gemini Live "
-    "API through ADK when GOOGLE_API_KEY is set, or against the built-in fake interviewer with "
+    "API when GOOGLE_API_KEY is set (through ADK when it is installed, else directly through "
+    "google-genai; --upstream to choose), or against the built-in fake interviewer with "
     "--fake. Prints the state timeline and an end summary; Ctrl-C ends the interview "
     "(user_ended). Exit status: 0 for time_limit or user_ended, 1 for any other end, 2 for a "
     "usage problem."
@@ -511,6 +515,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fake",
         action="store_true",
         help="use the in-process fake Live server's scripted interviewer (no key, no network)",
+    )
+    upstream.add_argument(
+        "--upstream",
+        choices=["auto", "adk", "genai"],
+        default="auto",
+        help="model connection: ADK, direct google-genai, or auto (ADK when installed, as "
+        "voicefsm serve picks; default: auto)",
     )
     upstream.add_argument(
         "--model",
@@ -591,6 +602,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--go-away-every and --go-away-time-left must not be negative")
     if not args.fake and args.time_scale != 1.0:
         raise UsageError("--time-scale only applies to --fake")
+    from voicefsm.serve import upstream_kind
+
+    try:
+        args.upstream = upstream_kind(args.upstream)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 # --------------------------------------------------------------------------- the interview
@@ -613,11 +630,8 @@ async def interview(
     sounddevice_out: ModuleType | None,
 ) -> int:
     """Run the interview to its end; print the timeline and the summary; return the status."""
-    from google.adk.agents import LlmAgent
-
     from voicefsm import EndReason, Session
     from voicefsm import events as ev
-    from voicefsm.adk import AdkUpstream
     from voicefsm.host import SessionHost
 
     timeline = Timeline()
@@ -660,9 +674,7 @@ async def interview(
         else:
             client = None
             where = f"Gemini Live API, model {args.model}"
-        instruction = INSTRUCTION.format(minutes=f"{args.minutes:g}")
-        agent = LlmAgent(name="interviewer", model=args.model, instruction=instruction)
-        upstream = AdkUpstream(agent, client=client)
+        upstream = make_upstream(args, client)
         session = Session(config)
         host = SessionHost(session, upstream, client=channel, sink=sink, on_note=timeline)
 
@@ -672,7 +684,8 @@ async def interview(
             heard = "the microphone"
         else:
             heard = "a quiet tone" if args.tone else "silence"
-        print(f"interview {session.session_id[:12]}: {where}")
+        through = "ADK" if args.upstream == "adk" else "direct google-genai"
+        print(f"interview {session.session_id[:12]}: {where}, through {through}")
         print(
             f"  {config.time_limit_s / 60:g} min, warning {config.warning_before_s:.3g} s before "
             f"the end; candidate audio: {heard}; interviewer audio: "
@@ -766,6 +779,22 @@ async def interview(
     print(f"  transcript     {stats.transcript_lines} lines{shown}")
     ok = record.end_reason in (EndReason.TIME_LIMIT, EndReason.USER_ENDED)
     return 0 if ok else 1
+
+
+def make_upstream(args: argparse.Namespace, client: Any) -> Upstream:
+    """The interviewer's upstream that ``--upstream`` (resolved by :func:`check_arguments`)
+    names, on ``client`` (``None``: a genai client for Gemini from the environment)."""
+    instruction = INSTRUCTION.format(minutes=f"{args.minutes:g}")
+    if args.upstream == "genai":
+        from voicefsm.genai_live import GenaiUpstream
+
+        return GenaiUpstream(args.model, client=client, instruction=instruction)
+    from google.adk.agents import LlmAgent
+
+    from voicefsm.adk import AdkUpstream
+
+    agent = LlmAgent(name="interviewer", model=args.model, instruction=instruction)
+    return AdkUpstream(agent, client=client)
 
 
 def preflight(

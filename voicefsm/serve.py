@@ -32,7 +32,7 @@ from voicefsm.limits import ServiceLimits
 from voicefsm.metrics import CONTENT_TYPE, Metrics
 from voicefsm.model import SessionConfig
 from voicefsm.service import InterviewService
-from voicefsm.stores import SessionStore, open_store
+from voicefsm.stores import SessionStore, check_store_url, open_store
 from voicefsm.web.headers import SecurityHeadersMiddleware
 from voicefsm.web.lifespan import ServiceLifecycle
 from voicefsm.web.logs import install_token_redaction
@@ -113,6 +113,16 @@ class ServeSettings:
                 "max_starting (--max-starting) must be 0 (off) or positive, "
                 f"not {self.max_starting}"
             )
+        if not self.fake_time_scale > 0:
+            raise ValueError(
+                f"fake_time_scale (--fake-time-scale) must be positive, not {self.fake_time_scale}"
+            )
+        if not self.lease_ttl_s > 0:
+            raise ValueError(f"lease_ttl_s (--lease-ttl) must be positive, not {self.lease_ttl_s}")
+        if self.live_ca_file is not None and not os.path.isfile(self.live_ca_file):
+            raise ValueError(f"live_ca_file (--live-ca-file): no such file: {self.live_ca_file}")
+        check_store_url(self.store_url)
+        upstream_kind(self.upstream)
 
     def overload_guard(self) -> OverloadGuard | None:
         """The admission guard these settings ask for (``None`` when ``max_loop_lag_ms`` is 0)."""
@@ -311,14 +321,25 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 
 def upstream_kind(requested: str) -> str:
-    """The upstream ``voicefsm serve`` uses: ``adk`` or ``genai`` (``auto``: ADK if installed)."""
+    """The upstream ``voicefsm serve`` uses: ``adk`` or ``genai`` (``auto``: ADK if installed).
+
+    ``adk`` without ``google-adk`` installed raises :class:`ValueError` saying how to install
+    it, before anything is started.
+    """
     if requested not in ("auto", "adk", "genai"):
         raise ValueError(f"unknown upstream {requested!r}: use adk, genai or auto")
-    if requested != "auto":
+    if requested == "genai":
         return requested
     import importlib.util
 
-    return "adk" if importlib.util.find_spec("google.adk") is not None else "genai"
+    installed = importlib.util.find_spec("google.adk") is not None
+    if requested == "adk" and not installed:
+        raise ValueError(
+            "the ADK upstream (--upstream adk) needs google-adk, which is not installed: "
+            "pip install 'voicefsm[adk]', or use the direct google-genai upstream "
+            "(--upstream genai)"
+        )
+    return "adk" if installed else "genai"
 
 
 def _make_upstream(settings: ServeSettings, client: Any) -> Any:

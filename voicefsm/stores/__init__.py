@@ -69,6 +69,7 @@ __all__ = [
     "StoreUnavailable",
     "StoredSession",
     "VersionConflict",
+    "check_store_url",
     "open_store",
 ]
 
@@ -81,6 +82,45 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def check_store_url(url: str | os.PathLike[str]) -> None:
+    """Raise :class:`ValueError`, saying what to do, if :func:`open_store` cannot open ``url``.
+
+    It only reads the URL (no file is created, no server is reached); a ``redis://`` URL also
+    needs the ``redis`` package.
+    """
+    kind, _ = _store_kind(os.fspath(url))
+    if kind == "redis":
+        import importlib.util
+
+        if importlib.util.find_spec("redis") is None:
+            raise ValueError(
+                f"the store {os.fspath(url)!r} needs the redis package (redis-py), which is not "
+                "installed: pip install 'voicefsm[redis]'"
+            )
+
+
+def _store_kind(text: str) -> tuple[str, str]:
+    """``("memory" | "sqlite" | "redis", what to open)`` for a store URL."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        if text in ("memory", "memory:"):
+            return "memory", ""
+        return "sqlite", text
+    scheme = scheme.lower()
+    if scheme == "memory":
+        return "memory", ""
+    if scheme == "sqlite":
+        if not rest:
+            raise ValueError(f"{text!r} names no database file: use sqlite:///absolute/path.db")
+        return "sqlite", rest
+    if scheme in ("redis", "rediss", "unix"):
+        return "redis", text
+    raise ValueError(
+        f"unknown store URL {text!r}: use memory://, sqlite:///path/to/sessions.db or "
+        "redis://host:port/db"
+    )
+
+
 def open_store(url: str | os.PathLike[str], **options: Any) -> SessionStore:
     """A store for ``url``; ``options`` go to the store's constructor (``clock``, ``prefix``...).
 
@@ -90,24 +130,11 @@ def open_store(url: str | os.PathLike[str], **options: Any) -> SessionStore:
     * ``redis://host:6379/0``, ``rediss://...`` (TLS), ``unix:///run/redis.sock`` —
       :class:`RedisStore`.
     """
-    text = os.fspath(url)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        if text in ("memory", "memory:"):
-            return MemoryStore(**options)
-        return SQLiteStore(text, **options)
-    scheme = scheme.lower()
-    if scheme == "memory":
+    kind, target = _store_kind(os.fspath(url))
+    if kind == "memory":
         return MemoryStore(**options)
-    if scheme == "sqlite":
-        if not rest:
-            raise ValueError(f"{text!r} names no database file: use sqlite:///absolute/path.db")
-        return SQLiteStore(rest, **options)
-    if scheme in ("redis", "rediss", "unix"):
-        from voicefsm.stores.redis import RedisStore
+    if kind == "sqlite":
+        return SQLiteStore(target, **options)
+    from voicefsm.stores.redis import RedisStore
 
-        return RedisStore(text, **options)
-    raise ValueError(
-        f"unknown store URL {text!r}: use memory://, sqlite:///path/to/sessions.db or "
-        "redis://host:port/db"
-    )
+    return RedisStore(target, **options)

@@ -92,11 +92,14 @@ def interview_handler(
     install_token_redaction()
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        if not web.WebSocketResponse().can_prepare(request).ok:  # a plain HTTP request
+        transport = AiohttpTransport(request, service.limits)
+        # The probe knows the offered subprotocols, or aiohttp warns that they do not overlap
+        # its own; the service chooses which to accept.
+        probe = web.WebSocketResponse(protocols=transport.subprotocols)
+        if not probe.can_prepare(request).ok:  # a plain HTTP request
             return web.Response(
                 status=426, headers={"Upgrade": "websocket"}, text="this is a websocket endpoint"
             )
-        transport = AiohttpTransport(request, service.limits)
         await service.handle(transport)
         if not transport.accepted:  # the client went during the handshake
             return web.Response(status=400, text="the websocket handshake did not complete")

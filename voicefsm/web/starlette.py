@@ -127,7 +127,8 @@ def _warn_if_server_allows_more(websocket: WebSocket, limits: ProtocolLimits) ->
         logger.warning(
             "the websocket server accepts frames of up to %d bytes, over the protocol's %d: a "
             "client without a token can make it buffer that much per connection; configure "
-            "uvicorn with ws_max_size=%d (voicefsm.web.starlette.uvicorn_options)",
+            "uvicorn with ws_max_size=%d (the command line's --ws-max-size, or "
+            "uvicorn.Config(app, **voicefsm.web.starlette.uvicorn_options()))",
             allowed,
             limits.max_frame_bytes,
             limits.max_frame_bytes,
