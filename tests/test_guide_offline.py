@@ -31,7 +31,7 @@ from voicefsm.testing import (
     TurnComplete,
     WaitForAudio,
 )
-from voicefsm.web.starlette import interview_route
+from voicefsm.web.starlette import interview_route, uvicorn_options
 
 SECRET = "a-test-secret-of-at-least-32-bytes!"
 GREETING = b"\x10\x00" * 480  # 20 ms of 24 kHz PCM from the "model"
@@ -45,8 +45,12 @@ def my_app(service: InterviewService) -> Starlette:
 
 @contextlib.asynccontextmanager
 async def serving(app: Starlette) -> AsyncIterator[str]:
-    """The app under uvicorn on a free loopback port, in this event loop."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    """The app under uvicorn on a free loopback port, in this event loop.
+
+    ``uvicorn_options()`` fits uvicorn's websocket to the protocol (frame limit, no deflate).
+    """
+    options = uvicorn_options(host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn.Config(app, **options)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(15):
