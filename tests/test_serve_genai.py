@@ -88,6 +88,8 @@ def test_the_adk_upstream_without_google_adk_is_refused_before_anything_starts(
         (["--fake-time-scale", "0"], "--fake-time-scale) must be positive"),
         (["--lease-ttl", "0"], "--lease-ttl) must be positive"),
         (["--minutes", "0"], "--minutes must be a positive number"),
+        (["--minutes", "0.001"], "--minutes (time_limit_s=0.06): Input should be greater"),
+        (["--client-grace", "-1"], "--client-grace (client_grace_s=-1.0): Input should be"),
     ],
 )
 def test_serve_refuses_a_bad_option_before_it_starts(argv: list[str], message: str) -> None:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from voicefsm.admission import DEFAULT_MAX_BUSY, DEFAULT_MAX_STARTING
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from voicefsm.model import SessionRecord, SessionUsage, TranscriptLine
     from voicefsm.pricing import TokenPrices
     from voicefsm.serve import ServeSettings
@@ -69,17 +71,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     """The :class:`~voicefsm.serve.ServeSettings` that ``voicefsm serve``'s arguments ask for."""
+    from pydantic import ValidationError
+
     from voicefsm.limits import ServiceLimits
     from voicefsm.model import SessionConfig
     from voicefsm.serve import ServeSettings
 
     if not args.minutes > 0:
         raise ValueError(f"--minutes must be a positive number, not {args.minutes:g}")
-    config = SessionConfig(
-        time_limit_s=args.minutes * 60,
-        warning_before_s=min(300, args.minutes * 60 / 9),
-        client_grace_s=args.client_grace,
-    )
+    try:
+        config = SessionConfig(
+            time_limit_s=args.minutes * 60,
+            warning_before_s=min(300, args.minutes * 60 / 9),
+            client_grace_s=args.client_grace,
+        )
+    except ValidationError as error:
+        raise ValueError(_session_config_problems(error)) from None
     return ServeSettings(
         config=config,
         model=args.model,
@@ -110,6 +117,17 @@ _PRICES_HELP = (
     "per-token prices for the cost estimate (JSON, fields of voicefsm.pricing.TokenPrices; "
     "default $VOICEFSM_PRICES, else documented default prices)"
 )
+
+
+def _session_config_problems(error: ValidationError) -> str:
+    """What ``SessionConfig`` refused, said in terms of the ``voicefsm serve`` flag behind it."""
+    flags = {"client_grace_s": "--client-grace"}  # time_limit_s and warning_before_s: --minutes
+    problems = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        flag = flags.get(field, "--minutes")
+        problems.append(f"{flag} ({field or 'session'}={problem['input']!r}): {problem['msg']}")
+    return "; ".join(problems)
 
 
 def _default_store() -> str:
