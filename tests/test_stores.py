@@ -1024,3 +1024,15 @@ def test_reading_a_sqlite_file_that_is_not_there_is_a_usage_error(
     assert stopped.value.code == 2
     assert f"no session database at {missing}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["sessions"], ["transcript", "s1"], ["timeline", "s1"]])
+def test_reading_a_memory_store_from_another_process_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    from voicefsm.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--store", "memory://"])
+    assert stopped.value.code == 2
+    assert "keeps sessions inside the serving process only" in capsys.readouterr().err

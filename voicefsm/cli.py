@@ -136,10 +136,16 @@ def _default_store() -> str:
 
 def _open_existing_store(url: str) -> SessionStore:
     """The store at ``url`` for reading; a SQLite file that is not there is a usage error
-    (opening it would create an empty database and report no sessions)."""
-    from voicefsm.stores import SQLiteStore, open_store
+    (opening it would create an empty database and report no sessions), and so is memory://,
+    which only the process that serves from it can read."""
+    from voicefsm.stores import MemoryStore, SQLiteStore, open_store
 
     store = open_store(url)
+    if isinstance(store, MemoryStore):
+        raise ValueError(
+            f"{url} keeps sessions inside the serving process only, so another process finds "
+            "none: serve with --store sqlite://FILE or redis://..., and read that store here"
+        )
     if isinstance(store, SQLiteStore) and not store.path.exists():
         raise ValueError(
             f"no session database at {store.path.resolve()} ({url}): voicefsm serve writes "
