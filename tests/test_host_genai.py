@@ -422,6 +422,18 @@ async def test_tool_calls_run_their_handler_and_answer_with_a_tool_response() ->
         record = await rig.end()
     assert answers == ["ready"]
     assert sorted(conn.tool_names) == ["broken", "record_answer"]
+    (tool,) = conn.setup["tools"]
+    declared = {d["name"]: d for d in tool["functionDeclarations"]}
+    # The handler's signature as JSON schema, the shape ADK sends; no response schema.
+    assert declared["record_answer"] == {
+        "name": "record_answer",
+        "description": "Record the candidate's answer.",
+        "parameters_json_schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}},
+            "required": ["text"],
+        },
+    }
     by_name = {response.name: response for response in conn.tool_responses}
     assert by_name["record_answer"].response == {"status": "recorded"}
     assert by_name["record_answer"].id == conn.tool_call_ids[0]

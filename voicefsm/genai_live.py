@@ -303,6 +303,15 @@ def close_code(error: BaseException) -> tuple[int | None, str]:
 _CONNECTION_ERRORS = (errors.APIError, ConnectionClosed, InvalidStatus, OSError)
 
 
+def _declare(handler: ToolHandler) -> types.FunctionDeclaration:
+    """``handler``'s declaration, its parameters as JSON schema: the shape ADK sends the Live
+    API (``parameters_json_schema``, no response schema); genai warns on its older schema."""
+    declaration = types.FunctionDeclaration.from_callable_with_api_option(
+        callable=handler, api_option="GEMINI_API", use_json_schema=True
+    )
+    return declaration.model_copy(update={"response_json_schema": None})
+
+
 class GenaiTool:
     """A function the model may call: its declaration and its handler."""
 
@@ -310,9 +319,7 @@ class GenaiTool:
         self, handler: ToolHandler, declaration: types.FunctionDeclaration | None = None
     ) -> None:
         self.handler = handler
-        self.declaration = declaration or types.FunctionDeclaration.from_callable_with_api_option(
-            callable=handler, api_option="GEMINI_API"
-        )
+        self.declaration = declaration or _declare(handler)
         if not self.declaration.name:
             raise ValueError("a tool declaration needs a name")
         self.name: str = self.declaration.name
