@@ -765,12 +765,21 @@ async def test_a_served_interview_feeds_usage_and_gap_metrics_and_its_timeline()
                 session_id = created["session_id"]
                 (live,) = service.sessions.values()
                 sent = 0
-                second = asyncio.create_task(fake.wait_for_connection(2))
+                second = asyncio.create_task(fake.wait_for_connection(2, timeout=None))
                 while not second.done() or fake.connections[-1].audio_chunk_count < 5:
                     await ws.send(chunk(sent))
                     sent += 1
                     await asyncio.sleep(0.02)  # a microphone's pace
                     assert sent < 2000, "the rotation never happened"
+                # The second connection's turn (audio, usage, turnComplete) is on its way;
+                # end only once the session handled it: its turn_complete reached the client.
+                turns = 0
+                async with asyncio.timeout(15):
+                    while turns < 2:
+                        frame = await ws.recv()
+                        message = json.loads(frame) if isinstance(frame, str) else {}
+                        if message.get("status") == "turn_complete":
+                            turns += 1
                 await ws.send(json.dumps({"end_session": True}))
                 async with asyncio.timeout(15):
                     record = await live.task
