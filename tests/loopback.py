@@ -67,6 +67,18 @@ def upstream_tasks() -> list[asyncio.Task[Any]]:
     ]
 
 
+def pretend_adk_is_missing(monkeypatch: Any) -> None:
+    """Make ``importlib.util.find_spec("google.adk")`` say ADK is not installed (for this test)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> object:
+        return None if name == "google.adk" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

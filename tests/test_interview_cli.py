@@ -19,6 +19,7 @@ from array import array
 from pathlib import Path
 
 import pytest
+from loopback import pretend_adk_is_missing
 
 from voicefsm.cli import main
 
@@ -188,11 +189,6 @@ def test_the_adk_upstream_without_google_adk_is_a_usage_problem(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--upstream adk`` where google-adk is missing says how to install it, and exits 2."""
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name: str, package: str | None = None) -> object:
-        return None if name == "google.adk" else real_find_spec(name, package)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    pretend_adk_is_missing(monkeypatch)
     assert main(["interview", "--fake", "--upstream", "adk"]) == 2
     assert "pip install 'voicefsm[adk]'" in capsys.readouterr().err

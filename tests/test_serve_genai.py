@@ -11,7 +11,7 @@ import json
 import re
 
 import pytest
-from loopback import uvicorn_serving
+from loopback import pretend_adk_is_missing, uvicorn_serving
 from websockets.asyncio.client import connect
 
 from voicefsm.admission import OverloadGuard
@@ -66,14 +66,7 @@ def test_upstream_kind_picks_adk_only_when_it_is_installed() -> None:
 def test_the_adk_upstream_without_google_adk_is_refused_before_anything_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import importlib.util
-
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name: str, package: str | None = None) -> object:
-        return None if name == "google.adk" else real_find_spec(name, package)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    pretend_adk_is_missing(monkeypatch)
     assert upstream_kind("auto") == "genai"
     with pytest.raises(ValueError, match=r"pip install 'voicefsm\[adk\]'"):
         ServeSettings(upstream="adk")
