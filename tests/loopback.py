@@ -67,6 +67,33 @@ def upstream_tasks() -> list[asyncio.Task[Any]]:
     ]
 
 
+class RecordingTransport:
+    """A client transport with no socket behind it: it reads nothing and records what the
+    service sends (``texts``) and its close (``closed``). Tests override what should fail."""
+
+    def __init__(self, query: dict[str, str] | None = None) -> None:
+        self.subprotocols: list[str] = []
+        self.query: dict[str, str] = dict(query or {})
+        self.origin: str | None = None
+        self.texts: list[str] = []
+        self.closed: tuple[int, str] | None = None
+
+    async def accept(self, subprotocol: str | None) -> None:
+        pass
+
+    async def receive(self) -> str | bytes | None:
+        return None
+
+    async def send_text(self, text: str) -> None:
+        self.texts.append(text)
+
+    async def send_bytes(self, data: bytes) -> None:
+        pass
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
 def pretend_adk_is_missing(monkeypatch: Any) -> None:
     """Make ``importlib.util.find_spec("google.adk")`` say ADK is not installed (for this test)."""
     import importlib.util

@@ -7,8 +7,9 @@ new session's lease.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
+
+from loopback import RecordingTransport
 
 from voicefsm import Session, SessionConfig
 from voicefsm.auth import JWTAuthenticator
@@ -29,37 +30,24 @@ class NeverOpened:
         pass
 
 
-class ScriptedTransport:
+class ScriptedTransport(RecordingTransport):
     """A client transport that authenticates by query token and fails where it is told to."""
 
     def __init__(
         self, token: str, *, fail_accept: bool = False, fail_text_with: str | None = None
     ) -> None:
-        self.subprotocols: Sequence[str] = ()
-        self.query = {"token": token}
-        self.origin: str | None = None
+        super().__init__({"token": token})
         self.fail_accept = fail_accept
         self.fail_text_with = fail_text_with
-        self.sent: list[str] = []
-        self.closed: tuple[int, str] | None = None
 
     async def accept(self, subprotocol: str | None) -> None:
         if self.fail_accept:
             raise OSError("the client went during the handshake")
 
-    async def receive(self) -> str | bytes | None:
-        return None
-
     async def send_text(self, text: str) -> None:
         if self.fail_text_with is not None and self.fail_text_with in text:
             raise OSError("the client is gone")
-        self.sent.append(text)
-
-    async def send_bytes(self, data: bytes) -> None:
-        pass
-
-    async def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
+        await super().send_text(text)
 
 
 def make_service(store: MemoryStore, sessions: list[Session], **options: Any) -> InterviewService:

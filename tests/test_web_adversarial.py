@@ -28,7 +28,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from live_rig import starlette_service
-from loopback import chunk, free_port, uvicorn_serving
+from loopback import RecordingTransport, chunk, free_port, uvicorn_serving
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 from test_web import (
@@ -396,29 +396,11 @@ async def test_nasty_frames_each_get_an_error_and_the_session_goes_on(stack: Sta
     assert (await next_json(ws, "session_ended"))["reason"] == "user_ended"
 
 
-class FailingTransport:
+class FailingTransport(RecordingTransport):
     """A transport whose reader breaks."""
-
-    def __init__(self) -> None:
-        self.subprotocols: list[str] = []
-        self.query: dict[str, str] = {}
-        self.origin: str | None = None
-        self.closed: tuple[int, str] | None = None
-
-    async def accept(self, subprotocol: str | None) -> None:
-        pass
 
     async def receive(self) -> str | bytes | None:
         raise RuntimeError("the framework's reader broke")
-
-    async def send_text(self, text: str) -> None:
-        pass
-
-    async def send_bytes(self, data: bytes) -> None:
-        pass
-
-    async def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
 
 
 async def test_a_failing_reader_closes_the_link_with_1011_and_reports_the_client_gone() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-from loopback import chunk, sequence_numbers
+from loopback import RecordingTransport, chunk, sequence_numbers
 from test_web import AUTH, Stack, close_code, next_json, open_stack, start_session
 from websockets.exceptions import ConnectionClosed
 
@@ -243,31 +243,15 @@ class RecordingPush:
         pass
 
 
-class ClosingTransport:
-    """A transport that records its close and the answers sent."""
+class ClosingTransport(RecordingTransport):
+    """A pushing transport that records its close and the answers sent."""
 
     def __init__(self) -> None:
-        self.subprotocols: list[str] = []
-        self.query: dict[str, str] = {}
-        self.origin: str | None = None
+        super().__init__()
         self.push = RecordingPush()
-        self.closed: tuple[int, str] | None = None
-        self.texts: list[str] = []
-
-    async def accept(self, subprotocol: str | None) -> None:
-        pass
 
     async def receive(self) -> str | bytes | None:
         raise AssertionError("a pushing channel is never read")
-
-    async def send_text(self, text: str) -> None:
-        self.texts.append(text)
-
-    async def send_bytes(self, data: bytes) -> None:
-        pass
-
-    async def close(self, code: int, reason: str) -> None:
-        self.closed = (code, reason)
 
 
 async def test_a_failure_in_the_push_callback_closes_1011_and_reports_the_client_gone() -> None:
